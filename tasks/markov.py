@@ -1,0 +1,88 @@
+"""n-gram Markov in-context learning: the data of *Unveiling Induction Heads* (Chen et al. 2024).
+
+Every sequence has its own transition table: for each context of the previous `n_parents`
+tokens the next-token distribution is drawn from Dirichlet(alpha · 1). The first `n_parents`
+tokens are uniform; the model must infer the table in context to predict the last token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class MarkovICL:
+    """Sequences over `vocab` symbols; predict the last of `length` tokens."""
+
+    vocab: int = 3
+    length: int = 100
+    n_parents: int = 2
+    alpha: float = 0.1
+    n_test: int = 1000
+    seed: int = 0
+
+    name = "markov"
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.vocab <= 10:
+            raise ValueError(f"vocab must be in 2..10 (digit symbols), got {self.vocab!r}")
+        if not 1 <= self.n_parents < self.length:
+            raise ValueError(f"n_parents must be in 1..{self.length - 1}, got {self.n_parents!r}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
+        if self.n_test < 1:
+            raise ValueError(f"n_test must be >= 1, got {self.n_test!r}")
+
+    @property
+    def alphabet(self) -> str:
+        return "0123456789"[: self.vocab]
+
+    @property
+    def seq_len(self) -> int:
+        return self.length
+
+    @property
+    def prompt_len(self) -> int:
+        """Everything but the last token is context; the last token is the answer."""
+        return self.length - 1
+
+    @property
+    def roles(self) -> list[str]:
+        return ["context"] * (self.length - 1) + ["answer"]
+
+    def sample(self, batch_size: int, seed: int) -> tuple[Tensor, Tensor]:
+        """Sequences `[batch, length]` and their transition tables `[batch, context, vocab]`.
+
+        Context index of parents (t_{i-k}, ..., t_{i-1}) is their base-`vocab` number, most
+        distant parent first.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        rng = np.random.default_rng(seed)
+        n_contexts = self.vocab**self.n_parents
+        gammas = rng.gamma(self.alpha, size=(batch_size, n_contexts, self.vocab))
+        tables = gammas / gammas.sum(-1, keepdims=True)
+        tokens = np.empty((batch_size, self.length), dtype=np.int64)
+        tokens[:, : self.n_parents] = rng.integers(self.vocab, size=(batch_size, self.n_parents))
+        cumulative = tables.cumsum(-1)
+        rows = np.arange(batch_size)
+        for i in range(self.n_parents, self.length):
+            context = np.zeros(batch_size, dtype=np.int64)
+            for parent in tokens[:, i - self.n_parents : i].T:
+                context = context * self.vocab + parent
+            uniform = rng.random(batch_size)[:, None]
+            choice = (uniform > cumulative[rows, context]).sum(-1)
+            tokens[:, i] = np.minimum(choice, self.vocab - 1)
+        return torch.from_numpy(tokens), torch.from_numpy(tables)
+
+    def train_batch(self, batch_size: int, seed: int) -> Tensor:
+        """Fresh training sequences `[batch, length]`, a pure function of `seed`."""
+        return self.sample(batch_size, seed * 2 + 1)[0]
+
+    def test_set(self) -> Tensor:
+        """Held-out sequences `[n_test, length]` (an even seed stream, disjoint from training's)."""
+        return self.sample(self.n_test, self.seed * 2)[0]

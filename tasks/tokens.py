@@ -1,0 +1,43 @@
+"""Character tokenisation shared by every task: one character, one token."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def tokenize(text: str | list[str], alphabet: str) -> Tensor:
+    """Map text to token ids `[pos]` (or `[batch, pos]` for a list of equal-length strings).
+
+    Any character outside `alphabet` is an error naming the character, where it is, and the
+    allowed characters, so a typo never becomes a silent wrong token.
+    """
+    if isinstance(text, str):
+        lookup = {char: index for index, char in enumerate(alphabet)}
+        for position, char in enumerate(text):
+            if char not in lookup:
+                raise ValueError(
+                    f"character {char!r} at index {position} of {text!r} is not in the vocabulary; "
+                    f"allowed characters: {alphabet!r}"
+                )
+        return torch.tensor([lookup[char] for char in text], dtype=torch.long)
+    if not text:
+        raise ValueError("cannot tokenize an empty list of strings")
+    lengths = {len(item) for item in text}
+    if len(lengths) != 1:
+        raise ValueError(f"strings in a batch must have equal length, got lengths {sorted(lengths)}")
+    return torch.stack([tokenize(item, alphabet) for item in text])
+
+
+def detokenize(tokens: Tensor, alphabet: str) -> str | list[str]:
+    """Inverse of `tokenize`: `[pos]` → str, `[batch, pos]` → list of str."""
+    if tokens.ndim == 2:
+        return [detokenize(row, alphabet) for row in tokens]
+    if tokens.ndim != 1:
+        raise ValueError(f"expected tokens shaped [pos] or [batch, pos], got shape {tuple(tokens.shape)}")
+    bad = tokens[(tokens < 0) | (tokens >= len(alphabet))]
+    if bad.numel():
+        raise ValueError(
+            f"token id {int(bad[0])} is outside the vocabulary of {len(alphabet)} tokens ({alphabet!r})"
+        )
+    return "".join(alphabet[int(index)] for index in tokens)

@@ -1,0 +1,38 @@
+"""Shared tiny models and tasks: small enough that the whole suite runs in minutes on 2 cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tasks import Addition
+from variants import preset, train
+
+TINY = {"d_model": 32, "d_head": 8, "d_mlp": 64}
+
+
+def tiny(name: str, **overrides):
+    """A tiny config for the addition task."""
+    return preset(name, **{**TINY, "n_layers": 2, **overrides})
+
+
+@pytest.fixture(scope="session")
+def addition() -> Addition:
+    return Addition()
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory, addition):
+    """Briefly trained tiny models (weights far from their initialisation) for invariance checks."""
+    runs = {}
+    for name, layers in (("nope-bidirectional", 2), ("nope-causal", 1), ("nope-causal", 2), ("learned-causal", 2)):
+        out = tmp_path_factory.mktemp(f"{name}-{layers}")
+        train(tiny(name, n_layers=layers), addition, out_dir=out, steps=60, batch_size=64, lr=1e-2,
+              warmup_steps=5, eval_every=60, quiet=True)
+        runs[(name, layers)] = out
+    return runs
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.set_num_threads(2)

@@ -1,0 +1,144 @@
+"""The hooked model: TransformerLens interop, residual cuts, config validation, bad input."""
+
+import pytest
+import torch
+from transformer_lens import ActivationCache, head_detector, patching
+
+from tests.conftest import tiny
+from variants import PRESET_NAMES, VariantConfig, build, preset
+
+BLOCK_HOOKS = ["hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post",
+               "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z"]
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_every_variant_has_transformer_lens_hook_names(name):
+    model = build(tiny(name))
+    logits, cache = model.run_with_cache("123+456=")
+    assert isinstance(cache, ActivationCache) and logits.shape == (1, 8, 12)
+    expected = {"hook_embed", "ln_final.hook_normalized"} | {f"blocks.{l}.{h}" for l in range(2) for h in BLOCK_HOOKS}
+    assert expected <= set(cache.keys())
+    assert ("hook_pos_embed" in cache.keys()) == name.startswith(("learned", "sinusoidal"))
+    if "hook_pos_embed" in cache.keys():
+        assert cache["hook_pos_embed"].shape == (1, 8, 32)
+    assert cache.accumulated_resid().shape == (3, 1, 8, 32)
+    assert cache.stack_activation("resid_post").shape == (2, 1, 8, 32)
+
+
+@pytest.mark.parametrize("name", ["nope-causal", "learned-causal", "rotary-bidirectional"])
+def test_decompose_resid_sums_to_the_final_stream(name):
+    model = build(tiny(name, init_std=0.3))
+    _, cache = model.run_with_cache(model.to_tokens(["123+456=", "999+001="]))
+    components = cache.decompose_resid()
+    torch.testing.assert_close(components.sum(0), cache["blocks.1.hook_resid_post"], atol=1e-5, rtol=0)
+
+
+def test_causal_mask_and_bidirectional_pattern():
+    causal = build(tiny("nope-causal"))
+    _, cache = causal.run_with_cache("123+456=")
+    pattern = cache["pattern", 0]
+    assert torch.all(pattern[0].triu(1) == 0)
+    torch.testing.assert_close(pattern.sum(-1), torch.ones_like(pattern.sum(-1)))
+    _, cache = build(tiny("nope-bidirectional")).run_with_cache("123+456=")
+    upper = torch.ones(8, 8, dtype=torch.bool).triu(1)
+    assert torch.all(cache["pattern", 0][0][:, upper] > 0)
+
+
+@pytest.mark.parametrize("sublayer", ["attn", "mlp", "both"])
+@pytest.mark.parametrize("training", [False, True])
+def test_a_cut_removes_exactly_the_named_residual_connection(sublayer, training):
+    model = build(tiny(f"nope-causal+cut1:{sublayer}" if sublayer != "both" else "nope-causal+cut1", n_layers=3,
+                       init_std=0.3)).train(training)
+    _, cache = model.run_with_cache("123+456=")
+    for block in range(3):
+        pre, attn_out, mid, mlp_out, post = (cache[f"blocks.{block}.hook_{h}"] for h in
+                                             ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"))
+        cut_attn = block == 1 and sublayer in ("attn", "both")
+        cut_mlp = block == 1 and sublayer in ("mlp", "both")
+        assert torch.equal(mid, attn_out if cut_attn else pre + attn_out)
+        assert torch.equal(post, mlp_out if cut_mlp else mid + mlp_out)
+        assert not torch.equal(mid, attn_out) or cut_attn  # an intact connection really adds the stream
+
+
+def test_a_cut_changes_only_blocks_from_the_cut_on():
+    intact, cut = build(tiny("nope-causal", init_std=0.3)), build(tiny("nope-causal+cut1", init_std=0.3))
+    tokens = intact.to_tokens("123+456=")
+    _, a = intact.run_with_cache(tokens)
+    _, b = cut.run_with_cache(tokens)
+    assert torch.equal(a["blocks.0.hook_resid_post"], b["blocks.0.hook_resid_post"])
+    assert not torch.allclose(a["blocks.1.hook_resid_post"], b["blocks.1.hook_resid_post"])
+
+
+def test_transformer_lens_patching_runs_and_restores_the_clean_run():
+    model = build(tiny("nope-causal", init_std=0.3)).eval()
+    clean, corrupted = model.to_tokens("123+456="), model.to_tokens("193+456=")
+    clean_logits, clean_cache = model.run_with_cache(clean)
+    metric = lambda logits: logits[0, -1, 7] - logits[0, -1, 3]  # noqa: E731
+    result = patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric)
+    assert result.shape == (2, 8)
+    # Layer 0, position 1 is the only differing token: patching it makes the run exactly the clean one.
+    torch.testing.assert_close(result[0, 1], metric(clean_logits), atol=1e-5, rtol=0)
+    corrupted_metric = metric(model(corrupted))
+    torch.testing.assert_close(result[0, 0], corrupted_metric, atol=1e-6, rtol=0)
+    assert patching.get_act_patch_block_every(model, corrupted, clean_cache, metric).shape == (3, 2, 8)
+
+
+def test_transformer_lens_head_detector_matches_its_definition():
+    model = build(tiny("nope-causal", init_std=0.5)).eval()
+    scores = head_detector.detect_head(model, "1234512345", "previous_token_head")
+    assert scores.shape == (2, 4)
+    _, cache = model.run_with_cache("1234512345")
+    pattern = cache["pattern", 1][0, 2]
+    expected = pattern.diagonal(-1).sum() / pattern.sum()
+    torch.testing.assert_close(scores[1, 2], expected.to(scores.dtype), atol=1e-6, rtol=0)
+
+
+def test_same_seed_same_weights_and_float64():
+    a, b, c = build(tiny("learned-causal", seed=3)), build(tiny("learned-causal", seed=3)), build(tiny("learned-causal", seed=4))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.embed.W_E, c.embed.W_E)
+    double = build(tiny("rotary-causal", dtype=torch.float64))
+    assert double("123+456=").dtype == torch.float64
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: preset("alibi-causal"), r"unknown variant 'alibi-causal'; allowed: \['nope-causal'"),
+    (lambda: preset("nope-causal+cut4"), r"residual cut block 4 is out of range; allowed: 0..3"),
+    (lambda: preset("nope-causal+cut0:ffn"), r"unknown residual cut sublayer 'ffn'; allowed: \['attn', 'mlp', 'both'\]"),
+    (lambda: preset("nope-causal+cutx"), r"bad residual cut 'x'"),
+    (lambda: preset("nope-causal", attention_dir="causal"), "set by the variant name"),
+    (lambda: VariantConfig(d_model=60, d_head=16), r"d_model \(60\) must be divisible by d_head \(16\)"),
+    (lambda: VariantConfig(n_heads=3), r"must equal n_heads \(3\) × d_head"),
+    (lambda: VariantConfig(attention_dir="left"), r"unknown attention_dir 'left'; allowed: \['causal', 'bidirectional'\]"),
+    (lambda: VariantConfig(positional_embedding_type="alibi"), "unknown positional_embedding_type 'alibi'"),
+    (lambda: VariantConfig(act_fn="tanh"), r"unknown act_fn 'tanh'; allowed: \['relu', 'gelu', 'silu'\]"),
+    (lambda: VariantConfig(dtype=torch.float16), r"unknown dtype 'float16'; allowed: \['float32', 'float64'\]"),
+    (lambda: VariantConfig(n_layers=0), "n_layers must be a positive integer, got 0"),
+    (lambda: VariantConfig(attn_only=True), "attn_only=True is not supported"),
+    (lambda: VariantConfig(residual_cuts={"a": "attn"}), "residual cut block 'a' is out of range"),
+    (lambda: VariantConfig.from_json({"colour": 1}), r"unknown config fields \['colour'\]"),
+])
+def test_bad_configs_are_named(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_bad_model_input_is_named():
+    model = build(tiny("nope-causal"))
+    with pytest.raises(ValueError, match="sequence length 13 is longer than the model's n_ctx = 12"):
+        model(torch.zeros(1, 13, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token id 12 is outside the vocabulary; allowed: 0..11"):
+        model(torch.tensor([[1, 12]]))
+    with pytest.raises(ValueError, match="'a' at index 0"):
+        model("a+b=")
+    with pytest.raises(ValueError, match=r"integer tensor \[batch, pos\]"):
+        model(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="unknown return_type 'loss'"):
+        model("1+1=", return_type="loss")
+
+
+def test_preset_names_round_trip():
+    for name in ["nope-causal", "learned-bidirectional+cut0", "rotary-causal+cut0,1", "nope-causal+cut0:attn,2:mlp"]:
+        assert preset(name).name == name
+    cfg = preset("sinusoidal-causal+cut1:mlp", n_layers=3, dtype=torch.float64)
+    assert VariantConfig.from_json(cfg.to_json()) == cfg

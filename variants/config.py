@@ -1,0 +1,169 @@
+"""`VariantConfig`: one dataclass that names every architectural choice poslens varies.
+
+Positional encoding, attention direction and removed residual connections are ordinary,
+validated fields, so a NoPE bidirectional model with its block-0 residual cut is just
+`preset("nope-bidirectional+cut0")`, and its checkpoint says so in `config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformer_lens.config import TransformerLensConfig
+
+from tasks.addition import Addition
+
+POSITIONAL_EMBEDDINGS = {"none": "nope", "standard": "learned", "sinusoidal": "sinusoidal", "rotary": "rotary"}
+ATTENTION_DIRS = ("causal", "bidirectional")
+SUBLAYERS = ("attn", "mlp", "both")
+ACT_FNS = ("relu", "gelu", "silu")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+PRESET_NAMES = tuple(f"{pe}-{direction}" for pe in POSITIONAL_EMBEDDINGS.values() for direction in ATTENTION_DIRS)
+
+
+@dataclass
+class VariantConfig(TransformerLensConfig):
+    """A pre-LayerNorm decoder, TransformerLens-compatible, with poslens's variant fields.
+
+    `positional_embedding_type`: `none` (NoPE), `standard` (learned absolute), `sinusoidal`
+    (fixed), `rotary`. `attention_dir`: `causal` or `bidirectional`. `residual_cuts`: block →
+    `attn`, `mlp` or `both`: which residual connections are removed, so that block's
+    `resid_mid` is `attn_out` alone and/or its `resid_post` is `mlp_out` alone. `alphabet`:
+    the token characters (token id = index); `d_vocab` follows from it. `seed` fixes the
+    initial weights.
+    """
+
+    d_model: int = 64
+    d_head: int = 16
+    n_layers: int = 4
+    n_ctx: int = Addition().seq_len
+    n_heads: int = -1
+    d_mlp: int | None = None
+    d_vocab: int = -1
+    device: str | None = "cpu"
+    positional_embedding_type: str = "none"
+    act_fn: str = "gelu"
+    attention_dir: str = "causal"
+    residual_cuts: dict[int, str] = field(default_factory=dict)
+    alphabet: str = Addition().alphabet
+    seed: int = 0
+    rotary_base: float = 10_000.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "d_head", "n_layers", "n_ctx"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_heads != -1 and self.n_heads * self.d_head != self.d_model:
+            raise ValueError(
+                f"d_model ({self.d_model}) must equal n_heads ({self.n_heads}) × d_head ({self.d_head})"
+            )
+        if self.d_model % self.d_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by d_head ({self.d_head})")
+        super().__post_init__()
+        _check_choice("positional_embedding_type", self.positional_embedding_type, tuple(POSITIONAL_EMBEDDINGS))
+        _check_choice("attention_dir", self.attention_dir, ATTENTION_DIRS)
+        _check_choice("act_fn", self.act_fn, ACT_FNS)
+        _check_choice("normalization_type", self.normalization_type, ("LN",))
+        _check_choice("dtype", _dtype_name(self.dtype), tuple(DTYPES))
+        self.dtype = DTYPES[_dtype_name(self.dtype)]
+        for flag in ("attn_only", "gated_mlp", "use_attn_result", "use_split_qkv_input"):
+            if getattr(self, flag):
+                raise ValueError(f"{flag}=True is not supported by poslens models; allowed: False")
+        if self.positional_embedding_type == "rotary" and self.d_head % 2:
+            raise ValueError(f"rotary embeddings need an even d_head, got {self.d_head}")
+        if len(set(self.alphabet)) != len(self.alphabet) or not self.alphabet:
+            raise ValueError(f"alphabet must be non-empty distinct characters, got {self.alphabet!r}")
+        if self.d_vocab not in (-1, len(self.alphabet)):
+            raise ValueError(f"d_vocab ({self.d_vocab}) must equal len(alphabet) = {len(self.alphabet)}")
+        self.d_vocab = len(self.alphabet)
+        self.residual_cuts = _normalise_cuts(self.residual_cuts, self.n_layers)
+
+    @property
+    def name(self) -> str:
+        """The preset-style name of this variant, e.g. `nope-causal+cut0,1:attn`."""
+        base = f"{POSITIONAL_EMBEDDINGS[self.positional_embedding_type]}-{self.attention_dir}"
+        if not self.residual_cuts:
+            return base
+        spec = ",".join(
+            str(block) if sublayer == "both" else f"{block}:{sublayer}"
+            for block, sublayer in self.residual_cuts.items()
+        )
+        return f"{base}+cut{spec}"
+
+    def cuts(self, block: int) -> tuple[bool, bool]:
+        """Whether block `block` has its (attention, MLP) residual connection removed."""
+        sublayer = self.residual_cuts.get(block)
+        return sublayer in ("attn", "both"), sublayer in ("mlp", "both")
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON-able fields (device is where it runs, not what it is, so it is left out)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "device"}
+        fields["dtype"] = _dtype_name(self.dtype)
+        fields["residual_cuts"] = {str(block): sublayer for block, sublayer in self.residual_cuts.items()}
+        return fields
+
+    @classmethod
+    def from_json(cls, fields: dict[str, Any], **overrides: Any) -> VariantConfig:
+        """Inverse of `to_json`; unknown fields are an error, not silently dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}; allowed: {sorted(known)}")
+        return cls(**{**fields, **overrides})
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {list(allowed)}")
+
+
+def _normalise_cuts(cuts: dict, n_layers: int) -> dict[int, str]:
+    """Cuts keyed by int block in order; accepts string keys (as JSON stores them)."""
+    if not isinstance(cuts, dict):
+        raise ValueError(f"residual_cuts must be a dict block -> sublayer, got {cuts!r}")
+    normalised = {}
+    for block, sublayer in cuts.items():
+        if not str(block).lstrip("-").isdigit() or not 0 <= int(block) < n_layers:
+            raise ValueError(f"residual cut block {block!r} is out of range; allowed: 0..{n_layers - 1}")
+        _check_choice("residual cut sublayer", sublayer, SUBLAYERS)
+        normalised[int(block)] = sublayer
+    return dict(sorted(normalised.items()))
+
+
+_PRESET_PATTERN = re.compile(r"^(?P<base>[a-z]+-[a-z]+)(?:\+cut(?P<cuts>.+))?$")
+
+
+def preset(name: str, **overrides: Any) -> VariantConfig:
+    """A `VariantConfig` from a name like `nope-causal`, `learned-bidirectional+cut0,1:attn`.
+
+    Base names are `{nope,learned,sinusoidal,rotary}-{causal,bidirectional}`; the optional
+    `+cut` suffix lists blocks whose residual connections are removed, each `L` (both
+    sublayers) or `L:attn` / `L:mlp`. `overrides` set any other field (sizes, seed, dtype...).
+    """
+    match = _PRESET_PATTERN.match(name)
+    if match is None or match["base"] not in PRESET_NAMES:
+        raise ValueError(f"unknown variant {name!r}; allowed: {list(PRESET_NAMES)}, optionally with '+cut0', "
+                         "'+cut0,1' or '+cut0:attn'")
+    pe_name, direction = match["base"].split("-")
+    positional = {short: long for long, short in POSITIONAL_EMBEDDINGS.items()}[pe_name]
+    cuts: dict[int, str] = {}
+    for item in (match["cuts"] or "").split(",") if match["cuts"] else []:
+        block, _, sublayer = item.partition(":")
+        if not block.isdigit():
+            raise ValueError(f"bad residual cut {item!r} in variant {name!r}; expected 'L' or 'L:attn' / 'L:mlp'")
+        cuts[int(block)] = sublayer or "both"
+    fields = {"positional_embedding_type": positional, "attention_dir": direction, "residual_cuts": cuts}
+    clash = sorted(set(fields) & set(overrides))
+    if clash:
+        raise ValueError(f"{clash} are set by the variant name {name!r}; do not override them")
+    return VariantConfig(**fields, **overrides)

@@ -1,0 +1,256 @@
+"""The poslens `HookedTransformer`: a small pre-LayerNorm decoder on TransformerLens hooks.
+
+Read top to bottom: embeddings → blocks (LayerNorm → attention → residual → LayerNorm → MLP →
+residual) → final LayerNorm → unembedding. Every intermediate passes through a `HookPoint`
+named as in TransformerLens, so `run_with_cache`, `run_with_hooks`, `transformer_lens.patching`
+and `transformer_lens.head_detector` work unchanged. The variant fields of `VariantConfig`
+decide three things only: which positional signal is added (none, learned, sinusoidal, rotary
+on q/k), whether attention is masked causally, and which residual connections exist.
+"""
+
+from __future__ import annotations
+
+import math
+
+import einops
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from tasks.tokens import detokenize, tokenize
+from variants.config import VariantConfig
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm exposing its scale and output, as TransformerLens's does."""
+
+    def __init__(self, cfg: VariantConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.w = nn.Parameter(torch.ones(cfg.d_model, dtype=cfg.dtype))
+        self.b = nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype))
+        self.hook_scale = HookPoint()  # [batch, pos, 1]
+        self.hook_normalized = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        centered = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((centered.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(centered / scale * self.w + self.b)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; causal or bidirectional, optionally rotary."""
+
+    def __init__(self, cfg: VariantConfig):
+        super().__init__()
+        self.cfg = cfg
+        heads = (cfg.n_heads, cfg.d_model, cfg.d_head)
+        self.W_Q, self.W_K, self.W_V = (nn.Parameter(torch.empty(heads, dtype=cfg.dtype)) for _ in range(3))
+        self.W_O = nn.Parameter(torch.empty(cfg.n_heads, cfg.d_head, cfg.d_model, dtype=cfg.dtype))
+        self.b_Q, self.b_K, self.b_V = (
+            nn.Parameter(torch.zeros(cfg.n_heads, cfg.d_head, dtype=cfg.dtype)) for _ in range(3)
+        )
+        self.b_O = nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype))
+        visible = torch.ones(cfg.n_ctx, cfg.n_ctx, dtype=torch.bool)
+        self.register_buffer("mask", visible.tril() if cfg.attention_dir == "causal" else visible, persistent=False)
+        for name in ("q", "k", "v", "attn_scores", "pattern", "z"):
+            setattr(self, f"hook_{name}", HookPoint())
+        if cfg.positional_embedding_type == "rotary":
+            self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()
+            cos, sin = _rotary_tables(cfg)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        project = "batch pos d_model, head d_model d_head -> batch pos head d_head"
+        q = self.hook_q(einops.einsum(x, self.W_Q, project) + self.b_Q)
+        k = self.hook_k(einops.einsum(x, self.W_K, project) + self.b_K)
+        v = self.hook_v(einops.einsum(x, self.W_V, project) + self.b_V)
+        if self.cfg.positional_embedding_type == "rotary":
+            q, k = self.hook_rot_q(self._rotate(q)), self.hook_rot_k(self._rotate(k))
+        n_pos = x.shape[1]
+        scores = einops.einsum(
+            q, k, "batch q_pos head d_head, batch k_pos head d_head -> batch head q_pos k_pos"
+        ) / math.sqrt(self.cfg.d_head)
+        scores = self.hook_attn_scores(scores.masked_fill(~self.mask[:n_pos, :n_pos], float("-inf")))
+        pattern = self.hook_pattern(scores.softmax(dim=-1))
+        z = self.hook_z(
+            einops.einsum(pattern, v, "batch head q_pos k_pos, batch k_pos head d_head -> batch q_pos head d_head")
+        )
+        return einops.einsum(z, self.W_O, "batch pos head d_head, head d_head d_model -> batch pos d_model") + self.b_O
+
+    def _rotate(self, x: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch pos head d_head"]:
+        """Rotary position embedding (GPT-NeoX layout: the two halves of d_head pair up)."""
+        first, second = x.chunk(2, dim=-1)
+        cos = einops.rearrange(self.rotary_cos[: x.shape[1]], "pos d_head -> pos 1 d_head")
+        sin = einops.rearrange(self.rotary_sin[: x.shape[1]], "pos d_head -> pos 1 d_head")
+        return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+def _rotary_tables(cfg: VariantConfig) -> tuple[Tensor, Tensor]:
+    frequencies = cfg.rotary_base ** (-torch.arange(0, cfg.d_head, 2, dtype=torch.float64) / cfg.d_head)
+    angles = einops.einsum(torch.arange(cfg.n_ctx, dtype=torch.float64), frequencies, "pos, freq -> pos freq")
+    angles = einops.repeat(angles, "pos freq -> pos (half freq)", half=2)
+    return angles.cos().to(cfg.dtype), angles.sin().to(cfg.dtype)
+
+
+def _sinusoidal_table(cfg: VariantConfig) -> Float[Tensor, "n_ctx d_model"]:
+    """Vaswani et al.'s fixed encoding: sin on even dimensions, cos on odd ones."""
+    frequencies = 10_000.0 ** (-torch.arange(0, cfg.d_model, 2, dtype=torch.float64) / cfg.d_model)
+    angles = einops.einsum(torch.arange(cfg.n_ctx, dtype=torch.float64), frequencies, "pos, freq -> pos freq")
+    table = einops.rearrange([angles.sin(), angles.cos()], "kind pos freq -> pos (freq kind)")
+    return table[:, : cfg.d_model].to(cfg.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: VariantConfig):
+        super().__init__()
+        self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp, dtype=cfg.dtype))
+        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp, dtype=cfg.dtype))
+        self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model, dtype=cfg.dtype))
+        self.b_out = nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype))
+        self.act_fn = ACTIVATIONS[cfg.act_fn]
+        self.hook_pre, self.hook_post = HookPoint(), HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        post = self.hook_post(self.act_fn(self.hook_pre(x @ self.W_in + self.b_in)))
+        return post @ self.W_out + self.b_out
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN block. A cut residual connection means the sublayer's output *is* the stream."""
+
+    def __init__(self, cfg: VariantConfig, block: int):
+        super().__init__()
+        self.cut_attn, self.cut_mlp = cfg.cuts(block)
+        self.ln1, self.attn, self.ln2, self.mlp = LayerNorm(cfg), Attention(cfg), LayerNorm(cfg), MLP(cfg)
+        for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
+            setattr(self, f"hook_{name}", HookPoint())
+
+    def forward(self, resid_pre: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        resid_pre = self.hook_resid_pre(resid_pre)
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre)))
+        resid_mid = self.hook_resid_mid(attn_out if self.cut_attn else resid_pre + attn_out)
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
+        return self.hook_resid_post(mlp_out if self.cut_mlp else resid_mid + mlp_out)
+
+
+class Embed(nn.Module):
+    def __init__(self, cfg: VariantConfig):
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model, dtype=cfg.dtype))
+
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        return self.W_E[tokens]
+
+
+class PosEmbed(nn.Module):
+    """Additive absolute positions: learned (`W_pos` a parameter) or sinusoidal (a fixed buffer)."""
+
+    def __init__(self, cfg: VariantConfig):
+        super().__init__()
+        if cfg.positional_embedding_type == "standard":
+            self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model, dtype=cfg.dtype))
+        else:
+            self.register_buffer("W_pos", _sinusoidal_table(cfg), persistent=False)
+
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        return einops.repeat(self.W_pos[: tokens.shape[1]], "pos d_model -> batch pos d_model", batch=tokens.shape[0])
+
+
+class HookedTransformer(HookedRootModule):
+    """A decoder whose variant (NoPE/learned/sinusoidal/rotary × causal/bidirectional × cuts) is its `cfg`.
+
+    `hook_pos_embed` exists only for additive encodings (learned, sinusoidal): NoPE and
+    rotary models add nothing to the stream at the embedding, and `ActivationCache` then
+    correctly leaves `pos_embed` out of `decompose_resid`.
+    """
+
+    def __init__(self, cfg: VariantConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embed(cfg)
+        self.hook_embed = HookPoint()
+        if cfg.positional_embedding_type in ("standard", "sinusoidal"):
+            self.pos_embed = PosEmbed(cfg)
+            self.hook_pos_embed = HookPoint()
+        self.blocks = nn.ModuleList(TransformerBlock(cfg, block) for block in range(cfg.n_layers))
+        self.ln_final = LayerNorm(cfg)
+        self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab, dtype=cfg.dtype))
+        self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab, dtype=cfg.dtype))
+        self._init_weights()
+        self.setup()
+        self.to(cfg.device)
+
+    def _init_weights(self) -> None:
+        """GPT-2 style: normal(0, init_std), output projections shrunk by √(2·n_layers); seeded by cfg.seed."""
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        for name, param in self.named_parameters():
+            if param.ndim < 2:
+                continue
+            std = self.cfg.init_std
+            if name.endswith(("W_O", "W_out")):
+                std /= math.sqrt(2 * self.cfg.n_layers)
+            with torch.no_grad():
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float64) * std)
+
+    def forward(
+        self, input: str | list[str] | Int[Tensor, "batch pos"], return_type: str = "logits"
+    ) -> Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "batch pos d_model"]:
+        """Logits `[batch, pos, d_vocab]` (`return_type="logits"`) or the final normalised stream
+        (`"normalized"`). Strings are tokenised with the model's alphabet."""
+        tokens = self.to_tokens(input) if isinstance(input, (str, list)) else self.check_tokens(input)
+        resid = self.hook_embed(self.embed(tokens))
+        if hasattr(self, "pos_embed"):
+            resid = resid + self.hook_pos_embed(self.pos_embed(tokens))
+        for block in self.blocks:
+            resid = block(resid)
+        normalized = self.ln_final(resid)
+        if return_type == "normalized":
+            return normalized
+        if return_type != "logits":
+            raise ValueError(f"unknown return_type {return_type!r}; allowed: ['logits', 'normalized']")
+        return normalized @ self.W_U + self.b_U
+
+    def check_tokens(self, tokens: Tensor) -> Int[Tensor, "batch pos"]:
+        """`tokens` if they are a valid `[batch, pos]` batch for this model, else a clear error."""
+        if tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"tokens must be an integer tensor [batch, pos], got {tuple(tokens.shape)} {tokens.dtype}")
+        if tokens.shape[1] > self.cfg.n_ctx:
+            raise ValueError(f"sequence length {tokens.shape[1]} is longer than the model's n_ctx = {self.cfg.n_ctx}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.d_vocab):
+            bad = tokens[(tokens < 0) | (tokens >= self.cfg.d_vocab)][0]
+            raise ValueError(f"token id {int(bad)} is outside the vocabulary; allowed: 0..{self.cfg.d_vocab - 1}")
+        return tokens
+
+    def run_with_cache(self, *args, **kwargs) -> tuple[Tensor, ActivationCache]:
+        """As `HookedRootModule.run_with_cache`, but the cache is a real `ActivationCache`."""
+        output, cache_dict = super().run_with_cache(*args, **kwargs)
+        return output, ActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+
+    def to_tokens(self, text: str | list[str]) -> Int[Tensor, "batch pos"]:
+        """TransformerLens's convention: text → `[batch, pos]` (a single string gives batch 1)."""
+        tokens = tokenize(text, self.cfg.alphabet)
+        return self.check_tokens(tokens[None] if tokens.ndim == 1 else tokens).to(self.cfg.device)
+
+    def to_string(self, tokens: Int[Tensor, "... pos"]) -> str | list[str]:
+        return detokenize(tokens.cpu(), self.cfg.alphabet)
+
+    @torch.no_grad()
+    def generate(self, prompt: Int[Tensor, "batch pos"], n_new: int) -> Int[Tensor, "batch n_new"]:
+        """Greedy decoding: the `n_new` tokens the model appends to `prompt`."""
+        tokens = prompt
+        for _ in range(n_new):
+            next_token = self(tokens)[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, next_token], dim=1)
+        return tokens[:, prompt.shape[1] :]
+
+
+def build(cfg: VariantConfig) -> HookedTransformer:
+    """A freshly initialised model for `cfg` (weights depend only on `cfg.seed`)."""
+    return HookedTransformer(cfg)
