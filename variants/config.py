@@ -29,6 +29,8 @@ PRESET_NAMES = tuple(f"{pe}-{direction}" for pe in POSITIONAL_EMBEDDINGS.values(
 class VariantConfig(TransformerLensConfig):
     """A pre-LayerNorm decoder, TransformerLens-compatible, with poslens's variant fields.
 
+    `init_std` defaults to TransformerLens's 0.8 / √d_model (0.1 at width 64; GPT-2's 0.02
+    leaves small NoPE models stuck on addition for thousands of steps).
     `positional_embedding_type`: `none` (NoPE), `standard` (learned absolute), `sinusoidal`
     (fixed), `rotary`. `attention_dir`: `causal` or `bidirectional`. `residual_cuts`: block →
     `attn`, `mlp` or `both`: which residual connections are removed, so that block's
@@ -52,7 +54,7 @@ class VariantConfig(TransformerLensConfig):
     alphabet: str = Addition().alphabet
     seed: int = 0
     rotary_base: float = 10_000.0
-    init_std: float = 0.02
+    init_std: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_head", "n_layers", "n_ctx"):
@@ -83,6 +85,10 @@ class VariantConfig(TransformerLensConfig):
             raise ValueError(f"d_vocab ({self.d_vocab}) must equal len(alphabet) = {len(self.alphabet)}")
         self.d_vocab = len(self.alphabet)
         self.residual_cuts = _normalise_cuts(self.residual_cuts, self.n_layers)
+        if self.init_std is None:
+            self.init_std = 0.8 / self.d_model**0.5
+        if self.init_std <= 0:
+            raise ValueError(f"init_std must be > 0, got {self.init_std!r}")
 
     @property
     def name(self) -> str:

@@ -188,7 +188,7 @@ class HookedTransformer(HookedRootModule):
         self.to(cfg.device)
 
     def _init_weights(self) -> None:
-        """GPT-2 style: normal(0, init_std), output projections shrunk by √(2·n_layers); seeded by cfg.seed."""
+        """Normal(0, init_std) matrices, output projections shrunk by √(2·n_layers) (GPT-2); seeded by cfg.seed."""
         generator = torch.Generator().manual_seed(self.cfg.seed)
         for name, param in self.named_parameters():
             if param.ndim < 2:

@@ -40,9 +40,9 @@ class TrainSettings:
     batch_size: int = 256
     lr: float = 3e-3
     warmup_steps: int = 100
-    weight_decay: float = 0.1
+    weight_decay: float = 0.01
     grad_clip: float = 1.0
-    betas: tuple[float, float] = (0.9, 0.98)
+    betas: tuple[float, float] = (0.9, 0.999)
     seed: int = 0
     eval_every: int = 250
     checkpoint_every: int = 250

@@ -1,0 +1,320 @@
+"""Probe accuracy tables with one stable, documented schema.
+
+Every probe sweep is stored as a *tidy* table, one measurement per row, so
+results from different variants, seeds and baselines can be concatenated,
+averaged and pivoted without bespoke glue. The columns, in order:
+
+=========  ========  ==========================================================
+column     dtype     meaning
+=========  ========  ==========================================================
+variant    str       model variant, e.g. ``nope_causal``
+seed       int64     training seed of that variant
+site       str       residual-stream site probed, a TransformerLens hook name
+                     (``blocks.0.hook_resid_mid``) or ``embed``, the stream
+                     entering block 0
+layer      float64   the site's depth, ``site_layer(site)``: 0 for ``embed``,
+                     l for ``blocks.l.hook_resid_pre``, l + 0.5 for
+                     ``blocks.l.hook_resid_mid``, l + 1 for
+                     ``blocks.l.hook_resid_post`` (so the resid_post of block l
+                     and the resid_pre of block l + 1 share a layer number, as
+                     they are the same stream)
+probe      str       what the probe predicts: ``position``,
+                     ``position_control`` (Hewitt & Liang control task),
+                     ``role``, ...
+metric     str       ``accuracy``, ``mad``, ``r2``, ``selectivity``, ...
+value      float64   the measurement (NaN allowed where it is undefined)
+baseline   str       which model produced the activations: ``trained``,
+                     ``random_init``, ``token_identity``, ``chance``, ...
+=========  ========  ==========================================================
+
+The key ``(variant, seed, site, probe, metric, baseline)`` is unique.
+
+Tables are exported with `export_table` (CSV and JSON keep every bit and
+every dtype; Markdown and LaTeX are for reading) and read back with
+`read_table`. Markdown and LaTeX are rendered here rather than with
+``DataFrame.to_markdown`` / ``to_latex`` so poslens needs neither tabulate nor
+jinja2, and so LaTeX escaping (``±`` included) is under our control.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pandas.io.json import build_table_schema
+
+from variants.storage import atomic_write
+
+PROBE_COLUMNS: tuple[str, ...] = ("variant", "seed", "site", "layer", "probe", "metric", "value", "baseline")
+PROBE_DTYPES: dict[str, str] = {
+    "variant": "str", "seed": "int64", "site": "str", "layer": "float64",
+    "probe": "str", "metric": "str", "value": "float64", "baseline": "str",
+}
+KEY_COLUMNS: tuple[str, ...] = ("variant", "seed", "site", "probe", "metric", "baseline")
+EXPORT_SUFFIXES: tuple[str, ...] = (".csv", ".md", ".tex", ".json")
+READ_SUFFIXES: tuple[str, ...] = (".csv", ".json")
+
+_JSON_DTYPES = {"integer": "int64", "number": "float64", "boolean": "bool", "string": "str"}
+_BLOCK_SITE = re.compile(r"blocks\.(\d+)\.hook_resid_(pre|mid|post)")
+_SITE_OFFSET = {"pre": 0.0, "mid": 0.5, "post": 1.0}
+_LATEX_ESCAPES = str.maketrans({
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+    "<": r"\textless{}", ">": r"\textgreater{}", "±": r"$\pm$", "\n": " ",
+})
+
+
+def site_layer(site: str) -> float:
+    """Depth of a residual-stream site on the layer axis (see the module docstring)."""
+    if site == "embed":
+        return 0.0
+    match = _BLOCK_SITE.fullmatch(site)
+    if match is None:
+        raise ValueError(f"unknown site {site!r}: expected 'embed' or 'blocks.<l>.hook_resid_pre|mid|post'")
+    return int(match.group(1)) + _SITE_OFFSET[match.group(2)]
+
+
+def empty_probe_table() -> pd.DataFrame:
+    """A probe table with no rows and the schema's columns and dtypes."""
+    return pd.DataFrame({column: pd.Series(dtype=PROBE_DTYPES[column]) for column in PROBE_COLUMNS})
+
+
+def validate_probe_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Check `df` against the probe schema and return it; raise `ValueError` saying what is wrong.
+
+    Checked: the column set (any order; `PROBE_COLUMNS` is the canonical
+    one), each column's dtype, no missing keys, a layer that matches its
+    site, and no repeated ``(variant, seed, site, probe, metric, baseline)``
+    key (a repeat would silently count as an extra seed).
+    """
+    _check_columns(df)
+    _check_dtypes(df)
+    _check_values(df)
+    return df
+
+
+def _check_columns(df: pd.DataFrame) -> None:
+    missing = [c for c in PROBE_COLUMNS if c not in df.columns]
+    extra = [c for c in df.columns if c not in PROBE_COLUMNS]
+    if missing or extra:
+        raise ValueError(f"probe table has missing columns {missing} and extra columns {extra}; "
+                         f"expected {list(PROBE_COLUMNS)}")
+
+
+def _check_dtypes(df: pd.DataFrame) -> None:
+    wrong = {c: str(df[c].dtype) for c in PROBE_COLUMNS if df[c].dtype != PROBE_DTYPES[c]}
+    if wrong:
+        expected = {c: PROBE_DTYPES[c] for c in wrong}
+        raise ValueError(f"probe table columns have dtypes {wrong}, expected {expected} "
+                         f"(convert with df.astype(PROBE_DTYPES))")
+
+
+def _check_values(df: pd.DataFrame) -> None:
+    keyed = [c for c in PROBE_COLUMNS if c != "value"]
+    holes = [c for c in keyed if df[c].isna().any()]
+    if holes:
+        raise ValueError(f"probe table has missing values in columns {holes}")
+    expected_layer = df["site"].map(site_layer)
+    mismatched = df.loc[expected_layer != df["layer"], ["site", "layer"]].drop_duplicates()
+    if not mismatched.empty:
+        raise ValueError(f"layer does not match site_layer(site) for {mismatched.to_dict('records')}")
+    repeated = df[df.duplicated(list(KEY_COLUMNS), keep=False)]
+    if not repeated.empty:
+        raise ValueError(f"repeated keys {list(KEY_COLUMNS)}: {repeated[list(KEY_COLUMNS)].head().to_dict('records')}")
+
+
+def summarise_seeds(df: pd.DataFrame) -> pd.DataFrame:
+    """Average a probe table over seeds: one row per (variant, site, probe, metric, baseline).
+
+    Columns: variant, site, layer, probe, metric, baseline, mean, std, n_seeds.
+    ``std`` is the sample standard deviation (ddof=1) and is NaN when only one
+    seed was run: a spread cannot be estimated from one run, and NaN says so
+    where 0 would claim a perfectly reproducible result. ``n_seeds`` counts
+    the seeds with a non-NaN value, the ones the mean is over. Rows are
+    sorted by variant, probe, metric, baseline and then layer.
+    """
+    validate_probe_table(df)
+    keys = ["variant", "probe", "metric", "baseline", "layer", "site"]
+    summary = (
+        df.groupby(keys, sort=True)["value"]
+        .agg(mean="mean", std="std", n_seeds="count")
+        .reset_index()
+    )
+    summary["n_seeds"] = summary["n_seeds"].astype("int64")
+    return summary[["variant", "site", "layer", "probe", "metric", "baseline", "mean", "std", "n_seeds"]]
+
+
+def select_summary(summary: pd.DataFrame, *, metric: str, probe: str, baseline: str) -> pd.DataFrame:
+    """Rows of a `summarise_seeds` result for one metric, probe and baseline; `ValueError` if none."""
+    chosen = summary[(summary["metric"] == metric) & (summary["probe"] == probe) & (summary["baseline"] == baseline)]
+    if chosen.empty:
+        available = summary[["metric", "probe", "baseline"]].drop_duplicates().to_dict("records")
+        raise ValueError(f"no rows with metric={metric!r}, probe={probe!r}, baseline={baseline!r}; "
+                         f"available: {available}")
+    return chosen
+
+
+def wide_table(
+    df: pd.DataFrame,
+    metric: str = "accuracy",
+    probe: str = "position",
+    baseline: str = "trained",
+    *,
+    as_text: bool = True,
+    digits: int = 3,
+) -> pd.DataFrame:
+    """Paper-style pivot: one row per site (ordered by layer), one column per variant.
+
+    With ``as_text=True`` each cell is ``"mean ± std"`` (just ``"mean"`` for a
+    single seed, ``""`` where a variant lacks that site), rounded to `digits`
+    decimals. With ``as_text=False`` the columns are a MultiIndex
+    ``(variant, "mean" | "std")`` of floats. Variants keep the order in which
+    they first appear in `df`, so callers control the column order.
+    """
+    chosen = select_summary(summarise_seeds(df), metric=metric, probe=probe, baseline=baseline)
+    variants = list(pd.unique(df["variant"][df["variant"].isin(chosen["variant"])]))
+    sites = chosen.sort_values(["layer", "site"])["site"].drop_duplicates().tolist()
+    numeric = chosen.pivot(index="site", columns="variant", values=["mean", "std"]).swaplevel(axis=1)
+    numeric = numeric.reindex(index=sites, columns=pd.MultiIndex.from_product([variants, ["mean", "std"]]))
+    numeric.columns.names = ["variant", None]
+    if not as_text:
+        return numeric
+    cells = [_mean_std_text(m, s, n, digits) for m, s, n in zip(chosen["mean"], chosen["std"], chosen["n_seeds"])]
+    text = chosen.assign(cell=cells).pivot(index="site", columns="variant", values="cell")
+    return text.reindex(index=sites, columns=variants).fillna("")
+
+
+def _mean_std_text(mean: float, std: float, n_seeds: int, digits: int) -> str:
+    if n_seeds > 1:
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return f"{mean:.{digits}f}"
+
+
+def export_table(df: pd.DataFrame, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write `df` atomically in the format named by `path`'s suffix; return the path.
+
+    ``.csv`` and ``.json`` keep full precision (JSON carries pandas' table
+    schema, so dtypes survive `read_table`); ``.md`` and ``.tex`` (a booktabs
+    tabular) show floats to 4 significant digits. A named index (such as
+    `wide_table`'s sites) becomes the first column(s), an unnamed one is
+    dropped, and MultiIndex column labels are joined with spaces. Refuses
+    to replace an existing file unless ``overwrite=True`` (`FileExistsError`
+    naming it); raises `ValueError` for an empty frame or an unknown suffix.
+    """
+    path = Path(path)
+    suffix = _checked_suffix(path, EXPORT_SUFFIXES)
+    if df.empty:
+        raise ValueError(f"refusing to write an empty table to {path}")
+    renderers = {".csv": _render_csv, ".md": _render_markdown, ".tex": _render_latex, ".json": _render_json}
+    return atomic_write(path, renderers[suffix](_flatten(df)), overwrite=overwrite)
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a ``.csv`` or ``.json`` file written by `export_table`.
+
+    A CSV whose header is the probe schema is read with the schema's dtypes
+    (pandas 3 parses floats exactly), so tidy probe tables round-trip
+    unchanged; other CSVs get pandas' inferred dtypes. JSON carries its own
+    schema.
+    """
+    path = Path(path)
+    suffix = _checked_suffix(path, READ_SUFFIXES)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    return _read_csv(path) if suffix == ".csv" else _read_json(path)
+
+
+def _checked_suffix(path: Path, allowed: tuple[str, ...]) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in allowed:
+        raise ValueError(f"unsupported file suffix {path.suffix!r} for {path}; allowed: {', '.join(allowed)}")
+    return suffix
+
+
+def _flatten(df: pd.DataFrame) -> pd.DataFrame:
+    """Move named index levels into columns (unnamed ones are row numbers) and join MultiIndex labels."""
+    flat = df.reset_index() if any(name is not None for name in df.index.names) else df
+    if isinstance(flat.columns, pd.MultiIndex):
+        flat = flat.set_axis([" ".join(str(p) for p in label if p != "") for label in flat.columns], axis=1)
+    return flat.rename_axis(columns=None)
+
+
+def _render_csv(df: pd.DataFrame) -> str:
+    """CSV with every text field quoted, so a bare carriage return inside one cannot split a row."""
+    return df.to_csv(index=False, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
+
+
+def _render_json(df: pd.DataFrame) -> str:
+    """pandas' ``orient="table"`` layout, written with Python's exact float repr.
+
+    ``DataFrame.to_json`` rounds floats to at most 15 significant digits,
+    which breaks exact round-trips; Python's `json` does not. NaN becomes
+    ``null``; infinities are written as ``Infinity``, which pandas reads.
+    """
+    records = [{k: None if _is_missing(v) else v for k, v in row.items()} for row in df.to_dict(orient="records")]
+    return json.dumps({"schema": build_table_schema(df, index=False), "data": records}) + "\n"
+
+
+def _is_missing(value: object) -> bool:
+    return value is None or (np.isscalar(value) and bool(pd.isna(value)))
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    header = pd.read_csv(path, nrows=0).columns
+    if sorted(header) != sorted(PROBE_COLUMNS):
+        return pd.read_csv(path)
+    return pd.read_csv(
+        path, dtype=PROBE_DTYPES, keep_default_na=False, na_values={"value": [""]}, encoding="utf-8",
+    )
+
+
+def _read_json(path: Path) -> pd.DataFrame:
+    """Parse with Python's `json` (pandas' reader rejects subnormal floats) and apply the schema's dtypes."""
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        dtypes = {field["name"]: _json_dtype(field) for field in payload["schema"]["fields"]}
+        frame = pd.DataFrame.from_records(payload["data"], columns=list(dtypes))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a table written by export_table (corrupted?): {error!r}") from error
+    return frame.astype({name: dtype for name, dtype in dtypes.items() if dtype is not None})
+
+
+def _json_dtype(field: dict) -> str | None:
+    """The pandas dtype a table-schema field stands for; None leaves pandas' inference."""
+    return field.get("extDtype") or _JSON_DTYPES.get(field["type"])
+
+
+def _cell_text(value: object) -> str:
+    if _is_missing(value):
+        return ""
+    if isinstance(value, float | np.floating):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _render_markdown(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table; numeric columns right-aligned, ``|`` escaped."""
+    def row(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", r"\|").replace("\n", " ") for c in cells) + " |"
+
+    rules = ["---:" if pd.api.types.is_numeric_dtype(df[c]) else "---" for c in df.columns]
+    lines = [row([str(c) for c in df.columns]), "| " + " | ".join(rules) + " |"]
+    lines += [row([_cell_text(v) for v in values]) for values in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def _render_latex(df: pd.DataFrame) -> str:
+    """A booktabs tabular (``\\toprule``/``\\midrule``/``\\bottomrule``) with LaTeX-escaped text."""
+    def row(cells: list[str]) -> str:
+        return " & ".join(c.translate(_LATEX_ESCAPES) for c in cells) + r" \\"
+
+    spec = "".join("r" if pd.api.types.is_numeric_dtype(df[c]) else "l" for c in df.columns)
+    body = [row([_cell_text(v) for v in values]) for values in df.itertuples(index=False)]
+    lines = [rf"\begin{{tabular}}{{{spec}}}", r"\toprule", row([str(c) for c in df.columns]), r"\midrule",
+             *body, r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
