@@ -6,27 +6,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import pandas as pd
 import torch
 
 from analyses.invariance import invariance_table
+from analyses.tables import render_table
 from tasks import TASKS, make_task
 from variants import TrainSettings, preset, train
-
-FORMATS = {
-    "csv": lambda df: df.to_csv(index=False),
-    "md": lambda df: df.to_markdown(index=False) + "\n" if _has_tabulate() else df.to_string(index=False) + "\n",
-    "json": lambda df: df.to_json(orient="records", indent=2) + "\n",
-}
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
 
 def _train(args: argparse.Namespace) -> None:
     task = make_task(args.task)
@@ -44,7 +29,7 @@ def _invariance(args: argparse.Namespace) -> None:
     table = invariance_table(args.variant or [], args.checkpoint or [], n_layers=args.layers,
                              dtype={"float32": torch.float32, "float64": torch.float64}[args.dtype],
                              n_perms=args.perms, seed=args.seed)
-    sys.stdout.write(FORMATS[args.format](table))
+    sys.stdout.write(render_table(table, args.format))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--perms", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--format", default="md", choices=sorted(FORMATS))
+    p.add_argument("--format", default="md", choices=["csv", "md", "tex", "json"])
     p.set_defaults(run=_invariance)
     return parser
 

@@ -210,8 +210,16 @@ def export_table(df: pd.DataFrame, path: str | os.PathLike, *, overwrite: bool =
     suffix = _checked_suffix(path, EXPORT_SUFFIXES)
     if df.empty:
         raise ValueError(f"refusing to write an empty table to {path}")
+    return atomic_write(path, render_table(df, suffix), overwrite=overwrite)
+
+
+def render_table(df: pd.DataFrame, fmt: str) -> str:
+    """`df` as the text `export_table` would write for format `fmt` (`csv`, `md`, `tex`, `json`)."""
+    suffix = fmt if fmt.startswith(".") else f".{fmt}"
     renderers = {".csv": _render_csv, ".md": _render_markdown, ".tex": _render_latex, ".json": _render_json}
-    return atomic_write(path, renderers[suffix](_flatten(df)), overwrite=overwrite)
+    if suffix not in renderers:
+        raise ValueError(f"unknown table format {fmt!r}; allowed: {[s.lstrip('.') for s in renderers]}")
+    return renderers[suffix](_flatten(df))
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:

@@ -1,0 +1,43 @@
+"""The `poslens` console script: thin wrappers, clear errors, machine-readable output."""
+
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
+
+import pandas as pd
+
+from analyses.cli import main
+
+
+def run(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_train_then_invariance_on_the_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    code, text, _ = run("train", "--variant", "nope-causal", "--layers", "1", "--d-model", "32", "--steps", "6",
+                        "--batch-size", "16", "--out", str(out), "--quiet")
+    assert code == 0 and "nope-causal on addition: step 6" in text
+    assert {"config.json", "model.safetensors", "run.json", "history.json"} <= {p.name for p in out.iterdir()}
+    code, text, err = run("train", "--variant", "nope-causal", "--layers", "1", "--d-model", "32", "--steps", "6",
+                          "--batch-size", "16", "--out", str(out), "--quiet")
+    assert code == 2 and "already holds a training run" in err
+    code, text, _ = run("invariance", "--checkpoint", str(out), "--variant", "nope-causal", "--layers", "2",
+                        "--perms", "3", "--format", "json")
+    rows = json.loads(text)["data"]
+    assert code == 0 and [row["invariant"] for row in rows] == [False, True]
+
+
+def test_invariance_formats_and_errors():
+    code, text, _ = run("invariance", "--variant", "nope-bidirectional", "--layers", "1", "--perms", "2", "--format", "csv")
+    table = pd.read_csv(io.StringIO(text))
+    assert code == 0 and table["variant"].tolist() == ["nope-bidirectional"] and table["invariant"].tolist() == [True]
+    code, text, _ = run("invariance", "--variant", "nope-causal", "--layers", "2", "--perms", "2", "--format", "md")
+    assert code == 0 and text.startswith("| variant |") and "| nope-causal |" in text
+    code, _, err = run("invariance", "--variant", "nope-sideways")
+    assert code == 2 and "unknown variant 'nope-sideways'; allowed:" in err
+    code, _, err = run("train", "--variant", "nope-causal+cut9", "--out", "unused")
+    assert code == 2 and "residual cut block 9 is out of range; allowed: 0..3" in err
