@@ -9,9 +9,12 @@ from collections.abc import Sequence
 import torch
 
 from analyses.invariance import invariance_table
-from analyses.tables import render_table
+from analyses.figures import probe_accuracy_figure
+from analyses.probe_sweep import CONTROLS, load_models_by_variant, probe_sweep
+from analyses.tables import check_writable, export_table, render_table, wide_table
 from tasks import TASKS, make_task
-from variants import TrainSettings, preset, train
+from variants import TrainSettings, load_task, preset, train
+from variants.storage import atomic_write
 
 def _train(args: argparse.Namespace) -> None:
     task = make_task(args.task)
@@ -30,6 +33,20 @@ def _invariance(args: argparse.Namespace) -> None:
                              dtype={"float32": torch.float32, "float64": torch.float64}[args.dtype],
                              n_perms=args.perms, seed=args.seed)
     sys.stdout.write(render_table(table, args.format))
+
+
+def _probe(args: argparse.Namespace) -> None:
+    check_writable(args.out, overwrite=args.overwrite)
+    tasks = {load_task(directory) for directory in args.checkpoints}
+    if len(tasks) != 1:
+        raise ValueError(f"checkpoints were trained on different tasks ({sorted(map(str, tasks))}); probe them separately")
+    table = probe_sweep(load_models_by_variant(args.checkpoints), tasks.pop(), n_sequences=args.sequences,
+                        sites=args.sites, controls=args.control, quiet=args.quiet)
+    export_table(table, args.out, overwrite=args.overwrite)
+    print(render_table(wide_table(table), "md"), end="")
+    if args.figure:
+        atomic_write(args.figure, probe_accuracy_figure(table).to_html(include_plotlyjs=True), overwrite=args.overwrite)
+    print(f"wrote {args.out}" + (f" and {args.figure}" if args.figure else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", default="md", choices=["csv", "md", "tex", "json"])
     p.set_defaults(run=_invariance)
+
+    p = commands.add_parser("probe", help="linear position probes at every residual site, with controls")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT_DIR", help="trained run directories")
+    p.add_argument("--out", required=True, help="tidy table: .csv, .md, .tex or .json")
+    p.add_argument("--sites", nargs="+", help="residual sites (default: embed and every resid_mid / resid_post)")
+    p.add_argument("--control", nargs="+", default=list(CONTROLS), choices=list(CONTROLS),
+                   help="baselines to compute beside the trained probes (default: all)")
+    p.add_argument("--sequences", type=int, default=1000, help="held-out sequences to probe (split by sequence)")
+    p.add_argument("--figure", help="also write the accuracy-vs-layer figure as a standalone .html")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_probe)
     return parser
 
 

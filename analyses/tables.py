@@ -237,6 +237,15 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     return _read_csv(path) if suffix == ".csv" else _read_json(path)
 
 
+def check_writable(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Fail early, before any work, if `export_table(..., path, overwrite=overwrite)` would refuse."""
+    path = Path(path)
+    _checked_suffix(path, EXPORT_SUFFIXES)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    return path
+
+
 def _checked_suffix(path: Path, allowed: tuple[str, ...]) -> str:
     suffix = path.suffix.lower()
     if suffix not in allowed:

@@ -41,3 +41,24 @@ def test_invariance_formats_and_errors():
     assert code == 2 and "unknown variant 'nope-sideways'; allowed:" in err
     code, _, err = run("train", "--variant", "nope-causal+cut9", "--out", "unused")
     assert code == 2 and "residual cut block 9 is out of range; allowed: 0..3" in err
+
+
+def test_probe_writes_the_table_and_never_overwrites(tmp_path):
+    runs = []
+    for variant in ("nope-causal", "learned-causal"):
+        runs.append(str(tmp_path / variant))
+        assert run("train", "--variant", variant, "--layers", "1", "--d-model", "32", "--steps", "4",
+                   "--batch-size", "16", "--out", runs[-1], "--quiet")[0] == 0
+    table_path, figure_path = tmp_path / "probe.csv", tmp_path / "probe.html"
+    code, text, _ = run("probe", *runs, "--out", str(table_path), "--sequences", "40", "--control", "chance",
+                        "random_init", "--figure", str(figure_path), "--quiet")
+    assert code == 0 and "| site | nope-causal | learned-causal |" in text
+    table = pd.read_csv(table_path)
+    assert set(table["variant"]) == {"nope-causal", "learned-causal"}
+    assert set(table["baseline"]) == {"trained", "chance", "random_init"}
+    assert "plotly" in figure_path.read_text()
+    before = table_path.read_bytes()
+    code, _, err = run("probe", *runs, "--out", str(table_path), "--sequences", "40", "--quiet")
+    assert code == 2 and "already exists" in err and table_path.read_bytes() == before
+    code, _, err = run("probe", *runs, "--out", str(tmp_path / "probe.xlsx"), "--sequences", "40", "--quiet")
+    assert code == 2 and "'.xlsx'" in err
