@@ -1,0 +1,33 @@
+"""Linear probes for positional information, scikit-learn-style, over plain tensors.
+
+Every probe fits all sites (hook points) of a model at once: `X` is `[site, n_tokens, d_model]`
+(or one site's `[n_tokens, d_model]`), labels are `[n_tokens]`, inputs may be torch tensors or
+numpy arrays and outputs are torch tensors. Features are standardised per site.
+
+- `PositionProbe`: multinomial logistic regression, token → class (position, role, digit…).
+- `RidgePositionProbe`: ridge regression, token → position as a number (R², MAE).
+- `split_by_sequence`, `flatten_tokens`: train/test splits that never share a sequence.
+- `control_labels`, `selectivity`, `token_identity_baseline`, `chance_accuracy`,
+  `random_guess_mad`: what an accuracy has to beat.
+
+Depends on torch, numpy and einops only; the data come from `hooks` via the caller.
+"""
+
+from probes.controls import chance_accuracy, control_labels, random_guess_mad, selectivity, token_identity_baseline
+from probes.inputs import NotFittedError
+from probes.logistic import PositionProbe
+from probes.ridge import RidgePositionProbe
+from probes.splits import flatten_tokens, split_by_sequence
+
+__all__ = [
+    "NotFittedError",
+    "PositionProbe",
+    "RidgePositionProbe",
+    "chance_accuracy",
+    "control_labels",
+    "flatten_tokens",
+    "random_guess_mad",
+    "selectivity",
+    "split_by_sequence",
+    "token_identity_baseline",
+]

@@ -1,0 +1,69 @@
+"""`RidgePositionProbe`: how well is position encoded as a *number*, i.e. along one linear direction?
+
+A classifier can succeed with one direction per position; a good ridge fit says the positions
+are also ordered along a line. Closed form, all sites in one batched solve. The objective at
+each site is scikit-learn's `Ridge(alpha)` on standardised features: |y − Zw − b|² + alpha·|w|².
+"""
+
+from __future__ import annotations
+
+import einops
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from probes.base import SiteProbe
+from probes.inputs import ArrayLike, activations, positive, real_targets
+
+
+class RidgePositionProbe(SiteProbe):
+    """Ridge regression from activation to a real target (usually the position), batched over sites.
+
+    `X` is `[site, n_tokens, d_model]`, or `[n_tokens, d_model]` for one site (outputs then have
+    no site axis); `y` is `[n_tokens]` numbers. Accepts tensors or numpy arrays, returns tensors.
+    Computes in float64 by default: the whole fit is one `[site, d_model, d_model]` solve.
+
+    Fitted attributes: `weight_` `[site, d_model]` and `bias_` `[site]` acting on standardised
+    features (`(X - mean_) / scale_`).
+    """
+
+    def __init__(self, alpha: float = 1.0, *, dtype: torch.dtype = torch.float64):
+        self.alpha, self.dtype = alpha, dtype
+
+    def fit(self, X: Float[ArrayLike, "*site n_tokens d_model"], y: Float[ArrayLike, " n_tokens"]) -> RidgePositionProbe:
+        alpha = positive(self.alpha, "alpha")
+        X, _ = activations(X)
+        y = real_targets(y, X.shape[1]).to(self.dtype)
+        Zt = self._standardize_fit(X)
+        gram = torch.bmm(Zt, Zt.mT) + alpha * torch.eye(Zt.shape[1], dtype=self.dtype)
+        centred = y - y.mean()
+        self.weight_ = torch.linalg.solve(gram, Zt @ centred)
+        self.bias_ = y.mean().expand(Zt.shape[0]).clone()
+        return self
+
+    def predict(self, X: Float[ArrayLike, "*site n_tokens d_model"]) -> Float[Tensor, "*site n_tokens"]:
+        Z, single = self._standardize(X)
+        predicted = einops.einsum(Z, self.weight_, "site token d_model, site d_model -> site token") + self.bias_.unsqueeze(-1)
+        return predicted[0] if single else predicted
+
+    def score(self, X: Float[ArrayLike, "*site n_tokens d_model"], y: Float[ArrayLike, " n_tokens"]) -> (
+            Float[Tensor, " site"] | float):
+        """R² per site (a float for one site's 2-D `X`): 1 is perfect, 0 is no better than the mean
+        of `y`; NaN when `y` is constant."""
+        predicted, y = self._predict_with_targets(X, y)
+        residual = (predicted - y).square().sum(-1)
+        total = (y - y.mean()).square().sum()
+        r2 = 1 - residual / total if total > 0 else torch.full_like(residual, float("nan"))
+        return r2.item() if r2.ndim == 0 else r2
+
+    def mae(self, X: Float[ArrayLike, "*site n_tokens d_model"], y: Float[ArrayLike, " n_tokens"]) -> (
+            Float[Tensor, " site"] | float):
+        """Mean absolute error per site, in the units of `y` (positions); compare with `random_guess_mad`."""
+        predicted, y = self._predict_with_targets(X, y)
+        error = (predicted - y).abs().mean(-1)
+        return error.item() if error.ndim == 0 else error
+
+    def _predict_with_targets(self, X: Float[ArrayLike, "*site n_tokens d_model"], y: Float[ArrayLike, " n_tokens"]
+                              ) -> tuple[Float[Tensor, "*site n_tokens"], Float[Tensor, " n_tokens"]]:
+        predicted = self.predict(X)
+        return predicted, real_targets(y, predicted.shape[-1]).to(predicted.dtype)

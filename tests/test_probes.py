@@ -1,0 +1,326 @@
+"""Tests for `probes`: accuracy on data with known structure, agreement with scikit-learn,
+batching and determinism, splits and controls, and input validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from probes import (
+    NotFittedError,
+    PositionProbe,
+    RidgePositionProbe,
+    chance_accuracy,
+    control_labels,
+    flatten_tokens,
+    random_guess_mad,
+    selectivity,
+    split_by_sequence,
+    token_identity_baseline,
+)
+
+N_POSITIONS, D_MODEL = 12, 32
+
+
+def positional_activations(noise: tuple[float, ...], n_sequences: int = 200, seed: int = 0) -> torch.Tensor:
+    """`[site, sequence, position, d_model]`: a fixed random direction per position plus Gaussian
+    noise of the given scale at each site."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(N_POSITIONS, D_MODEL, generator=generator)
+    return torch.stack([
+        directions + scale * torch.randn(n_sequences, N_POSITIONS, D_MODEL, generator=generator) for scale in noise
+    ])
+
+
+def split_tokens(activations: torch.Tensor, seed: int = 0):
+    train, test = split_by_sequence(activations.shape[1], seed=seed)
+    return (*flatten_tokens(activations, train), *flatten_tokens(activations, test))
+
+
+@pytest.fixture(scope="module")
+def three_sites():
+    """Sites with low, medium and overwhelming noise, split by sequence."""
+    return split_tokens(positional_activations(noise=(0.5, 3.0, 12.0)))
+
+
+# ---------------------------------------------------------------- PositionProbe: accuracy
+
+
+def test_position_is_read_off_the_low_noise_site(three_sites):
+    X_train, y_train, X_test, y_test = three_sites
+    accuracy = PositionProbe().fit(X_train, y_train).score(X_test, y_test)
+    assert accuracy.shape == (3,)
+    assert accuracy[0] >= 0.99
+    assert accuracy[0] > accuracy[1] > accuracy[2]
+
+
+def test_pure_noise_is_at_chance():
+    noise = torch.randn(1, 600, N_POSITIONS, D_MODEL, generator=torch.Generator().manual_seed(1))
+    X_train, y_train, X_test, y_test = split_tokens(noise)
+    accuracy = PositionProbe().fit(X_train, y_train).score(X_test, y_test)
+    assert len(y_test) >= 1800
+    assert abs(accuracy[0].item() - 1 / N_POSITIONS) < 0.05
+
+
+def test_two_dimensional_input_drops_the_site_axis(three_sites):
+    X_train, y_train, X_test, y_test = three_sites
+    probe = PositionProbe().fit(X_train[0], y_train)
+    assert isinstance(probe.score(X_test[0], y_test), float)
+    assert probe.predict(X_test[0]).shape == (len(y_test),)
+    probs = probe.predict_proba(X_test[0])
+    assert probs.shape == (len(y_test), N_POSITIONS)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(len(y_test)))
+    assert torch.equal(probs.argmax(-1), probe.predict(X_test[0]))
+
+
+def test_numpy_inputs_give_the_same_fit_as_tensors(three_sites):
+    X_train, y_train, X_test, y_test = three_sites
+    from_tensors = PositionProbe().fit(X_train, y_train)
+    from_arrays = PositionProbe().fit(X_train.numpy(), y_train.numpy())
+    assert torch.equal(from_tensors.weight_, from_arrays.weight_)
+    assert torch.equal(from_arrays.score(X_test.numpy(), y_test.numpy()), from_tensors.score(X_test, y_test))
+
+
+def test_batched_fit_equals_fitting_each_site_alone(three_sites):
+    X_train, y_train, X_test, _ = three_sites
+    batched = PositionProbe().fit(X_train, y_train)
+    for site in range(3):
+        alone = PositionProbe().fit(X_train[site], y_train)
+        assert batched.n_iter_[site] == alone.n_iter_[0]
+        torch.testing.assert_close(batched.weight_[site], alone.weight_[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(batched.bias_[site], alone.bias_[0], atol=1e-5, rtol=0)
+        assert torch.equal(batched.predict(X_test)[site], alone.predict(X_test[site]))
+
+
+def test_fitting_twice_is_bitwise_identical(three_sites):
+    X_train, y_train, _, _ = three_sites
+    first, second = PositionProbe().fit(X_train, y_train), PositionProbe().fit(X_train, y_train)
+    assert torch.equal(first.weight_, second.weight_)
+    assert torch.equal(first.bias_, second.bias_)
+
+
+def test_float64_and_float32_fits_agree(three_sites):
+    X_train, y_train, X_test, y_test = three_sites
+    single = PositionProbe().fit(X_train, y_train).score(X_test, y_test)
+    double = PositionProbe(dtype=torch.float64).fit(X_train, y_train).score(X_test, y_test)
+    assert (single - double).abs().max() <= 0.005
+
+
+def test_agrees_with_scikit_learn(three_sites):
+    sklearn_linear = pytest.importorskip("sklearn.linear_model")
+    preprocessing = pytest.importorskip("sklearn.preprocessing")
+    X_train, y_train, X_test, y_test = three_sites
+    ours = PositionProbe(C=0.5).fit(X_train, y_train).score(X_test, y_test)
+    for site in range(3):
+        scaler = preprocessing.StandardScaler().fit(X_train[site].numpy())
+        reference = sklearn_linear.LogisticRegression(C=0.5, max_iter=1000).fit(
+            scaler.transform(X_train[site].numpy()), y_train.numpy())
+        theirs = reference.score(scaler.transform(X_test[site].numpy()), y_test.numpy())
+        assert abs(ours[site].item() - theirs) <= 0.01
+
+
+def test_stronger_regularisation_shrinks_the_weights(three_sites):
+    X_train, y_train, _, _ = three_sites
+    loose, tight = PositionProbe(C=10.0).fit(X_train, y_train), PositionProbe(C=0.01).fit(X_train, y_train)
+    assert (tight.weight_.flatten(1).norm(dim=1) < loose.weight_.flatten(1).norm(dim=1)).all()
+
+
+def test_other_labels_and_absent_classes():
+    """Any per-token label works; a class missing from training is never predicted."""
+    generator = torch.Generator().manual_seed(2)
+    roles = torch.tensor([0, 0, 2, 2, 2, 5]).repeat(300)  # classes 1, 3, 4 never occur
+    X = torch.nn.functional.one_hot(roles, 8).float() * 4 + torch.randn(len(roles), 8, generator=generator)
+    probe = PositionProbe().fit(X, roles)
+    assert torch.equal(probe.classes_, torch.arange(6))
+    probs = probe.predict_proba(X)
+    assert probs.shape == (len(roles), 6)
+    assert probs[:, [1, 3, 4]].max() == 0
+    assert set(probe.predict(X).unique().tolist()) <= {0, 2, 5}
+    assert probe.score(X, roles) > 0.95
+    assert PositionProbe(n_classes=9).fit(X, roles).predict_proba(X).shape == (len(roles), 9)
+
+
+def test_unconverged_fit_warns(three_sites):
+    X_train, y_train, _, _ = three_sites
+    with pytest.warns(RuntimeWarning, match="max_iter=2"):
+        PositionProbe(max_iter=2).fit(X_train, y_train)
+
+
+# ---------------------------------------------------------------- RidgePositionProbe
+
+
+def test_ridge_recovers_an_exactly_linear_position():
+    generator = torch.Generator().manual_seed(3)
+    position = torch.arange(N_POSITIONS).repeat(100).double()
+    X = torch.randn(2, len(position), D_MODEL, generator=generator, dtype=torch.float64)
+    X[:, :, 0] = X[:, :, 1] * 0.5 + position * torch.tensor([[2.0], [-7.0]])
+    probe = RidgePositionProbe(alpha=1e-6).fit(X, position)
+    assert (probe.score(X, position) > 1 - 1e-9).all()
+    assert (probe.mae(X, position) < 1e-3).all()
+
+
+def test_ridge_on_noise_explains_nothing():
+    noise = torch.randn(1, 400, N_POSITIONS, D_MODEL, generator=torch.Generator().manual_seed(4))
+    X_train, y_train, X_test, y_test = split_tokens(noise)
+    probe = RidgePositionProbe().fit(X_train, y_train)
+    assert probe.score(X_test, y_test)[0] <= 0.1
+    assert probe.mae(X_test, y_test)[0] > 0.9 * 3.0  # the mean's MAE is 3.0 for 12 uniform positions
+
+
+def test_ridge_single_site_and_error_ordering(three_sites):
+    X_train, y_train, X_test, y_test = three_sites
+    probe = RidgePositionProbe().fit(X_train, y_train)
+    r2, mae = probe.score(X_test, y_test), probe.mae(X_test, y_test)
+    assert r2[0] > r2[2] and mae[0] < mae[2]
+    alone = RidgePositionProbe().fit(X_train[0], y_train)
+    assert isinstance(alone.score(X_test[0], y_test), float)
+    assert alone.score(X_test[0], y_test) == pytest.approx(r2[0].item(), abs=1e-9)
+
+
+# ---------------------------------------------------------------- splits
+
+
+def test_split_by_sequence_partitions_deterministically():
+    train, test = split_by_sequence(103, test_fraction=0.25, seed=7)
+    assert len(test) == 26 and len(train) == 77
+    assert set(train.tolist()).isdisjoint(test.tolist())
+    assert sorted(train.tolist() + test.tolist()) == list(range(103))
+    again = split_by_sequence(103, test_fraction=0.25, seed=7)
+    assert torch.equal(train, again[0]) and torch.equal(test, again[1])
+    assert not torch.equal(test, split_by_sequence(103, test_fraction=0.25, seed=8)[1])
+
+
+def test_flatten_tokens_keeps_sequences_whole():
+    activations = torch.arange(2 * 5 * 3 * 4).reshape(2, 5, 3, 4)  # [site, sequence, position, d_model]
+    X, y = flatten_tokens(activations, torch.tensor([4, 1]))
+    assert X.shape == (2, 6, 4)
+    assert torch.equal(X[1, 4], activations[1, 1, 1])
+    assert y.tolist() == [0, 1, 2, 0, 1, 2]
+    _, roles = flatten_tokens(activations, [4, 1], labels=torch.tensor([7, 8, 9]))
+    assert roles.tolist() == [7, 8, 9, 7, 8, 9]
+    per_token = torch.arange(15).reshape(5, 3)
+    _, digits = flatten_tokens(activations, [4, 1], labels=per_token)
+    assert digits.tolist() == [12, 13, 14, 3, 4, 5]
+
+
+# ---------------------------------------------------------------- controls
+
+
+def test_control_labels_are_a_consistent_random_function_of_the_token():
+    generator = torch.Generator().manual_seed(5)
+    token_ids = torch.randint(0, 30, (50, N_POSITIONS), generator=generator)
+    positions = torch.arange(N_POSITIONS).expand(50, -1)
+    control = control_labels(token_ids, positions, seed=0)
+    assert control.shape == token_ids.shape
+    for token in token_ids.unique():
+        assert control[token_ids == token].unique().numel() == 1
+    assert set(control.unique().tolist()) <= set(range(N_POSITIONS))
+    assert control.unique().numel() > 1
+    assert torch.equal(control, control_labels(token_ids, positions, seed=0))
+    assert not torch.equal(control, control_labels(token_ids, positions, seed=1))
+
+
+def test_token_identity_baseline_bounds():
+    generator = torch.Generator().manual_seed(6)
+    token_ids = torch.randint(0, 20, (300, N_POSITIONS), generator=generator)
+    train, test = split_by_sequence(300)
+    assert token_identity_baseline(token_ids, token_ids % 7, train, test) == 1.0
+    positions = torch.arange(N_POSITIONS).expand(300, -1)
+    chance = chance_accuracy(positions[test])
+    assert abs(token_identity_baseline(token_ids, positions, train, test) - chance) < 0.05
+
+
+def test_chance_levels_and_selectivity():
+    assert chance_accuracy(torch.tensor([3, 3, 3, 1])) == 0.75
+    assert chance_accuracy(np.arange(12)) == pytest.approx(1 / 12)
+    assert random_guess_mad(12) == pytest.approx(3.9722, abs=1e-4)
+    positions = torch.arange(5)
+    brute_force = (positions[:, None] - positions[None, :]).abs().double().mean().item()
+    assert random_guess_mad(5) == pytest.approx(brute_force)
+    assert selectivity(0.9, 0.25) == pytest.approx(0.65)
+    torch.testing.assert_close(selectivity(torch.tensor([0.9, 0.5]), torch.tensor([0.2, 0.5])), torch.tensor([0.7, 0.0]))
+
+
+# ---------------------------------------------------------------- validation
+
+
+@pytest.fixture(scope="module")
+def small():
+    generator = torch.Generator().manual_seed(8)
+    return torch.randn(2, 24, 8, generator=generator), torch.arange(N_POSITIONS).repeat(2)
+
+
+@pytest.mark.parametrize(("make_X", "make_y", "message"), [
+    (lambda X, y: X[0, :, 0], lambda X, y: y, r"1-D shape \(24,\)"),
+    (lambda X, y: X[None], lambda X, y: y, r"4-D shape \(1, 2, 24, 8\)"),
+    (lambda X, y: X, lambda X, y: y[:-1], "24 tokens but y has 23 labels"),
+    (lambda X, y: X[:, :0], lambda X, y: y[:0], r"empty: shape \(2, 0, 8\)"),
+    (lambda X, y: X, lambda X, y: y + 0.5, "0.5"),
+    (lambda X, y: X, lambda X, y: y.double(), "float64"),
+    (lambda X, y: X, lambda X, y: y - 1, "-1"),
+    (lambda X, y: X.index_put((torch.tensor([1]), torch.tensor([3]), torch.tensor([2])), torch.tensor(float("nan"))),
+     lambda X, y: y, r"X\[1, 3, 2\] = nan"),
+    (lambda X, y: X.index_put((torch.tensor([0]), torch.tensor([5]), torch.tensor([0])), torch.tensor(float("inf"))),
+     lambda X, y: y, r"X\[0, 5, 0\] = inf"),
+    (lambda X, y: X, lambda X, y: torch.full_like(y, 3), r"only \[3\]"),
+    (lambda X, y: X, lambda X, y: y[:, None], r"shape \(24, 1\)"),
+])
+def test_bad_fit_inputs_are_named(small, make_X, make_y, message):
+    X, y = small
+    with pytest.raises(ValueError, match=message):
+        PositionProbe().fit(make_X(X, y), make_y(X, y))
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"C": 0}, "C must be a finite number > 0, got 0"),
+    ({"C": -1.0}, "got -1.0"),
+    ({"C": float("inf")}, "got inf"),
+    ({"max_iter": 0}, "max_iter must be an integer >= 1, got 0"),
+    ({"tol": -1e-4}, "tol must be a finite number > 0, got -0.0001"),
+    ({"n_classes": 5}, "label 11, which is not below n_classes=5"),
+])
+def test_bad_settings_are_named(small, settings, message):
+    X, y = small
+    with pytest.raises(ValueError, match=message):
+        PositionProbe(**settings).fit(X, y)
+
+
+def test_use_before_fit_and_mismatched_inputs(small):
+    X, y = small
+    for method in ("predict", "predict_proba"):
+        with pytest.raises(NotFittedError, match="not fitted yet"):
+            getattr(PositionProbe(), method)(X)
+    with pytest.raises(ValueError, match="not fitted yet"):
+        PositionProbe().score(X, y)
+    with pytest.raises(ValueError, match="not fitted yet"):
+        RidgePositionProbe().mae(X, y)
+    probe = PositionProbe().fit(X, y)
+    with pytest.raises(ValueError, match="X has 5 features but the probe was fitted on 8"):
+        probe.predict(X[:, :, :5])
+    with pytest.raises(ValueError, match=r"one site's \[n_tokens, d_model\] array but the probe was fitted on 2"):
+        probe.predict(X[0])
+    with pytest.raises(ValueError, match="24 tokens but y has 23"):
+        probe.score(X, y[:-1])
+
+
+def test_bad_ridge_split_and_control_inputs_are_named(small):
+    X, y = small
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0, got 0"):
+        RidgePositionProbe(alpha=0).fit(X, y)
+    with pytest.raises(ValueError, match=r"y\[2\] = nan"):
+        RidgePositionProbe().fit(X, y.double().index_put((torch.tensor([2]),), torch.tensor(float("nan"), dtype=torch.float64)))
+    with pytest.raises(ValueError, match="test_fraction must be strictly between 0 and 1, got 1.5"):
+        split_by_sequence(10, test_fraction=1.5)
+    with pytest.raises(ValueError, match="n_sequences=1"):
+        split_by_sequence(1)
+    with pytest.raises(ValueError, match=r"sequence index 9 is outside range\(5\)"):
+        flatten_tokens(torch.zeros(1, 5, 3, 2), [0, 9])
+    with pytest.raises(ValueError, match=r"got shape \(4,\)"):
+        flatten_tokens(torch.zeros(1, 5, 3, 2), [0], labels=torch.arange(4))
+    with pytest.raises(ValueError, match=r"token_ids \(3,\) and labels \(4,\) differ"):
+        control_labels(torch.arange(3), torch.arange(4))
+    with pytest.raises(ValueError, match="labels must hold integers, got dtype torch.float32"):
+        control_labels(torch.arange(3), torch.ones(3))
+    with pytest.raises(ValueError, match="n_positions must be an integer >= 1, got 0"):
+        random_guess_mad(0)
