@@ -142,3 +142,18 @@ def test_preset_names_round_trip():
         assert preset(name).name == name
     cfg = preset("sinusoidal-causal+cut1:mlp", n_layers=3, dtype=torch.float64)
     assert VariantConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_layer_norm_scale_hook_reads_and_edits_like_transformer_lens():
+    model = build(tiny("nope-causal"))
+    tokens = model.to_tokens("123+456=")
+    logits, cache = model.run_with_cache(tokens)
+    assert torch.equal(logits, model(tokens))  # observing the scale does not change the output
+    resid = cache["blocks.1.hook_resid_post"]
+    centered = resid - resid.mean(-1, keepdim=True)
+    torch.testing.assert_close(cache["ln_final.hook_scale"], (centered.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt())
+    ln = model.ln_final
+    with model.hooks(fwd_hooks=[("ln_final.hook_scale", lambda scale, hook: scale * 2)]):
+        _, edited = model.run_with_cache(tokens)
+    expected = centered / (2 * cache["ln_final.hook_scale"]) * ln.w + ln.b
+    torch.testing.assert_close(edited["ln_final.hook_normalized"], expected)

@@ -27,7 +27,12 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm exposing its scale and output, as TransformerLens's does."""
+    """LayerNorm exposing its scale and output, as TransformerLens's does.
+
+    The output comes from the fused `F.layer_norm`; the scale is computed only when a hook
+    reads or edits `hook_scale`, and an edited (or differentiated) scale is used to rebuild
+    the output, so interventions on it behave exactly as in TransformerLens.
+    """
 
     def __init__(self, cfg: VariantConfig):
         super().__init__()
@@ -38,9 +43,14 @@ class LayerNorm(nn.Module):
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        centered = x - x.mean(-1, keepdim=True)
-        scale = self.hook_scale((centered.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        return self.hook_normalized(centered / scale * self.w + self.b)
+        normalized = F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps)
+        if self.hook_scale._forward_hooks or self.hook_scale._backward_hooks:
+            centered = x - x.mean(-1, keepdim=True)
+            scale = (centered.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+            hooked = self.hook_scale(scale)
+            if hooked is not scale or self.hook_scale._backward_hooks:
+                normalized = centered / hooked * self.w + self.b
+        return self.hook_normalized(normalized)
 
 
 class Attention(nn.Module):
@@ -67,22 +77,27 @@ class Attention(nn.Module):
             self.register_buffer("rotary_sin", sin, persistent=False)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        project = "batch pos d_model, head d_model d_head -> batch pos head d_head"
-        q = self.hook_q(einops.einsum(x, self.W_Q, project) + self.b_Q)
-        k = self.hook_k(einops.einsum(x, self.W_K, project) + self.b_K)
-        v = self.hook_v(einops.einsum(x, self.W_V, project) + self.b_V)
+        q = self.hook_q(self._project(x, self.W_Q, self.b_Q))
+        k = self.hook_k(self._project(x, self.W_K, self.b_K))
+        v = self.hook_v(self._project(x, self.W_V, self.b_V))
         if self.cfg.positional_embedding_type == "rotary":
             q, k = self.hook_rot_q(self._rotate(q)), self.hook_rot_k(self._rotate(k))
         n_pos = x.shape[1]
-        scores = einops.einsum(
-            q, k, "batch q_pos head d_head, batch k_pos head d_head -> batch head q_pos k_pos"
-        ) / math.sqrt(self.cfg.d_head)
+        scores = einops.rearrange(q, "batch q_pos head d_head -> batch head q_pos d_head") @ einops.rearrange(
+            k, "batch k_pos head d_head -> batch head d_head k_pos") / math.sqrt(self.cfg.d_head)
         scores = self.hook_attn_scores(scores.masked_fill(~self.mask[:n_pos, :n_pos], float("-inf")))
         pattern = self.hook_pattern(scores.softmax(dim=-1))
-        z = self.hook_z(
-            einops.einsum(pattern, v, "batch head q_pos k_pos, batch k_pos head d_head -> batch q_pos head d_head")
-        )
-        return einops.einsum(z, self.W_O, "batch pos head d_head, head d_head d_model -> batch pos d_model") + self.b_O
+        z = pattern @ einops.rearrange(v, "batch k_pos head d_head -> batch head k_pos d_head")
+        z = self.hook_z(einops.rearrange(z, "batch head q_pos d_head -> batch q_pos head d_head"))
+        W_O = einops.rearrange(self.W_O, "head d_head d_model -> d_model (head d_head)")
+        return F.linear(einops.rearrange(z, "batch pos head d_head -> batch pos (head d_head)"), W_O, self.b_O)
+
+    def _project(self, x: Float[Tensor, "batch pos d_model"], W: Float[Tensor, "head d_model d_head"],
+                 b: Float[Tensor, "head d_head"]) -> Float[Tensor, "batch pos head d_head"]:
+        """All heads' projections as one matmul (`x @ W[h] + b[h]` for every head h)."""
+        stacked = F.linear(x, einops.rearrange(W, "head d_model d_head -> (head d_head) d_model"),
+                           einops.rearrange(b, "head d_head -> (head d_head)"))
+        return einops.rearrange(stacked, "batch pos (head d_head) -> batch pos head d_head", head=self.cfg.n_heads)
 
     def _rotate(self, x: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch pos head d_head"]:
         """Rotary position embedding (GPT-NeoX layout: the two halves of d_head pair up)."""
@@ -118,8 +133,8 @@ class MLP(nn.Module):
         self.hook_pre, self.hook_post = HookPoint(), HookPoint()
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        post = self.hook_post(self.act_fn(self.hook_pre(x @ self.W_in + self.b_in)))
-        return post @ self.W_out + self.b_out
+        post = self.hook_post(self.act_fn(self.hook_pre(F.linear(x, self.W_in.T, self.b_in))))
+        return F.linear(post, self.W_out.T, self.b_out)
 
 
 class TransformerBlock(nn.Module):
@@ -146,7 +161,7 @@ class Embed(nn.Module):
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model, dtype=cfg.dtype))
 
     def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        return self.W_E[tokens]
+        return F.embedding(tokens, self.W_E)
 
 
 class PosEmbed(nn.Module):
@@ -215,7 +230,7 @@ class HookedTransformer(HookedRootModule):
             return normalized
         if return_type != "logits":
             raise ValueError(f"unknown return_type {return_type!r}; allowed: ['logits', 'normalized']")
-        return normalized @ self.W_U + self.b_U
+        return F.linear(normalized, self.W_U.T, self.b_U)
 
     def check_tokens(self, tokens: Tensor) -> Int[Tensor, "batch pos"]:
         """`tokens` if they are a valid `[batch, pos]` batch for this model, else a clear error."""
