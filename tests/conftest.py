@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tasks import Addition
 from variants import preset, train
@@ -31,8 +30,3 @@ def trained_runs(tmp_path_factory, addition):
               warmup_steps=5, eval_every=60, quiet=True)
         runs[(name, layers)] = out
     return runs
-
-
-@pytest.fixture(autouse=True)
-def _deterministic_threads():
-    torch.set_num_threads(2)
