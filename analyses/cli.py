@@ -11,7 +11,7 @@ import torch
 from analyses.invariance import invariance_table
 from analyses.figures import probe_accuracy_figure
 from analyses.probe_sweep import CONTROLS, load_models_by_variant, probe_sweep
-from analyses.tables import check_writable, export_table, render_table, wide_table
+from analyses.tables import check_writable, export_table, render_table, side_by_side
 from tasks import TASKS, make_task
 from variants import TrainSettings, load_task, preset, train
 from variants.storage import atomic_write
@@ -43,7 +43,7 @@ def _probe(args: argparse.Namespace) -> None:
     table = probe_sweep(load_models_by_variant(args.checkpoints), tasks.pop(), n_sequences=args.sequences,
                         sites=args.sites, controls=args.control, quiet=args.quiet)
     export_table(table, args.out, overwrite=args.overwrite)
-    print(render_table(wide_table(table), "md"), end="")
+    print(render_table(side_by_side(table), "md"), end="")
     if args.figure:
         atomic_write(args.figure, probe_accuracy_figure(table).to_html(include_plotlyjs=True), overwrite=args.overwrite)
     print(f"wrote {args.out}" + (f" and {args.figure}" if args.figure else ""))

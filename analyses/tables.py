@@ -189,6 +189,24 @@ def wide_table(
     return text.reindex(index=sites, columns=variants).fillna("")
 
 
+def side_by_side(df: pd.DataFrame, metric: str = "accuracy", probe: str = "position", *, digits: int = 3) -> pd.DataFrame:
+    """The headline table: per site, each variant's trained probe beside its untrained
+    (`random_init`) twin, then the task-level bars every variant must clear
+    (`token_identity`, `chance`; they depend only on the tokens, so one column each)."""
+    present = set(df.loc[(df["metric"] == metric) & (df["probe"] == probe), "baseline"])
+    parts = [wide_table(df, metric, probe, "trained", digits=digits)]
+    if "random_init" in present:
+        parts.append(wide_table(df, metric, probe, "random_init", digits=digits).add_suffix(" (random init)"))
+    for baseline in ("token_identity", "chance"):
+        if baseline in present:
+            column = wide_table(df, metric, probe, baseline, digits=digits).iloc[:, :1]
+            parts.append(column.set_axis([baseline.replace("_", " ")], axis=1))
+    table = pd.concat(parts, axis=1)
+    variants = list(parts[0].columns)
+    ordered = [c for v in variants for c in (v, f"{v} (random init)") if c in table.columns]
+    return table[ordered + [c for c in table.columns if c not in ordered]]
+
+
 def _mean_std_text(mean: float, std: float, n_seeds: int, digits: int) -> str:
     if n_seeds > 1:
         return f"{mean:.{digits}f} ± {std:.{digits}f}"

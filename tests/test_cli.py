@@ -52,7 +52,7 @@ def test_probe_writes_the_table_and_never_overwrites(tmp_path):
     table_path, figure_path = tmp_path / "probe.csv", tmp_path / "probe.html"
     code, text, _ = run("probe", *runs, "--out", str(table_path), "--sequences", "40", "--control", "chance",
                         "random_init", "--figure", str(figure_path), "--quiet")
-    assert code == 0 and "| site | nope-causal | learned-causal |" in text
+    assert code == 0 and "| site | nope-causal | nope-causal (random init) | learned-causal |" in text
     table = pd.read_csv(table_path)
     assert set(table["variant"]) == {"nope-causal", "learned-causal"}
     assert set(table["baseline"]) == {"trained", "chance", "random_init"}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from analyses.probe_sweep import probe_sweep
-from analyses.tables import PROBE_COLUMNS, export_table, read_table, validate_probe_table, wide_table
+from analyses.tables import PROBE_COLUMNS, export_table, read_table, side_by_side, validate_probe_table, wide_table
 from hooks import capture_residuals
 from tests.conftest import tiny
 from variants import build, load
@@ -85,3 +85,12 @@ def test_sweep_rejects_bad_input(addition):
         probe_sweep({"x": [model]}, addition, n_sequences=2)
     with pytest.raises(ValueError, match="sites must be distinct and among"):
         probe_sweep({"x": [model]}, addition, n_sequences=8, sites=["blocks.9.hook_resid_post"])
+
+
+def test_side_by_side_puts_each_variant_beside_its_untrained_twin(sweep):
+    table = side_by_side(sweep)
+    assert list(table.columns) == ["nope-bidirectional", "nope-bidirectional (random init)", "nope-causal",
+                                   "nope-causal (random init)", "learned-causal", "learned-causal (random init)",
+                                   "token identity", "chance"]
+    assert table.loc["embed", "chance"] == "0.083"
+    assert float(table.loc["embed", "learned-causal"]) == pytest.approx(value(sweep, "learned-causal", "embed"), abs=5e-4)
