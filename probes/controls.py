@@ -39,8 +39,8 @@ def selectivity(task_accuracy: Tensor | float, control_accuracy: Tensor | float)
     return task_accuracy - control_accuracy
 
 
-def token_identity_baseline(token_ids: Int[ArrayLike, "sequence *position"], labels: Int[ArrayLike, "sequence *position"],
-                            train_idx: Int[ArrayLike, " n_train"], test_idx: Int[ArrayLike, " n_test"], *,
+def token_identity_baseline(token_ids: Int[ArrayLike, "sequence *position"],
+                            labels: Int[ArrayLike, "sequence *position"], train_idx: Int[ArrayLike, " n_train"], test_idx: Int[ArrayLike, " n_test"], *,
                             C: float = 1.0) -> float:
     """Test accuracy of a `PositionProbe` that sees only a one-hot of each token's id: the best a
     probe does from token identity alone, the bar a probe of the residual stream has to clear.

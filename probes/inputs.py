@@ -6,6 +6,8 @@ activation array is either `[site, n_tokens, d_model]` or one site's `[n_tokens,
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 from jaxtyping import Float, Int
@@ -44,7 +46,7 @@ def activations(X: Float[ArrayLike, "*site n_tokens d_model"]) -> tuple[Float[Te
     return (X.unsqueeze(0) if single else X), single
 
 
-def class_labels(y: Int[ArrayLike, "n_tokens"], n_tokens: int) -> Int[Tensor, "n_tokens"]:
+def class_labels(y: Int[ArrayLike, " n_tokens"], n_tokens: int) -> Int[Tensor, " n_tokens"]:
     """`y` as int64 class labels, one non-negative integer per token."""
     y = _labels(y, n_tokens)
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
@@ -56,7 +58,7 @@ def class_labels(y: Int[ArrayLike, "n_tokens"], n_tokens: int) -> Int[Tensor, "n
     return y.long()
 
 
-def real_targets(y: Float[ArrayLike, "n_tokens"], n_tokens: int) -> Float[Tensor, "n_tokens"]:
+def real_targets(y: Float[ArrayLike, " n_tokens"], n_tokens: int) -> Float[Tensor, " n_tokens"]:
     """`y` as float64 regression targets, one finite number per token."""
     y = _labels(y, n_tokens)
     if y.is_complex() or y.dtype == torch.bool:
@@ -70,14 +72,14 @@ def real_targets(y: Float[ArrayLike, "n_tokens"], n_tokens: int) -> Float[Tensor
 
 def positive(value: float, name: str) -> float:
     """`value` if it is a finite number > 0."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 < value < float("inf"):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
 
 def positive_int(value: int, name: str) -> int:
     """`value` if it is an integer >= 1."""
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return int(value)
 

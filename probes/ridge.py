@@ -30,7 +30,8 @@ class RidgePositionProbe(SiteProbe):
     def __init__(self, alpha: float = 1.0, *, dtype: torch.dtype = torch.float64):
         self.alpha, self.dtype = alpha, dtype
 
-    def fit(self, X: Float[ArrayLike, "*site n_tokens d_model"], y: Float[ArrayLike, " n_tokens"]) -> RidgePositionProbe:
+    def fit(self, X: Float[ArrayLike, "*site n_tokens d_model"], y: Float[ArrayLike, " n_tokens"]
+            ) -> RidgePositionProbe:
         alpha = positive(self.alpha, "alpha")
         X, _ = activations(X)
         y = real_targets(y, X.shape[1]).to(self.dtype)
@@ -42,8 +43,10 @@ class RidgePositionProbe(SiteProbe):
         return self
 
     def predict(self, X: Float[ArrayLike, "*site n_tokens d_model"]) -> Float[Tensor, "*site n_tokens"]:
+        """The predicted target (position) of each token."""
         Z, single = self._standardize(X)
-        predicted = einops.einsum(Z, self.weight_, "site token d_model, site d_model -> site token") + self.bias_.unsqueeze(-1)
+        predicted = einops.einsum(Z, self.weight_, "site token d_model, site d_model -> site token")
+        predicted += self.bias_.unsqueeze(-1)
         return predicted[0] if single else predicted
 
     def score(self, X: Float[ArrayLike, "*site n_tokens d_model"], y: Float[ArrayLike, " n_tokens"]) -> (

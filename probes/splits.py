@@ -38,10 +38,12 @@ def flatten_tokens(activations: Float[ArrayLike, "site sequence position d_model
     (a role per position) or `[sequence, position]` labels (a digit value per token)."""
     activations = as_tensor(activations, "activations")
     if activations.ndim != 4:
-        raise ValueError(f"activations must be [site, sequence, position, d_model], got shape {tuple(activations.shape)}")
+        raise ValueError(
+            f"activations must be [site, sequence, position, d_model], got shape {tuple(activations.shape)}")
     sequences = _sequence_indices(sequences, activations.shape[1])
     n_positions = activations.shape[2]
-    X = einops.rearrange(activations[:, sequences], "site sequence position d_model -> site (sequence position) d_model")
+    X = einops.rearrange(activations[:, sequences],
+                         "site sequence position d_model -> site (sequence position) d_model")
     labels = torch.arange(n_positions) if labels is None else as_tensor(labels, "labels")
     if labels.shape == (n_positions,):
         return X, einops.repeat(labels, "position -> (sequence position)", sequence=len(sequences))
