@@ -11,6 +11,7 @@ import torch
 from analyses.invariance import invariance_table
 from analyses.figures import probe_accuracy_figure
 from analyses.probe_sweep import CONTROLS, load_models_by_variant, probe_sweep
+from analyses.reproduce import PRESETS, reproduce
 from analyses.tables import check_writable, export_table, render_table, side_by_side
 from tasks import TASKS, make_task
 from variants import TrainSettings, load_task, preset, train
@@ -49,10 +50,26 @@ def _probe(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}" + (f" and {args.figure}" if args.figure else ""))
 
 
+def _reproduce(args: argparse.Namespace) -> None:
+    tables = reproduce(args.out, preset_name=args.preset, seeds=args.seeds, force=args.force, device=args.device,
+                       quiet=args.quiet)
+    print(render_table(side_by_side(tables["probe"]), "md"), end="")
+    print(f"wrote {args.out}/report.html, {args.out}/summary.md, {args.out}/tables/ and {args.out}/figures/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poslens", description="Where does a transformer keep token position?")
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = TrainSettings()
+
+    p = commands.add_parser("reproduce", help="the paper's experiment set on 3-digit addition, end to end (resumable)")
+    p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="model and run sizes (default quick)")
+    p.add_argument("--seeds", type=int, default=2, help="training seeds per variant (default 2)")
+    p.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
+    p.add_argument("--force", action="store_true", help="recompute tables and figures (trained runs are kept)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_reproduce)
 
     p = commands.add_parser("train", help="train a variant on a task (resumable)")
     p.add_argument("--variant", required=True, help="e.g. nope-causal, learned-causal, nope-causal+cut0,1")

@@ -17,11 +17,13 @@ from torch import Tensor
 
 
 def _standardise(x: Float[Tensor, "example feature"]) -> Float[Tensor, "example feature"]:
-    """Zero mean, unit variance per feature over examples; constant features become all zeros
-    (their correlation with anything is undefined and reported as 0)."""
+    """Zero mean, unit variance per feature over examples; constant features (detected
+    exactly, not by a rounded std) become all zeros: their correlation with anything is
+    undefined and reported as 0."""
     centred = x - x.mean(0)
     std = centred.pow(2).mean(0).sqrt()
-    return torch.where(std > 0, centred / std.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(centred))
+    varies = ~(x == x[0]).all(0)
+    return torch.where(varies, centred / std.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(centred))
 
 
 def full_correlation(acts: Float[Tensor, "example pos d_model"]) -> Float[Tensor, "pos_dim pos_dim"]:
@@ -48,7 +50,9 @@ def block_diagonality(full: Float[Tensor, "pos_dim pos_dim"], d_model: int) -> f
     block. 1 means positions are uncorrelated with each other; uniformly spread correlation
     gives (d_model - 1) / (n_pos * d_model - 1), about 1/n_pos. Self-correlations (the
     diagonal, always 1) are left out so they cannot inflate the score."""
-    n_pos = full.shape[0] // d_model
+    if not isinstance(d_model, int) or d_model < 1:
+        raise ValueError(f"d_model must be a positive integer, got {d_model!r}")
+    n_pos = full.shape[0] // d_model if full.ndim == 2 else 0
     if full.ndim != 2 or full.shape[0] != full.shape[1] or n_pos * d_model != full.shape[0]:
         raise ValueError(f"expected a square [pos*d_model, pos*d_model] matrix with d_model={d_model}, "
                          f"got shape {tuple(full.shape)}")

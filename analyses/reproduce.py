@@ -1,0 +1,205 @@
+"""`poslens reproduce`: the paper's experiment set, end to end, resumable.
+
+Trains NoPE-causal with residual cuts none / {0} / {0,1}, learned-PE causal and
+NoPE-bidirectional on 3-digit addition (several seeds), then runs the invariance check, the
+probe sweep with controls, correlation matrices, residual-cut and activation patching, and
+writes `tables/`, `figures/`, one offline `report.html` and `summary.md`. Finished training
+runs and tables are reused; `force=True` recomputes the analyses (delete a run directory to
+retrain it: trained weights are never deleted by poslens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.offline
+import torch
+from tqdm.auto import tqdm
+
+from analyses.correlation import block_diagonality, correlation_heatmap, full_correlation, position_correlation
+from analyses.figures import probe_accuracy_figure
+from analyses.invariance import invariance_table
+from analyses.patching import activation_patching, patching_heatmap, position_swap, residual_cut_effects
+from analyses.probe_sweep import probe_sweep
+from analyses.tables import EXPORT_SUFFIXES, read_table, render_table, side_by_side
+from hooks import capture_residuals
+from tasks import Addition
+from variants import HookedTransformer, build, load, preset, train
+from variants.storage import atomic_write, read_json
+
+VARIANTS = ("nope-causal", "nope-causal+cut0", "nope-causal+cut0,1", "learned-causal", "nope-bidirectional")
+
+
+@dataclass(frozen=True)
+class ReproducePreset:
+    """Model size, training length and analysis sizes of one `reproduce` run."""
+
+    n_layers: int
+    d_model: int
+    d_head: int
+    steps: int
+    batch_size: int = 256
+    n_probe_sequences: int = 1000
+    n_patch_sequences: int = 64
+
+
+PRESETS = {
+    "tiny": ReproducePreset(n_layers=2, d_model=32, d_head=8, steps=40, batch_size=32, n_probe_sequences=80,
+                            n_patch_sequences=8),
+    "quick": ReproducePreset(n_layers=4, d_model=64, d_head=16, steps=2500),
+    "paper": ReproducePreset(n_layers=6, d_model=128, d_head=32, steps=6000),
+}
+
+
+def _export(table: pd.DataFrame, directory: Path, name: str) -> None:
+    for suffix in EXPORT_SUFFIXES:
+        atomic_write(directory / f"{name}{suffix}", render_table(table, suffix))
+
+
+def _write_figure(figure: go.Figure, directory: Path, name: str) -> go.Figure:
+    """A standalone page per figure, all sharing one `plotly.min.js` beside them (offline)."""
+    if not (directory / "plotly.min.js").exists():
+        atomic_write(directory / "plotly.min.js", plotly.offline.get_plotlyjs())
+    atomic_write(directory / f"{name}.html", figure.to_html(include_plotlyjs="directory", full_html=True))
+    return figure
+
+
+def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = "quick", seeds: int = 2,
+              force: bool = False, device: str = "cpu", quiet: bool = False) -> dict[str, pd.DataFrame]:
+    """Run (or resume) the whole experiment into `out_dir`; returns the headline tables."""
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}; allowed: {sorted(PRESETS)}")
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds!r}")
+    settings, task = PRESETS[preset_name], Addition()
+    out_dir = Path(out_dir)
+    tables_dir, figures_dir = out_dir / "tables", out_dir / "figures"
+    sizes = {"n_layers": settings.n_layers, "d_model": settings.d_model, "d_head": settings.d_head, "device": device}
+
+    models: dict[str, list[HookedTransformer]] = {}
+    training_rows = []
+    for variant, seed in tqdm([(v, s) for v in VARIANTS for s in range(seeds)], desc="train", disable=quiet):
+        run_dir = out_dir / "runs" / f"{variant}-seed{seed}"
+        started = time.perf_counter()
+        result = train(preset(variant, seed=seed, **sizes), task, out_dir=run_dir, resume=True, quiet=True,
+                       steps=settings.steps, batch_size=settings.batch_size, seed=seed)
+        models.setdefault(variant, []).append(result.model.eval())
+        final = read_json(run_dir / "history.json")[-1]
+        training_rows.append({"variant": variant, "seed": seed, "steps": final["step"],
+                              "exact_match": final["exact_match"], "test_loss": final["test_loss"],
+                              "this_session_s": time.perf_counter() - started})
+
+    def stage(name: str, compute) -> pd.DataFrame:
+        if (tables_dir / f"{name}.csv").exists() and not force:
+            return read_table(tables_dir / f"{name}.csv")
+        table = compute()
+        _export(table, tables_dir, name)
+        return table
+
+    stages = tqdm(total=6, desc="analyses", disable=quiet)
+    tables = {"training": stage("training", lambda: pd.DataFrame(training_rows))}
+    stages.update()
+    checkpoints = [out_dir / "runs" / f"{variant}-seed{seed}" for variant in VARIANTS for seed in range(seeds)]
+    tables["invariance"] = stage("invariance", lambda: invariance_table(
+        [v for v in VARIANTS if "+" not in v], checkpoints, n_layers=settings.n_layers, n_sequences=32, n_perms=10))
+    stages.update()
+    tables["probe"] = stage("probe", lambda: probe_sweep(models, task, n_sequences=settings.n_probe_sequences,
+                                                         quiet=True))
+    stages.update()
+    tables["correlation"] = stage("correlation", lambda: _correlations(models, task, settings.n_probe_sequences))
+    stages.update()
+    tables["residual_cuts"] = stage("residual_cuts", lambda: pd.concat(
+        [residual_cut_effects(model, task, n_sequences=settings.n_probe_sequences).assign(variant=variant)
+         for variant, runs in models.items() for model in runs[:1]], ignore_index=True))
+    stages.update()
+    tables["activation_patching"] = stage("activation_patching", lambda: pd.concat(
+        [activation_patching(model, task, n_sequences=settings.n_patch_sequences).assign(variant=variant)
+         for variant, runs in models.items() for model in runs[:1]], ignore_index=True))
+    tables["position_swap"] = stage("position_swap", lambda: pd.concat(
+        [position_swap(model, task, n_sequences=settings.n_patch_sequences * 2).assign(variant=variant)
+         for variant, runs in models.items() for model in runs[:1]], ignore_index=True))
+    stages.update()
+    stages.close()
+
+    figures = _figures(tables, models, task, settings.n_probe_sequences, figures_dir)
+    _write_report(out_dir, figures, tables, preset_name, seeds)
+    return tables
+
+
+def _correlations(models: dict[str, list[HookedTransformer]], task: Addition, n_sequences: int) -> pd.DataFrame:
+    """Block-diagonality of every block output, trained and at random init (same seed)."""
+    tokens = task.test_set()[:n_sequences]
+    rows = []
+    for variant, runs in models.items():
+        for model in runs:
+            for weights, candidate in (("trained", model), ("random_init", build(model.cfg))):
+                sites = [f"blocks.{block}.hook_resid_post" for block in range(model.cfg.n_layers)]
+                capture = capture_residuals(candidate, tokens, sites=sites)
+                for site in sites:
+                    full = full_correlation(capture[site])
+                    rows.append({"variant": variant, "seed": model.cfg.seed, "site": site, "weights": weights,
+                                 "block_diagonality": block_diagonality(full, model.cfg.d_model)})
+    return pd.DataFrame(rows)
+
+
+def paper_blocks(n_layers: int) -> list[int]:
+    """Blocks whose outputs the paper shows (layers 1, 3, 6 of 6), scaled to `n_layers`."""
+    return sorted({0, (n_layers - 1) // 2, n_layers - 1})
+
+
+def _figures(tables: dict[str, pd.DataFrame], models: dict[str, list[HookedTransformer]], task: Addition,
+             n_sequences: int, directory: Path) -> list[go.Figure]:
+    figures = [_write_figure(probe_accuracy_figure(tables["probe"]), directory, "probe_accuracy")]
+    tokens = task.test_set()[:n_sequences]
+    for variant, runs in models.items():
+        model = runs[0]
+        sites = [f"blocks.{block}.hook_resid_post" for block in paper_blocks(model.cfg.n_layers)]
+        capture = capture_residuals(model, tokens, sites=sites)
+        for site in sites:
+            name = f"correlation_{variant}_{site}".replace("+", "_").replace(",", "_")
+            figures.append(_write_figure(correlation_heatmap(
+                position_correlation(capture[site]), f"|corr| positions × positions, {variant}, {site}"),
+                directory, name))
+        patch = tables["activation_patching"]
+        figures.append(_write_figure(patching_heatmap(patch[patch["variant"] == variant], "resid_pre",
+                                                      f"activation patching (resid_pre), {variant}"),
+                                     directory, f"patching_{variant}".replace("+", "_").replace(",", "_")))
+    cuts = tables["residual_cuts"]
+    cut_figure = go.Figure([go.Bar(name=variant, x=[f"{b}:{s}" for b, s in zip(group["block"], group["sublayer"])],
+                                   y=group["delta_exact_match"]) for variant, group in cuts.groupby("variant", sort=False)])
+    cut_figure.update_layout(title="change in exact match when a residual connection is removed at inference",
+                             xaxis_title="block:sublayer", yaxis_title="Δ exact match", barmode="group")
+    figures.append(_write_figure(cut_figure, directory, "residual_cuts"))
+    return figures
+
+
+def _write_report(out_dir: Path, figures: list[go.Figure], tables: dict[str, pd.DataFrame], preset_name: str,
+                  seeds: int) -> None:
+    probe = tables["probe"]
+    correlation = (tables["correlation"].groupby(["variant", "site", "weights"], sort=False)["block_diagonality"]
+                   .agg(["mean", "std"]).reset_index())
+    cuts = tables["residual_cuts"][["variant", "block", "sublayer", "exact_match", "delta_exact_match",
+                                    "delta_probe_accuracy"]]
+    sections = {
+        "Training (exact match on held-out operand pairs)": tables["training"],
+        "Invariance of the last position's logits to permutations of earlier tokens": tables["invariance"],
+        "Position-probe accuracy per site (trained, untrained twin, token identity, chance)": side_by_side(probe),
+        "Block-diagonality of block outputs (mean and std over seeds)": correlation,
+        "Residual connections removed at inference (first seed)": cuts,
+        "Position swap at each site (first seed)": tables["position_swap"],
+    }
+    summary = [f"# poslens reproduce ({preset_name} preset, {seeds} seed(s))\n"]
+    summary += [f"## {title}\n\n{render_table(table, 'md')}" for title, table in sections.items()]
+    atomic_write(out_dir / "summary.md", "\n".join(summary))
+    body = "".join(f"<h2>{title}</h2>{table.to_html(index=isinstance(table.index, pd.Index) and table.index.name is not None)}"
+                   for title, table in sections.items())
+    body += "".join(figure.to_html(full_html=False, include_plotlyjs=False) for figure in figures)
+    html = (f"<!doctype html><html><head><meta charset='utf-8'><title>poslens reproduce</title>"
+            f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head>"
+            f"<body><h1>poslens reproduce ({preset_name}, {seeds} seed(s))</h1>{body}</body></html>")
+    atomic_write(out_dir / "report.html", html)

@@ -1,0 +1,253 @@
+import dataclasses
+
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from analyses.patching import activation_patching, corrupt, patching_heatmap, position_swap, residual_cut_effects
+from hooks import capture_residuals, residual_sites
+from probes import PositionProbe, flatten_tokens, split_by_sequence
+from tasks import Addition, detokenize
+from variants import build, evaluate, load
+from variants.config import SUBLAYERS
+
+SITES = ["resid_pre", "resid_mid", "attn_out", "mlp_out"]
+
+
+@pytest.fixture(scope="module")
+def model(trained_runs):
+    return load(trained_runs[("nope-causal", 2)])
+
+
+def parse(text: str) -> tuple[str, str, int]:
+    """`'123+456=9750'` → (`'123'`, `'456'`, 579): the operands and the (reversed) answer as a number."""
+    prompt, answer = text.split("=")
+    a, b = prompt.split("+")
+    return a, b, int(answer[::-1])
+
+
+# corrupt ---------------------------------------------------------------------------------------------------------------
+
+def test_swap_exchanges_two_digits_and_recomputes_the_answer(addition):
+    tokens = addition.test_set()[:50]
+    for positions in ((0, 2), (4, 6), (2, 4), (1, 5)):
+        corrupted = corrupt(addition, tokens, "swap", positions=positions)
+        assert corrupted.shape == tokens.shape
+        for before, after in zip(detokenize(tokens, addition.alphabet), detokenize(corrupted, addition.alphabet)):
+            expected = list(before[: addition.prompt_len])
+            expected[positions[0]], expected[positions[1]] = expected[positions[1]], expected[positions[0]]
+            assert after[: addition.prompt_len] == "".join(expected)
+            a, b, total = parse(after)
+            assert total == int(a) + int(b)
+    # the default is the first operand's hundreds and units
+    assert torch.equal(corrupt(addition, tokens), corrupt(addition, tokens, "swap", positions=(0, 2)))
+    assert not torch.equal(corrupt(addition, tokens), tokens)
+
+
+def test_swap_with_a_bos_token():
+    task = Addition(bos=True)
+    tokens = task.test_set()[:20]
+    corrupted = corrupt(task, tokens, "swap", positions=(1, 3))  # x2 <-> x0 after BOS
+    for before, after in zip(detokenize(tokens, task.alphabet), detokenize(corrupted, task.alphabet)):
+        assert after[0] == "^" and after[1:4] == before[1:4][::-1] and after[4:9] == before[4:9]
+        a, b, total = parse(after[1:])
+        assert total == int(a) + int(b)
+    with pytest.raises(ValueError, match=r"operand-digit positions \[1, 2, 3, 5, 6, 7\], got \(0, 2\)"):
+        corrupt(task, tokens, "swap", positions=(0, 2))
+
+
+def test_permute_keeps_the_operand_digits_and_recomputes_the_sum(addition):
+    tokens = addition.test_set()[:50]
+    operand = [0, 1, 2, 4, 5, 6]
+    corrupted = corrupt(addition, tokens, "permute", seed=3)
+    assert torch.equal(corrupt(addition, tokens, "permute", seed=3), corrupted)  # a pure function of the seed
+    assert not torch.equal(corrupted, tokens) and not torch.equal(corrupt(addition, tokens, "permute", seed=4), corrupted)
+    # one permutation for the whole batch: the same slot mapping in every row
+    moved = corrupted[:, operand]
+    sources = [[k for k in range(6) if torch.equal(moved[:, j], tokens[:, operand][:, k])] for j in range(6)]
+    assert all(len(source) >= 1 for source in sources)
+    for before, after in zip(detokenize(tokens, addition.alphabet), detokenize(corrupted, addition.alphabet)):
+        assert sorted(before[:3] + before[4:7]) == sorted(after[:3] + after[4:7])
+        assert after[3] == "+" and after[7] == "="
+        a, b, total = parse(after)
+        assert total == int(a) + int(b)
+
+
+def test_corrupt_rejects_bad_arguments(addition):
+    tokens = addition.test_set()[:4]
+    with pytest.raises(ValueError, match=r"unknown corruption 'shuffle'; allowed: \['swap', 'permute'\]"):
+        corrupt(addition, tokens, "shuffle")
+    for positions in ((0, 3), (0, 0), (2, 7), (0, 1, 2), (0, 11)):
+        with pytest.raises(ValueError, match=rf"operand-digit positions \[0, 1, 2, 4, 5, 6\], got {positions}"
+                           .replace("(", r"\(").replace(")", r"\)")):
+            corrupt(addition, tokens, "swap", positions=positions)
+
+
+# activation patching ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def patched(model, addition):
+    return activation_patching(model, addition, positions=(4, 6), n_sequences=16)
+
+
+def test_activation_patching_table(patched, model, addition):
+    assert list(patched.columns) == ["site", "layer", "position", "role", "value"]
+    assert sorted(patched["site"].unique()) == sorted(SITES)
+    n_layers, n_pos = model.cfg.n_layers, addition.prompt_len
+    for site in SITES:
+        rows = patched[patched["site"] == site]
+        assert len(rows) == n_layers * n_pos
+        assert sorted(zip(rows["layer"], rows["position"])) == [(l, p) for l in range(n_layers) for p in range(n_pos)]
+    assert all(patched["role"] == [addition.roles[p] for p in patched["position"]])
+    assert patched["value"].notna().all()
+
+
+def value(table, site, layer, position):
+    row = table[(table["site"] == site) & (table["layer"] == layer) & (table["position"] == position)]
+    assert len(row) == 1
+    return float(row["value"].iloc[0])
+
+
+def test_activation_patching_exact_values(patched, model, addition):
+    last_layer, last = model.cfg.n_layers - 1, addition.prompt_len - 1
+    # the embedding of an unchanged token is the same in both runs: patching it changes nothing
+    for position in range(addition.prompt_len):
+        if position not in (4, 6):
+            assert value(patched, "resid_pre", 0, position) == 0.0, position
+    # causal: positions before the first swapped digit never see it, at any layer or site
+    for site in SITES:
+        for layer in range(model.cfg.n_layers):
+            for position in range(4):
+                assert value(patched, site, layer, position) == 0.0, (site, layer, position)
+    # the last layer's MLP and the unembedding are per position: patching resid_mid there *is* the clean run
+    assert value(patched, "resid_mid", last_layer, last) == pytest.approx(1.0, abs=1e-6)
+    # patching resid_mid at a position makes that position's resid_post (the next resid_pre) clean too
+    for layer in range(model.cfg.n_layers - 1):
+        for position in range(addition.prompt_len):
+            assert value(patched, "resid_pre", layer + 1, position) == pytest.approx(
+                value(patched, "resid_mid", layer, position), abs=1e-6)
+    # something does move: the swapped positions matter at layer 0
+    assert max(abs(value(patched, "resid_pre", 0, p)) for p in (4, 6)) > 0.01
+
+
+@torch.no_grad()
+def test_activation_patching_matches_a_hand_made_patch(patched, model, addition):
+    # the examples activation_patching uses: the first 16 of its 4 * 16 candidates whose first answer digit changes
+    clean = addition.test_set()[:64]
+    corrupted = corrupt(addition, clean, "swap", positions=(4, 6))
+    changed = clean[:, addition.prompt_len] != corrupted[:, addition.prompt_len]
+    clean, corrupted = clean[changed][:16], corrupted[changed][:16]
+    prompt_len, rows = addition.prompt_len, torch.arange(16)
+    good, bad = clean[:, prompt_len], corrupted[:, prompt_len]
+
+    def metric(prompts, hooks=()):
+        with model.hooks(fwd_hooks=list(hooks)):
+            last = model(prompts)[:, -1]
+        return float((last[rows, good] - last[rows, bad]).mean())
+
+    _, cache = model.run_with_cache(clean[:, :prompt_len])
+    clean_value, corrupted_value = metric(clean[:, :prompt_len]), metric(corrupted[:, :prompt_len])
+    hook_names = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "attn_out": "hook_attn_out",
+                  "mlp_out": "hook_mlp_out"}
+    for site, hook in hook_names.items():
+        for layer, position in ((0, 6), (1, 5), (1, 7)):
+            name = f"blocks.{layer}.{hook}"
+
+            def patch(activation, hook, name=name, position=position):
+                activation[:, position] = cache[name][:, position]
+                return activation
+
+            patched_value = metric(corrupted[:, :prompt_len], [(name, patch)])
+            expected = (patched_value - corrupted_value) / (clean_value - corrupted_value)
+            assert value(patched, site, layer, position) == pytest.approx(expected, abs=1e-5), (site, layer, position)
+
+
+def test_activation_patching_defaults_and_heatmap(model, addition):
+    table = activation_patching(model, addition, n_sequences=16)  # swap x2 <-> x0
+    assert value(table, "resid_pre", 0, 1) == 0.0 and value(table, "resid_pre", 0, 7) == 0.0
+    assert max(abs(value(table, "resid_pre", 0, p)) for p in (0, 2)) > 0.01
+    figure = patching_heatmap(table, "attn_out")
+    assert isinstance(figure, go.Figure)
+    heatmap = figure.data[0]
+    assert heatmap.z.shape == (model.cfg.n_layers, addition.prompt_len)
+    assert list(heatmap.x) == [f"{p}:{role}" for p, role in enumerate(addition.roles[: addition.prompt_len])]
+    expected = table[table["site"] == "attn_out"].sort_values(["layer", "position"])["value"].to_numpy()
+    assert heatmap.z.flatten().tolist() == pytest.approx(expected.tolist())
+    assert figure.layout.title.text == "activation patching, attn_out"
+
+
+def test_activation_patching_rejects_a_corruption_that_keeps_the_answer(model, addition):
+    # swapping the two tens digits (x1 <-> y1) never changes the sum
+    with pytest.raises(ValueError, match=r"changes no first answer digit"):
+        activation_patching(model, addition, positions=(1, 5), n_sequences=4)
+
+
+# position swap ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def swapped(model, addition):
+    return position_swap(model, addition, n_sequences=32)
+
+
+def test_position_swap_table(swapped, model):
+    assert list(swapped["site"]) == residual_sites(model)
+    assert set(swapped.columns) >= {"site", "follows_swap", "keeps_original", "n_sequences"}
+    assert swapped["n_sequences"].nunique() == 1 and 0 < swapped["n_sequences"].iloc[0] <= 32
+    assert swapped[["follows_swap", "keeps_original"]].apply(lambda c: c.between(0, 1)).all().all()
+
+
+def test_position_swap_at_embed_is_swapping_the_tokens_in_nope(swapped):
+    # NoPE has no positional embedding: exchanging two positions' embeddings is exchanging the tokens
+    embed = swapped[swapped["site"] == "embed"].iloc[0]
+    assert embed["follows_swap"] == 1.0
+
+
+# residual cuts ---------------------------------------------------------------------------------------------------------
+
+N_CUT = 40
+
+
+@pytest.fixture(scope="module")
+def cut_table(model, addition):
+    return residual_cut_effects(model, addition, n_sequences=N_CUT)
+
+
+def test_residual_cut_table(cut_table, model):
+    cuts = [(-1, "none")] + [(block, sublayer) for block in range(model.cfg.n_layers) for sublayer in SUBLAYERS]
+    assert list(zip(cut_table["block"], cut_table["sublayer"])) == cuts
+    for column in ("exact_match", "answer_logprob", "probe_accuracy"):
+        assert f"delta_{column}" in cut_table
+        assert cut_table[f"delta_{column}"].iloc[0] == 0.0
+        assert (cut_table[f"delta_{column}"] == cut_table[column] - cut_table[column].iloc[0]).all()
+    assert cut_table["answer_logprob"].lt(0).all() and cut_table["probe_accuracy"].between(0, 1).all()
+    assert cut_table["delta_answer_logprob"].iloc[1:].ne(0).all()  # every cut changes the model
+
+
+def test_residual_cut_none_row_is_the_intact_model(cut_table, model, addition):
+    tokens = addition.test_set()[:N_CUT]
+    scores = evaluate(model, addition, tokens)
+    intact = cut_table.iloc[0]
+    assert intact["exact_match"] == scores["exact_match"]
+    n_answer = addition.seq_len - addition.prompt_len
+    assert intact["answer_logprob"] == pytest.approx(-scores["test_loss"] * n_answer, rel=1e-5)
+
+
+def expected_row(model, task, tokens):
+    """What `residual_cut_effects` should report for `model`, computed without hooks."""
+    scores = evaluate(model, task, tokens)
+    train_seq, test_seq = split_by_sequence(len(tokens), test_fraction=0.25, seed=0)
+    acts = capture_residuals(model, tokens, sites=[residual_sites(model)[-1]]).activations.float()
+    probe = PositionProbe(C=1.0).fit(*flatten_tokens(acts, train_seq))
+    n_answer = task.seq_len - task.prompt_len
+    return scores["exact_match"], -scores["test_loss"] * n_answer, float(probe.score(*flatten_tokens(acts, test_seq))[0])
+
+
+def test_residual_cut_rows_equal_models_built_with_the_cut(cut_table, model, addition):
+    tokens = addition.test_set()[:N_CUT]
+    for row in cut_table.iloc[1:].itertuples():
+        built = build(dataclasses.replace(model.cfg, residual_cuts={row.block: row.sublayer}))
+        built.load_state_dict(model.state_dict())
+        exact_match, answer_logprob, probe_accuracy = expected_row(built.eval(), addition, tokens)
+        assert row.exact_match == exact_match, row
+        assert row.answer_logprob == pytest.approx(answer_logprob, rel=1e-5), row
+        assert row.probe_accuracy == probe_accuracy, row

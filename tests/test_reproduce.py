@@ -1,0 +1,52 @@
+"""`poslens reproduce` end to end on the tiny preset: every output file, every table's schema, resume."""
+
+import pandas as pd
+
+from analyses.cli import main
+from analyses.reproduce import VARIANTS
+from analyses.tables import PROBE_COLUMNS, read_table, validate_probe_table
+
+TABLES = {
+    "training": ["variant", "seed", "steps", "exact_match", "test_loss", "this_session_s"],
+    "invariance": ["variant", "weights", "n_layers", "dtype", "n_sequences", "n_perms", "max_abs_delta",
+                   "mean_abs_delta", "tolerance", "invariant"],
+    "probe": list(PROBE_COLUMNS),
+    "correlation": ["variant", "seed", "site", "weights", "block_diagonality"],
+    "residual_cuts": ["block", "sublayer", "exact_match", "answer_logprob", "probe_accuracy", "delta_exact_match",
+                      "delta_answer_logprob", "delta_probe_accuracy", "variant"],
+    "activation_patching": ["site", "layer", "position", "role", "value", "variant"],
+    "position_swap": ["site", "follows_swap", "keeps_original", "n_sequences", "variant"],
+}
+
+
+def test_reproduce_tiny_writes_everything_and_resumes(tmp_path):
+    out = tmp_path / "repro"
+    assert main(["reproduce", "--preset", "tiny", "--seeds", "1", "--out", str(out), "--quiet"]) == 0
+    for name, columns in TABLES.items():
+        for suffix in (".csv", ".md", ".tex", ".json"):
+            assert (out / "tables" / f"{name}{suffix}").stat().st_size > 0, (name, suffix)
+        table = read_table(out / "tables" / f"{name}.csv")
+        assert list(table.columns) == columns, name
+    validate_probe_table(read_table(out / "tables" / "probe.json"))
+    training = read_table(out / "tables" / "training.csv")
+    assert list(training["variant"]) == list(VARIANTS)
+    invariance = read_table(out / "tables" / "invariance.csv").set_index("weights")
+    assert invariance.loc[str(out / "runs" / "nope-bidirectional-seed0"), "invariant"]
+    assert not invariance.loc[str(out / "runs" / "nope-causal-seed0"), "invariant"]
+    figures = {path.name for path in (out / "figures").iterdir()}
+    assert {"plotly.min.js", "probe_accuracy.html", "residual_cuts.html", "patching_nope-causal.html"} <= figures
+    report = (out / "report.html").read_text()
+    assert report.count("<script type='text/javascript'>") == 1 and "<script src=" not in report
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# poslens reproduce (tiny preset, 1 seed(s))") and "| nope-causal+cut0,1 |" in summary
+
+    stamps = {path: path.stat().st_mtime_ns for path in out.rglob("*.safetensors")}
+    probe_before = (out / "tables" / "probe.csv").read_bytes()
+    assert main(["reproduce", "--preset", "tiny", "--seeds", "1", "--out", str(out), "--quiet"]) == 0
+    assert {path: path.stat().st_mtime_ns for path in out.rglob("*.safetensors")} == stamps  # nothing retrained
+    assert (out / "tables" / "probe.csv").read_bytes() == probe_before
+    pd.testing.assert_frame_equal(read_table(out / "tables" / "training.csv"), training)
+
+
+def test_reproduce_rejects_bad_arguments(tmp_path):
+    assert main(["reproduce", "--seeds", "0", "--out", str(tmp_path)]) == 2
