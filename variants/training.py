@@ -167,7 +167,8 @@ def train(
     With `resume=False` an `out_dir` holding a run is refused (nothing is overwritten);
     with `resume=True` training continues from its last checkpoint (or starts, if it has
     none), and a finished run is returned as it is. `on_step(step)` is called after every
-    optimiser step.
+    optimiser step. The settings' `seed` fixes the batches; `cfg.seed` fixes the initial
+    weights (`poslens train --seed S` sets both).
     """
     settings_obj = TrainSettings(**settings)
     if cfg.d_vocab != len(task.alphabet) or cfg.alphabet != task.alphabet:
