@@ -69,7 +69,7 @@ def _write_figure(figure: go.Figure, directory: Path, name: str) -> go.Figure:
     return figure
 
 
-def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = "quick", seeds: int = 2,
+def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = "quick", seeds: int = 1,
               force: bool = False, device: str = "cpu", quiet: bool = False) -> dict[str, pd.DataFrame]:
     """Run (or resume) the whole experiment into `out_dir`; returns the headline tables."""
     if preset_name not in PRESETS:
