@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("reproduce", help="the paper's experiment set on 3-digit addition, end to end (resumable)")
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="model and run sizes (default quick)")
-    p.add_argument("--seeds", type=int, default=1, help="training seeds per variant (default 1, ~10 min quick on 2 cores; each more seed ~10 min)")
+    p.add_argument("--seeds", type=int, default=1, help="training seeds per variant (default 1; ~10 min each, quick, 2 cores)")
     p.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
     p.add_argument("--force", action="store_true", help="recompute tables and figures (trained runs are kept)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
