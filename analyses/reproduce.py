@@ -196,7 +196,7 @@ def _write_report(out_dir: Path, figures: list[go.Figure], tables: dict[str, pd.
     summary = [f"# poslens reproduce ({preset_name} preset, {seeds} seed(s))\n"]
     summary += [f"## {title}\n\n{render_table(table, 'md')}" for title, table in sections.items()]
     atomic_write(out_dir / "summary.md", "\n".join(summary))
-    body = "".join(f"<h2>{title}</h2>{table.to_html(index=isinstance(table.index, pd.Index) and table.index.name is not None)}"
+    body = "".join(f"<h2>{title}</h2>{table.to_html(index=table.index.name is not None)}"
                    for title, table in sections.items())
     body += "".join(figure.to_html(full_html=False, include_plotlyjs=False) for figure in figures)
     html = (f"<!doctype html><html><head><meta charset='utf-8'><title>poslens reproduce</title>"
