@@ -6,16 +6,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import torch
-
-from analyses.invariance import invariance_table
 from analyses.figures import probe_accuracy_figure
+from analyses.invariance import invariance_table
 from analyses.probe_sweep import CONTROLS, load_models_by_variant, probe_sweep
 from analyses.reproduce import PRESETS, reproduce
-from analyses.tables import check_writable, export_table, render_table, side_by_side
+from analyses.tables import EXPORT_SUFFIXES, check_writable, export_table, render_table, side_by_side
 from tasks import TASKS, make_task
 from variants import TrainSettings, load_task, preset, train
+from variants.config import DTYPES
 from variants.storage import atomic_write
+
 
 def _train(args: argparse.Namespace) -> None:
     task = make_task(args.task)
@@ -31,7 +31,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _invariance(args: argparse.Namespace) -> None:
     table = invariance_table(args.variant or [], args.checkpoint or [], n_layers=args.layers,
-                             dtype={"float32": torch.float32, "float64": torch.float64}[args.dtype],
+                             dtype=DTYPES[args.dtype],
                              n_perms=args.perms, seed=args.seed)
     sys.stdout.write(render_table(table, args.format))
 
@@ -90,10 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", action="append", help="variant with random weights (repeatable)")
     p.add_argument("--checkpoint", action="append", help="trained run directory (repeatable)")
     p.add_argument("--layers", type=int, help="number of blocks for --variant models")
-    p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    p.add_argument("--dtype", default="float64", choices=sorted(DTYPES))
     p.add_argument("--perms", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--format", default="md", choices=["csv", "md", "tex", "json"])
+    p.add_argument("--format", default="md", choices=[suffix.lstrip(".") for suffix in EXPORT_SUFFIXES])
     p.set_defaults(run=_invariance)
 
     p = commands.add_parser("probe", help="linear position probes at every residual site, with controls")

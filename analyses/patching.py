@@ -48,14 +48,7 @@ def corrupt(task: Addition, tokens: Int[Tensor, "batch seq"], kind: str = "swap"
             order[slot] = source
     else:
         raise ValueError(f"unknown corruption {kind!r}; allowed: ['swap', 'permute']")
-    moved = tokens[:, order]
-    a, b = (_digits_value(moved[:, [i for i in operand_slots if task.roles[i][0] == letter]]) for letter in "xy")
-    return task.encode(a, b)
-
-
-def _digits_value(digits: Int[Tensor, "batch n"]) -> Int[Tensor, " batch"]:
-    powers = 10 ** torch.arange(digits.shape[1] - 1, -1, -1)
-    return (digits * powers).sum(-1)
+    return task.encode(*task.decode_operands(tokens[:, order]))
 
 
 def first_answer_logit_diff(clean: Int[Tensor, "batch seq"], corrupted: Int[Tensor, "batch seq"], prompt_len: int):
@@ -87,13 +80,13 @@ def activation_patching(model: HookedTransformer, task: Addition, *, kind: str =
     model.eval()
     prompt = slice(0, task.prompt_len)
     metric = first_answer_logit_diff(clean, corrupted, task.prompt_len)
+    corrupted_prompts = corrupted[:, prompt].to(model.cfg.device)
     clean_logits, clean_cache = model.run_with_cache(clean[:, prompt].to(model.cfg.device))
-    clean_value, corrupted_value = metric(clean_logits), metric(model(corrupted[:, prompt].to(model.cfg.device)))
+    clean_value, corrupted_value = metric(clean_logits), metric(model(corrupted_prompts))
 
     def normalised(logits: Tensor) -> Tensor:
         return (metric(logits) - corrupted_value) / (clean_value - corrupted_value)
 
-    corrupted_prompts = corrupted[:, prompt].to(model.cfg.device)
     results = {name: fn(model, corrupted_prompts, clean_cache, normalised) for name, fn in PATCH_SITES.items()}
     block_every = patching.get_act_patch_block_every(model, corrupted_prompts, clean_cache, normalised)
     results["attn_out"], results["mlp_out"] = block_every[1], block_every[2]
@@ -122,8 +115,9 @@ def position_swap(model: HookedTransformer, task: Addition, *, positions: tuple[
     or stays its answer to the original prompt (`keeps_original`), on prompts where the
     model's two answers differ."""
     n_answer = task.seq_len - task.prompt_len
-    prompts = task.test_set()[: n_sequences * 4, : task.prompt_len]
-    swapped_prompts = corrupt(task, task.test_set()[: n_sequences * 4], "swap", positions=positions)[:, : task.prompt_len]
+    sequences = task.test_set()[: n_sequences * 4]
+    prompts = sequences[:, : task.prompt_len]
+    swapped_prompts = corrupt(task, sequences, "swap", positions=positions)[:, : task.prompt_len]
     original = model.generate(prompts.to(model.cfg.device), n_answer).cpu()
     swapped = model.generate(swapped_prompts.to(model.cfg.device), n_answer).cpu()
     differs = (original != swapped).any(-1)

@@ -82,6 +82,13 @@ def probe_sweep(models_by_variant: Mapping[str, Sequence[HookedTransformer]], ta
         raise ValueError(f"need at least 4 sequences to split by sequence, got {len(tokens)}")
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     train_seq, test_seq = split_by_sequence(len(tokens), test_fraction=test_fraction, seed=seed)
+    # Bars that depend only on the tokens, not on any model: (metric, baseline) -> value.
+    task_level = {}
+    if "token_identity" in controls:
+        task_level[("accuracy", "token_identity")] = token_identity_baseline(tokens, positions, train_seq, test_seq, C=C)
+    if "chance" in controls:
+        task_level[("accuracy", "chance")] = chance_accuracy(positions)
+        task_level[("mad", "chance")] = random_guess_mad(tokens.shape[1])
     records = []
     jobs = [(variant, model) for variant, models in models_by_variant.items() for model in models]
     for variant, model in tqdm(jobs, desc="probe sweep", disable=quiet):
@@ -89,20 +96,13 @@ def probe_sweep(models_by_variant: Mapping[str, Sequence[HookedTransformer]], ta
         kwargs = {"sites": sites, "test_fraction": test_fraction, "seed": seed, "C": C}
         trained = probe_sites(model, tokens, control="control_task" in controls, **kwargs)
         records += [{**common, **row, "baseline": "trained"} for row in trained]
-        site_names = list(dict.fromkeys(row["site"] for row in trained))
         if "random_init" in controls:
             untrained = probe_sites(build(model.cfg), tokens, control=False, **kwargs)
             records += [{**common, **row, "baseline": "random_init"} for row in untrained
                         if row["probe"] == "position"]
-        flat = {}
-        if "token_identity" in controls:
-            flat["token_identity"] = token_identity_baseline(tokens, positions, train_seq, test_seq, C=C)
-        if "chance" in controls:
-            flat["chance"] = chance_accuracy(positions)
-            records += [{**common, "site": site, "probe": "position", "metric": "mad",
-                         "value": random_guess_mad(tokens.shape[1]), "baseline": "chance"} for site in site_names]
-        records += [{**common, "site": site, "probe": "position", "metric": "accuracy", "value": float(value),
-                     "baseline": baseline} for baseline, value in flat.items() for site in site_names]
+        site_names = list(dict.fromkeys(row["site"] for row in trained))
+        records += [{**common, "site": site, "probe": "position", "metric": metric, "value": float(value),
+                     "baseline": baseline} for (metric, baseline), value in task_level.items() for site in site_names]
     table = pd.DataFrame.from_records(records)
     table["layer"] = table["site"].map(site_layer)
     return table[list(PROBE_COLUMNS)].astype(PROBE_DTYPES)

@@ -10,7 +10,6 @@ retrain it: trained weights are never deleted by poslens).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,6 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.offline
-import torch
 from tqdm.auto import tqdm
 
 from analyses.correlation import block_diagonality, correlation_heatmap, full_correlation, position_correlation
@@ -29,8 +27,8 @@ from analyses.probe_sweep import probe_sweep
 from analyses.tables import EXPORT_SUFFIXES, read_table, render_table, side_by_side
 from hooks import capture_residuals
 from tasks import Addition
-from variants import HookedTransformer, build, load, preset, train
-from variants.storage import atomic_write, read_json
+from variants import HookedTransformer, build, preset, train
+from variants.storage import atomic_write
 
 VARIANTS = ("nope-causal", "nope-causal+cut0", "nope-causal+cut0,1", "learned-causal", "nope-bidirectional")
 
@@ -62,7 +60,9 @@ def _export(table: pd.DataFrame, directory: Path, name: str) -> None:
 
 
 def _write_figure(figure: go.Figure, directory: Path, name: str) -> go.Figure:
-    """A standalone page per figure, all sharing one `plotly.min.js` beside them (offline)."""
+    """A standalone page per figure, all sharing one `plotly.min.js` beside them (offline).
+    Variant names' `+` and `,` become `_` in the file name."""
+    name = name.replace("+", "_").replace(",", "_")
     if not (directory / "plotly.min.js").exists():
         atomic_write(directory / "plotly.min.js", plotly.offline.get_plotlyjs())
     atomic_write(directory / f"{name}.html", figure.to_html(include_plotlyjs="directory", full_html=True))
@@ -82,14 +82,14 @@ def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = "qui
     sizes = {"n_layers": settings.n_layers, "d_model": settings.d_model, "d_head": settings.d_head, "device": device}
 
     models: dict[str, list[HookedTransformer]] = {}
-    training_rows = []
+    training_rows, run_dirs = [], []
     for variant, seed in tqdm([(v, s) for v in VARIANTS for s in range(seeds)], desc="train", disable=quiet):
-        run_dir = out_dir / "runs" / f"{variant}-seed{seed}"
+        run_dirs.append(out_dir / "runs" / f"{variant}-seed{seed}")
         started = time.perf_counter()
-        result = train(preset(variant, seed=seed, **sizes), task, out_dir=run_dir, resume=True, quiet=True,
+        result = train(preset(variant, seed=seed, **sizes), task, out_dir=run_dirs[-1], resume=True, quiet=True,
                        steps=settings.steps, batch_size=settings.batch_size, seed=seed)
         models.setdefault(variant, []).append(result.model.eval())
-        final = read_json(run_dir / "history.json")[-1]
+        final = result.history[-1]
         training_rows.append({"variant": variant, "seed": seed, "steps": final["step"],
                               "exact_match": final["exact_match"], "test_loss": final["test_loss"],
                               "this_session_s": time.perf_counter() - started})
@@ -104,9 +104,8 @@ def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = "qui
     stages = tqdm(total=6, desc="analyses", disable=quiet)
     tables = {"training": stage("training", lambda: pd.DataFrame(training_rows))}
     stages.update()
-    checkpoints = [out_dir / "runs" / f"{variant}-seed{seed}" for variant in VARIANTS for seed in range(seeds)]
     tables["invariance"] = stage("invariance", lambda: invariance_table(
-        [v for v in VARIANTS if "+" not in v], checkpoints, n_layers=settings.n_layers, n_sequences=32, n_perms=10))
+        [v for v in VARIANTS if "+" not in v], run_dirs, n_layers=settings.n_layers, n_sequences=32, n_perms=10))
     stages.update()
     tables["probe"] = stage("probe", lambda: probe_sweep(models, task, n_sequences=settings.n_probe_sequences,
                                                          quiet=True))
@@ -161,14 +160,13 @@ def _figures(tables: dict[str, pd.DataFrame], models: dict[str, list[HookedTrans
         sites = [f"blocks.{block}.hook_resid_post" for block in paper_blocks(model.cfg.n_layers)]
         capture = capture_residuals(model, tokens, sites=sites)
         for site in sites:
-            name = f"correlation_{variant}_{site}".replace("+", "_").replace(",", "_")
             figures.append(_write_figure(correlation_heatmap(
                 position_correlation(capture[site]), f"|corr| positions × positions, {variant}, {site}"),
-                directory, name))
+                directory, f"correlation_{variant}_{site}"))
         patch = tables["activation_patching"]
         figures.append(_write_figure(patching_heatmap(patch[patch["variant"] == variant], "resid_pre",
                                                       f"activation patching (resid_pre), {variant}"),
-                                     directory, f"patching_{variant}".replace("+", "_").replace(",", "_")))
+                                     directory, f"patching_{variant}"))
     cuts = tables["residual_cuts"]
     cut_figure = go.Figure([go.Bar(name=variant, x=[f"{b}:{s}" for b, s in zip(group["block"], group["sublayer"])],
                                    y=group["delta_exact_match"]) for variant, group in cuts.groupby("variant", sort=False)])

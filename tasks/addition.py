@@ -81,6 +81,14 @@ class Addition:
             parts.insert(0, torch.full_like(a[:, None], self.alphabet.index(BOS)))
         return torch.cat(parts, dim=1)
 
+    def decode_operands(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """The operands `(a, b)`, each `[batch]`, written in token sequences `[batch, seq]`."""
+        n, start = self.n_digits, int(self.bos)
+        high_first = 10 ** torch.arange(n - 1, -1, -1)
+        a = (tokens[:, start : start + n] * high_first).sum(-1)
+        b = (tokens[:, start + n + 1 : start + 2 * n + 1] * high_first).sum(-1)
+        return a, b
+
     @cached_property
     def test_pair_ids(self) -> Tensor:
         """Sorted ids `a * 10^n + b` of the held-out operand pairs."""

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tasks import Addition, MarkovICL
+from tasks import MarkovICL
 from tests.conftest import tiny
 from variants import load, load_task, train
 from variants.training import TrainSettings
