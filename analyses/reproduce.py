@@ -28,7 +28,7 @@ from analyses.tables import EXPORT_SUFFIXES, read_table, render_table, side_by_s
 from hooks import capture_residuals
 from tasks import Addition
 from variants import HookedTransformer, build, preset, train
-from variants.storage import atomic_write
+from variants.storage import atomic_write, read_json, write_json
 
 VARIANTS = ("nope-causal", "nope-causal+cut0", "nope-causal+cut0,1", "learned-causal", "nope-bidirectional")
 
@@ -94,12 +94,22 @@ def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = "qui
                               "exact_match": final["exact_match"], "test_loss": final["test_loss"],
                               "this_session_s": time.perf_counter() - started})
 
+    manifest = {"preset": preset_name, "seeds": seeds, "variants": list(VARIANTS)}
+    stale = (tables_dir / "manifest.json").exists() and read_json(tables_dir / "manifest.json") != manifest
+    if stale and not quiet:
+        tqdm.write(f"{tables_dir} was computed for {read_json(tables_dir / 'manifest.json')}; recomputing for {manifest}")
+
     def stage(name: str, compute) -> pd.DataFrame:
-        if (tables_dir / f"{name}.csv").exists() and not force:
+        if (tables_dir / f"{name}.csv").exists() and not (force or stale):
             return read_table(tables_dir / f"{name}.csv")
         table = compute()
         _export(table, tables_dir, name)
         return table
+
+    def every_seed(analysis, runs_per_variant: int | None = None) -> pd.DataFrame:
+        return pd.concat([analysis(model).assign(variant=variant, seed=model.cfg.seed)
+                          for variant, runs in models.items() for model in runs[:runs_per_variant]],
+                         ignore_index=True)
 
     stages = tqdm(total=6, desc="analyses", disable=quiet)
     tables = {"training": stage("training", lambda: pd.DataFrame(training_rows))}
@@ -112,18 +122,16 @@ def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = "qui
     stages.update()
     tables["correlation"] = stage("correlation", lambda: _correlations(models, task, settings.n_probe_sequences))
     stages.update()
-    tables["residual_cuts"] = stage("residual_cuts", lambda: pd.concat(
-        [residual_cut_effects(model, task, n_sequences=settings.n_probe_sequences).assign(variant=variant)
-         for variant, runs in models.items() for model in runs[:1]], ignore_index=True))
+    tables["residual_cuts"] = stage("residual_cuts", lambda: every_seed(
+        lambda model: residual_cut_effects(model, task, n_sequences=settings.n_probe_sequences)))
     stages.update()
-    tables["activation_patching"] = stage("activation_patching", lambda: pd.concat(
-        [activation_patching(model, task, n_sequences=settings.n_patch_sequences).assign(variant=variant)
-         for variant, runs in models.items() for model in runs[:1]], ignore_index=True))
-    tables["position_swap"] = stage("position_swap", lambda: pd.concat(
-        [position_swap(model, task, n_sequences=settings.n_patch_sequences * 2).assign(variant=variant)
-         for variant, runs in models.items() for model in runs[:1]], ignore_index=True))
+    tables["activation_patching"] = stage("activation_patching", lambda: every_seed(
+        lambda model: activation_patching(model, task, n_sequences=settings.n_patch_sequences), runs_per_variant=1))
+    tables["position_swap"] = stage("position_swap", lambda: every_seed(
+        lambda model: position_swap(model, task, n_sequences=settings.n_patch_sequences * 2)))
     stages.update()
     stages.close()
+    write_json(tables_dir / "manifest.json", manifest)
 
     figures = _figures(tables, models, task, settings.n_probe_sequences, figures_dir)
     _write_report(out_dir, figures, tables, preset_name, seeds)
@@ -144,6 +152,13 @@ def _correlations(models: dict[str, list[HookedTransformer]], task: Addition, n_
                     rows.append({"variant": variant, "seed": model.cfg.seed, "site": site, "weights": weights,
                                  "block_diagonality": block_diagonality(full, model.cfg.d_model)})
     return pd.DataFrame(rows)
+
+
+def _over_seeds(table: pd.DataFrame, keys: list[str], values: list[str]) -> pd.DataFrame:
+    """Mean and std over seeds of `values`, one row per `keys` (columns `{value}_mean`, `{value}_std`)."""
+    summary = table.groupby(keys, sort=False)[values].agg(["mean", "std"])
+    summary.columns = [f"{value}_{statistic}" for value, statistic in summary.columns]
+    return summary.reset_index()
 
 
 def paper_blocks(n_layers: int) -> list[int]:
@@ -167,10 +182,13 @@ def _figures(tables: dict[str, pd.DataFrame], models: dict[str, list[HookedTrans
         figures.append(_write_figure(patching_heatmap(patch[patch["variant"] == variant], "resid_pre",
                                                       f"activation patching (resid_pre), {variant}"),
                                      directory, f"patching_{variant}"))
-    cuts = tables["residual_cuts"]
+    cuts = _over_seeds(tables["residual_cuts"], ["variant", "block", "sublayer"], ["delta_exact_match"])
     cut_figure = go.Figure([go.Bar(name=variant, x=[f"{b}:{s}" for b, s in zip(group["block"], group["sublayer"])],
-                                   y=group["delta_exact_match"]) for variant, group in cuts.groupby("variant", sort=False)])
-    cut_figure.update_layout(title="change in exact match when a residual connection is removed at inference",
+                                   y=group["delta_exact_match_mean"],
+                                   error_y={"type": "data", "array": group["delta_exact_match_std"].fillna(0)})
+                            for variant, group in cuts.groupby("variant", sort=False)])
+    cut_figure.update_layout(title="change in exact match when a residual connection is removed at inference "
+                                   "(mean ± std over seeds)",
                              xaxis_title="block:sublayer", yaxis_title="Δ exact match", barmode="group")
     figures.append(_write_figure(cut_figure, directory, "residual_cuts"))
     return figures
@@ -179,17 +197,17 @@ def _figures(tables: dict[str, pd.DataFrame], models: dict[str, list[HookedTrans
 def _write_report(out_dir: Path, figures: list[go.Figure], tables: dict[str, pd.DataFrame], preset_name: str,
                   seeds: int) -> None:
     probe = tables["probe"]
-    correlation = (tables["correlation"].groupby(["variant", "site", "weights"], sort=False)["block_diagonality"]
-                   .agg(["mean", "std"]).reset_index())
-    cuts = tables["residual_cuts"][["variant", "block", "sublayer", "exact_match", "delta_exact_match",
-                                    "delta_probe_accuracy"]]
+    correlation = _over_seeds(tables["correlation"], ["variant", "site", "weights"], ["block_diagonality"])
+    cuts = _over_seeds(tables["residual_cuts"], ["variant", "block", "sublayer"],
+                       ["exact_match", "delta_exact_match", "delta_probe_accuracy"])
+    swaps = _over_seeds(tables["position_swap"], ["variant", "site"], ["follows_swap", "keeps_original"])
     sections = {
         "Training (exact match on held-out operand pairs)": tables["training"],
         "Invariance of the last position's logits to permutations of earlier tokens": tables["invariance"],
         "Position-probe accuracy per site (trained, untrained twin, token identity, chance)": side_by_side(probe),
         "Block-diagonality of block outputs (mean and std over seeds)": correlation,
-        "Residual connections removed at inference (first seed)": cuts,
-        "Position swap at each site (first seed)": tables["position_swap"],
+        "Residual connections removed at inference (mean and std over seeds)": cuts,
+        "Position swap at each site (mean and std over seeds)": swaps,
     }
     summary = [f"# poslens reproduce ({preset_name} preset, {seeds} seed(s))\n"]
     summary += [f"## {title}\n\n{render_table(table, 'md')}" for title, table in sections.items()]

@@ -13,9 +13,9 @@ TABLES = {
     "probe": list(PROBE_COLUMNS),
     "correlation": ["variant", "seed", "site", "weights", "block_diagonality"],
     "residual_cuts": ["block", "sublayer", "exact_match", "answer_logprob", "probe_accuracy", "delta_exact_match",
-                      "delta_answer_logprob", "delta_probe_accuracy", "variant"],
-    "activation_patching": ["site", "layer", "position", "role", "value", "variant"],
-    "position_swap": ["site", "follows_swap", "keeps_original", "n_sequences", "variant"],
+                      "delta_answer_logprob", "delta_probe_accuracy", "variant", "seed"],
+    "activation_patching": ["site", "layer", "position", "role", "value", "variant", "seed"],
+    "position_swap": ["site", "follows_swap", "keeps_original", "n_sequences", "variant", "seed"],
 }
 
 
@@ -46,6 +46,12 @@ def test_reproduce_tiny_writes_everything_and_resumes(tmp_path):
     assert {path: path.stat().st_mtime_ns for path in out.rglob("*.safetensors")} == stamps  # nothing retrained
     assert (out / "tables" / "probe.csv").read_bytes() == probe_before
     pd.testing.assert_frame_equal(read_table(out / "tables" / "training.csv"), training)
+
+    assert main(["reproduce", "--preset", "tiny", "--seeds", "2", "--out", str(out), "--quiet"]) == 0
+    assert {path: path.stat().st_mtime_ns for path in stamps} == stamps  # seed 0 reused
+    for name in ("training", "residual_cuts", "position_swap"):  # tables made for one seed are recomputed
+        assert set(read_table(out / "tables" / f"{name}.csv")["seed"]) == {0, 1}, name
+    assert "2 seed(s)" in (out / "summary.md").read_text()
 
 
 def test_reproduce_rejects_bad_arguments(tmp_path):
