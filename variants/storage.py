@@ -21,6 +21,16 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 
+def _file_mode() -> int:
+    """The mode `open()` would give a new file (0o666 less the umask); `mkstemp` alone gives 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str, *, overwrite: bool = True) -> Path:
     """Write `data` to `path` atomically; with `overwrite=False` refuse an existing file."""
     path = Path(path)
@@ -30,6 +40,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, overwrite: bool 
     payload = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
