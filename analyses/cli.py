@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from analyses.dynamics import DYNAMICS_TASKS, write_dynamics
 from analyses.figures import probe_accuracy_figure
 from analyses.invariance import invariance_table
 from analyses.probe_sweep import CONTROLS, load_models_by_variant, probe_sweep
@@ -50,6 +51,15 @@ def _probe(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}" + (f" and {args.figure}" if args.figure else ""))
 
 
+def _dynamics(args: argparse.Namespace) -> None:
+    result = write_dynamics(args.out, variant=args.variant, task=args.task, checkpoints=args.checkpoints,
+                            steps=args.steps, n_layers=args.layers, d_model=args.d_model, seed=args.seed,
+                            n_sequences=args.sequences, device=args.device, quiet=args.quiet, force=args.force)
+    print(render_table(result.rebound, "md"), end="")
+    print(f"wrote {args.out}/summary.md, {args.out}/tables/ and {args.out}/figures/ "
+          f"({len(result.steps)} snapshots in {args.out}/run/checkpoints/)")
+
+
 def _reproduce(args: argparse.Namespace) -> None:
     tables = reproduce(args.out, preset_name=args.preset, seeds=args.seeds, force=args.force, device=args.device,
                        quiet=args.quiet)
@@ -57,7 +67,11 @@ def _reproduce(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/report.html, {args.out}/summary.md, {args.out}/tables/ and {args.out}/figures/")
 
 
-def build_parser() -> argparse.ArgumentParser:
+AddCommand = Callable[[argparse._SubParsersAction], None]
+
+
+def build_parser(extra_commands: Sequence[AddCommand] = ()) -> argparse.ArgumentParser:
+    """The parser of every analysis subcommand; `extra_commands` add subcommands of later layers (the demo)."""
     parser = argparse.ArgumentParser(prog="poslens", description="Where does a transformer keep token position?")
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = TrainSettings()
@@ -107,11 +121,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_probe)
+
+    p = commands.add_parser("dynamics", help="train with log-spaced snapshots; loss, probes and attention entropy "
+                                             "over training")
+    p.add_argument("--variant", required=True, help="e.g. nope-causal, rotary-causal")
+    p.add_argument("--task", required=True, choices=list(DYNAMICS_TASKS))
+    p.add_argument("--checkpoints", type=int, default=12, help="log-spaced snapshots besides step 0 (default 12)")
+    p.add_argument("--out", required=True, help="output directory; the training run goes to OUT/run")
+    p.add_argument("--steps", type=int, help="optimiser steps (default: quick preset on addition, "
+                                             "analyses.induction.MARKOV_TRAINING on markov)")
+    p.add_argument("--layers", type=int, help="number of blocks (default: the task's)")
+    p.add_argument("--d-model", type=int, help="residual width (default: the task's)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the data order")
+    p.add_argument("--sequences", type=int, help="held-out sequences measured (default 1000 addition, 200 markov)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--force", action="store_true", help="recompute existing outputs (the trained run is kept)")
+    p.set_defaults(run=_dynamics)
+    for add_command in extra_commands:
+        add_command(commands)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    args = (parser or build_parser()).parse_args(argv)
     try:
         args.run(args)
     except (ValueError, FileExistsError, FileNotFoundError) as error:

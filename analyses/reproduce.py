@@ -59,7 +59,7 @@ def _export(table: pd.DataFrame, directory: Path, name: str) -> None:
         atomic_write(directory / f"{name}{suffix}", render_table(table, suffix))
 
 
-def _write_figure(figure: go.Figure, directory: Path, name: str) -> go.Figure:
+def write_figure(figure: go.Figure, directory: Path, name: str) -> go.Figure:
     """A standalone page per figure, all sharing one `plotly.min.js` beside them (offline).
     Variant names' `+` and `,` become `_` in the file name."""
     name = name.replace("+", "_").replace(",", "_")
@@ -168,18 +168,18 @@ def paper_blocks(n_layers: int) -> list[int]:
 
 def _figures(tables: dict[str, pd.DataFrame], models: dict[str, list[HookedTransformer]], task: Addition,
              n_sequences: int, directory: Path) -> list[go.Figure]:
-    figures = [_write_figure(probe_accuracy_figure(tables["probe"]), directory, "probe_accuracy")]
+    figures = [write_figure(probe_accuracy_figure(tables["probe"]), directory, "probe_accuracy")]
     tokens = task.test_set()[:n_sequences]
     for variant, runs in models.items():
         model = runs[0]
         sites = [f"blocks.{block}.hook_resid_post" for block in paper_blocks(model.cfg.n_layers)]
         capture = capture_residuals(model, tokens, sites=sites)
         for site in sites:
-            figures.append(_write_figure(correlation_heatmap(
+            figures.append(write_figure(correlation_heatmap(
                 position_correlation(capture[site]), f"|corr| positions × positions, {variant}, {site}"),
                 directory, f"correlation_{variant}_{site}"))
         patch = tables["activation_patching"]
-        figures.append(_write_figure(patching_heatmap(patch[patch["variant"] == variant], "resid_pre",
+        figures.append(write_figure(patching_heatmap(patch[patch["variant"] == variant], "resid_pre",
                                                       f"activation patching (resid_pre), {variant}"),
                                      directory, f"patching_{variant}"))
     cuts = _over_seeds(tables["residual_cuts"], ["variant", "block", "sublayer"], ["delta_exact_match"])
@@ -190,7 +190,7 @@ def _figures(tables: dict[str, pd.DataFrame], models: dict[str, list[HookedTrans
     cut_figure.update_layout(title="change in exact match when a residual connection is removed at inference "
                                    "(mean ± std over seeds)",
                              xaxis_title="block:sublayer", yaxis_title="Δ exact match", barmode="group")
-    figures.append(_write_figure(cut_figure, directory, "residual_cuts"))
+    figures.append(write_figure(cut_figure, directory, "residual_cuts"))
     return figures
 
 

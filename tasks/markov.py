@@ -3,6 +3,8 @@
 Every sequence has its own transition table: for each context of the previous `n_parents`
 tokens the next-token distribution is drawn from Dirichlet(alpha · 1). The first `n_parents`
 tokens are uniform; the model must infer the table in context to predict the last token.
+With `targets="all"` every token drawn from the table is a training target (teacher-forced),
+not only the last: the same data with length − n_parents targets per sequence instead of one.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+
+TARGETS = ("last", "all")
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,7 @@ class MarkovICL:
     alpha: float = 0.1
     n_test: int = 1000
     seed: int = 0
+    targets: str = "last"
 
     name = "markov"
 
@@ -36,6 +41,8 @@ class MarkovICL:
             raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
         if self.n_test < 1:
             raise ValueError(f"n_test must be >= 1, got {self.n_test!r}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"unknown targets {self.targets!r}; allowed: {list(TARGETS)}")
 
     @property
     def alphabet(self) -> str:
@@ -47,12 +54,13 @@ class MarkovICL:
 
     @property
     def prompt_len(self) -> int:
-        """Everything but the last token is context; the last token is the answer."""
-        return self.length - 1
+        """`targets="last"`: everything but the last token is context, the last token is the
+        answer. `targets="all"`: only the first `n_parents` (uniform) tokens are context."""
+        return self.length - 1 if self.targets == "last" else self.n_parents
 
     @property
     def roles(self) -> list[str]:
-        return ["context"] * (self.length - 1) + ["answer"]
+        return ["context"] * self.prompt_len + ["answer"] * (self.length - self.prompt_len)
 
     def sample(self, batch_size: int, seed: int) -> tuple[Tensor, Tensor]:
         """Sequences `[batch, length]` and their transition tables `[batch, context, vocab]`.

@@ -7,8 +7,8 @@ import torch
 
 from tasks import MarkovICL
 from tests.conftest import tiny
-from variants import load, load_task, train
-from variants.training import TrainSettings
+from variants import build, load, load_task, train
+from variants.training import TrainSettings, list_snapshots, log_spaced_steps, snapshot_path, snapshot_schedule
 
 SHORT = {"steps": 24, "batch_size": 32, "warmup_steps": 4, "eval_every": 8, "checkpoint_every": 5, "quiet": True}
 
@@ -120,3 +120,62 @@ def test_learning_rate_schedule():
     settings = TrainSettings(steps=100, warmup_steps=10, lr=1.0)
     assert settings.lr_at(0) == pytest.approx(0.1) and settings.lr_at(9) == pytest.approx(1.0)
     assert settings.lr_at(55) == pytest.approx(0.5) and settings.lr_at(100) == pytest.approx(0.0)
+
+
+def test_log_spaced_steps():
+    assert log_spaced_steps(1000, 4) == [0, 1, 10, 100, 1000]
+    assert log_spaced_steps(7, 1) == [0, 7] and log_spaced_steps(7, 0) == []
+    assert log_spaced_steps(5, 5) == [0, 1, 2, 3, 4, 5]
+    for total, k in ((24, 6), (2500, 15), (100, 30)):
+        steps = log_spaced_steps(total, k)
+        assert len(steps) == k + 1 and steps == sorted(set(steps)) and steps[0] == 0 and steps[1] == 1
+        assert steps[-1] == total
+        gaps = [b / a for a, b in zip(steps[1:], steps[2:])]
+        assert max(gaps) < total ** (2 / (k - 1)) + 1  # no gap far wider than an even log spacing
+    with pytest.raises(ValueError, match=r"k must be an integer in 0..5 .* got 6"):
+        log_spaced_steps(5, 6)
+    with pytest.raises(ValueError, match="total must be an integer >= 1, got 0"):
+        log_spaced_steps(0, 1)
+    with pytest.raises(ValueError, match=r"snapshot step 25 is out of range; allowed: integers in 0..24"):
+        snapshot_schedule([0, 25], 24)
+    with pytest.raises(ValueError, match=r"snapshot step -1 is out of range"):
+        snapshot_schedule([-1, 3], 24)
+    assert snapshot_schedule([8, 0, 8, 3], 24) == [0, 3, 8]
+
+
+def test_snapshots_land_on_the_schedule_and_survive_a_kill(tmp_path, addition):
+    cfg, schedule = tiny("nope-causal"), [0, 1, 3, 7, 12, 13, 20, 24]
+    full = train(cfg, addition, out_dir=tmp_path / "full", snapshots=schedule, **SHORT)
+    assert [step for step, _ in list_snapshots(tmp_path / "full")] == schedule
+    assert json.loads((tmp_path / "full" / "run.json").read_text())["snapshots"] == schedule
+    initial = load(snapshot_path(tmp_path / "full", 0))
+    assert all(torch.equal(t, build(cfg).state_dict()[n]) for n, t in initial.state_dict().items())
+    final = load(snapshot_path(tmp_path / "full", 24))
+    assert all(torch.equal(t, full.model.state_dict()[n]) for n, t in final.state_dict().items())
+
+    with pytest.raises(Killed):  # after snapshot 13 is written; the last checkpoint is step 10
+        train(cfg, addition, out_dir=tmp_path / "killed", snapshots=schedule, on_step=kill_at(13), **SHORT)
+    written = {step: path.stat().st_mtime_ns for step, path in list_snapshots(tmp_path / "killed")}
+    assert sorted(written) == [0, 1, 3, 7, 12, 13]
+    with pytest.raises(ValueError, match="its snapshot schedule differs"):
+        train(cfg, addition, out_dir=tmp_path / "killed", snapshots=3, resume=True, **SHORT)
+    train(cfg, addition, out_dir=tmp_path / "killed", snapshots=schedule, resume=True, **SHORT)
+    snapshots = list_snapshots(tmp_path / "killed")
+    assert [step for step, _ in snapshots] == schedule
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == [p.name for _, p in snapshots]
+    for step, path in snapshots:
+        assert (path / "model.safetensors").read_bytes() == (snapshot_path(tmp_path / "full", step)
+                                                              / "model.safetensors").read_bytes(), step
+        if step in written:  # written once, before the kill, and not rewritten on resume
+            assert path.stat().st_mtime_ns == written[step]
+
+
+def test_log_spaced_snapshots_and_no_snapshots(tmp_path, addition):
+    train(tiny("nope-causal"), addition, out_dir=tmp_path / "log", snapshots=4, **SHORT)
+    assert [step for step, _ in list_snapshots(tmp_path / "log")] == log_spaced_steps(24, 4) == [0, 1, 3, 8, 24]
+    train(tiny("nope-causal"), addition, out_dir=tmp_path / "none", **SHORT)
+    assert list_snapshots(tmp_path / "none") == [] and "snapshots" not in json.loads(
+        (tmp_path / "none" / "run.json").read_text())
+    with pytest.raises(ValueError, match=r"snapshot step 30 is out of range; allowed: integers in 0..24"):
+        train(tiny("nope-causal"), addition, out_dir=tmp_path / "bad", snapshots=[0, 30], **SHORT)
+    assert not (tmp_path / "bad").exists()

@@ -3,9 +3,10 @@
 A run directory holds `config.json` + `model.safetensors` (the model, see `checkpoint`),
 `train_state.safetensors` (weights and optimiser moments of the last checkpoint, in one file
 so they can never disagree), `run.json` (task, settings, progress) and `history.json` (the
-evaluations). Batches are a pure function of (seed, step) and the learning rate a pure
-function of step, so a killed run resumed from its last checkpoint ends bitwise-identical
-to one that was never interrupted.
+evaluations). With a snapshot schedule it also holds `checkpoints/step-000123/`, one model
+checkpoint per scheduled step, so analyses can walk through training. Batches are a pure
+function of (seed, step) and the learning rate a pure function of step, so a killed run
+resumed from its last checkpoint ends bitwise-identical to one that was never interrupted.
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import re
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,9 @@ from variants.checkpoint import check_state_matches, load, save
 from variants.config import VariantConfig
 from variants.model import HookedTransformer, build
 from variants.storage import load_tensors, read_json, save_tensors, write_json
+
+SNAPSHOT_DIR = "checkpoints"
+_SNAPSHOT_NAME = re.compile(r"step-(\d{6,})")
 
 
 @dataclass(frozen=True)
@@ -135,8 +143,12 @@ def _load_train_state(out_dir: Path, model: HookedTransformer, optimizer: torch.
             optimizer.state[param] = state
 
 
-def _run_record(cfg: VariantConfig, task: Task, settings: TrainSettings, step: int, finished: bool) -> dict:
-    return {
+def _run_record(cfg: VariantConfig, task: Task, settings: TrainSettings, step: int, finished: bool,
+                snapshots: list[int]) -> dict:
+    """What `run.json` holds. The snapshot schedule is recorded (under `snapshots`, not under
+    `settings`: it does not change the weights) only when there is one, so runs without
+    snapshots keep exactly the record they always had."""
+    record = {
         "variant": cfg.name,
         "config": cfg.to_json(),
         "task": {"name": task.name, **dataclasses.asdict(task)},
@@ -144,6 +156,83 @@ def _run_record(cfg: VariantConfig, task: Task, settings: TrainSettings, step: i
         "step": step,
         "finished": finished,
     }
+    return {**record, "snapshots": snapshots} if snapshots else record
+
+
+def log_spaced_steps(total: int, k: int) -> list[int]:
+    """Step 0 (the initial weights) and `k` distinct, roughly log-spaced steps from 1 to `total`.
+
+    The steps are `total ** (i / (k - 1))` rounded, nudged up where rounding would repeat a
+    step (early on, where log-spacing is denser than one step), so there are always exactly
+    `k + 1` steps: `log_spaced_steps(1000, 4) == [0, 1, 10, 100, 1000]`. `k = 1` gives
+    `[0, total]`; `k = 0` gives `[]` (no snapshots).
+    """
+    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+        raise ValueError(f"total must be an integer >= 1, got {total!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= total:
+        raise ValueError(f"k must be an integer in 0..{total} (distinct steps in 1..{total}), got {k!r}")
+    if k == 0:
+        return []
+    steps: list[int] = []
+    for i in range(k):
+        target = total if k == 1 else round(total ** (i / (k - 1)))
+        steps.append(min(max(target, steps[-1] + 1 if steps else 1), total - (k - 1 - i)))
+    return [0, *steps]
+
+
+def snapshot_schedule(snapshots: int | Sequence[int], total: int) -> list[int]:
+    """The sorted, distinct steps a `train(..., snapshots=...)` argument stands for.
+
+    An int K means `log_spaced_steps(total, K)`; a sequence means exactly those steps, each
+    in 0..total (0 is the initial weights).
+    """
+    if isinstance(snapshots, int) and not isinstance(snapshots, bool):
+        return log_spaced_steps(total, snapshots)
+    steps = list(snapshots)
+    bad = [step for step in steps
+           if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= total]
+    if bad:
+        raise ValueError(f"snapshot step {bad[0]!r} is out of range; allowed: integers in 0..{total}")
+    return sorted(set(steps))
+
+
+def snapshot_path(out_dir: str | Path, step: int) -> Path:
+    """Where the snapshot of `step` lives: `out_dir/checkpoints/step-000123`."""
+    return Path(out_dir) / SNAPSHOT_DIR / f"step-{step:06d}"
+
+
+def list_snapshots(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """`(step, checkpoint directory)` of every finished snapshot of a run, in step order.
+
+    A snapshot is finished once its folder has its final name (it is written under a temporary
+    name and renamed), so a kill mid-write leaves nothing here.
+    """
+    folder = Path(out_dir) / SNAPSHOT_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in folder.iterdir()
+             if path.is_dir() and (match := _SNAPSHOT_NAME.fullmatch(path.name))]
+    return sorted(found)
+
+
+def _save_snapshot(model: HookedTransformer, out_dir: Path, step: int) -> None:
+    """Save `model` as the snapshot of `step`, atomically: into a temporary folder, then renamed.
+
+    An existing snapshot is kept as it is: it was written by this very run before a kill, and
+    resumed training is bitwise identical, so writing it again would change nothing.
+    """
+    final = snapshot_path(out_dir, step)
+    if final.exists():
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would make the snapshot private to its writer
+        save(model, tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def load_task(out_dir: str | Path) -> Task:
@@ -160,6 +249,7 @@ def train(
     resume: bool = False,
     quiet: bool = False,
     on_step: Callable[[int], None] | None = None,
+    snapshots: int | Sequence[int] = 0,
     **settings: Any,
 ) -> TrainResult:
     """Train `build(cfg)` on `task`, checkpointing into `out_dir`; see `TrainSettings` for the knobs.
@@ -169,14 +259,20 @@ def train(
     none), and a finished run is returned as it is. `on_step(step)` is called after every
     optimiser step. The settings' `seed` fixes the batches; `cfg.seed` fixes the initial
     weights (`poslens train --seed S` sets both).
+
+    `snapshots` keeps model checkpoints during training (see `snapshot_schedule`): an int K
+    saves step 0 and K log-spaced steps up to `steps`, a sequence saves exactly those steps;
+    `list_snapshots(out_dir)` finds them. The schedule does not change the trained weights; it
+    is recorded in `run.json`, and resuming with a different schedule is refused.
     """
     settings_obj = TrainSettings(**settings)
+    schedule = snapshot_schedule(snapshots, settings_obj.steps)
     if cfg.d_vocab != len(task.alphabet) or cfg.alphabet != task.alphabet:
         raise ValueError(f"config alphabet {cfg.alphabet!r} does not match task {task.name!r} alphabet {task.alphabet!r}")
     if cfg.n_ctx < task.seq_len:
         raise ValueError(f"n_ctx = {cfg.n_ctx} is shorter than the task's sequences ({task.seq_len} tokens)")
     out_dir = Path(out_dir)
-    record = _run_record(cfg, task, settings_obj, step=0, finished=False)
+    record = _run_record(cfg, task, settings_obj, step=0, finished=False, snapshots=schedule)
     if (out_dir / "run.json").exists():
         if not resume:
             raise FileExistsError(f"{out_dir} already holds a training run; pass resume=True to continue it "
@@ -186,6 +282,9 @@ def train(
             if json.loads(json.dumps(record[key])) != saved[key]:
                 raise ValueError(f"cannot resume {out_dir}: its {key} differs from the one given "
                                  f"(saved {saved[key]}, given {record[key]})")
+        if saved.get("snapshots", []) != schedule:
+            raise ValueError(f"cannot resume {out_dir}: its snapshot schedule differs from the one given "
+                             f"(saved {saved.get('snapshots', [])}, given {schedule})")
         if saved["finished"]:
             return TrainResult(load(out_dir, device=cfg.device), read_json(out_dir / "history.json"), out_dir)
     elif out_dir.exists() and any(out_dir.iterdir()):
@@ -201,6 +300,8 @@ def train(
     else:
         write_json(out_dir / "run.json", record)
         write_json(out_dir / "history.json", history)
+        if 0 in schedule:
+            _save_snapshot(model, out_dir, 0)
 
     test_tokens = task.test_set()
     started, loss_sum, loss_count = time.perf_counter(), 0.0, 0
@@ -224,6 +325,8 @@ def train(
             loss_sum, loss_count = 0.0, 0
             write_json(out_dir / "history.json", history)
             progress.set_postfix(loss=f"{row['train_loss']:.3f}", exact=f"{row['exact_match']:.3f}")
+        if done in schedule:
+            _save_snapshot(model, out_dir, done)
         if done % settings_obj.checkpoint_every == 0 and done < settings_obj.steps:
             _save_train_state(out_dir, model, optimizer, done)
             write_json(out_dir / "history.json", history)

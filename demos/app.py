@@ -1,0 +1,213 @@
+"""`poslens demo`: a local Dash app for activation patching on trained addition models.
+
+Pick a model, type a clean prompt (`123+456=`), pick a corruption, and read: both answers and
+the correct ones; the layer × position activation-patching heatmap (`resid_pre`, `resid_mid` or
+`resid_post`; click a cell for the first-digit distribution before and after that patch); the
+residual-cut view; one head's attention pattern; and the position probe's prediction at every
+layer. Every number comes from `demos.panels`; this module only lays them out and wires the
+callbacks. Bad input shows an inline message and leaves the last good panels in place.
+
+`make_app(models)` builds the app, `make_server(app, port)` binds it to 127.0.0.1 (port 0 picks
+a free one) and `serve(models, port=...)` runs it until interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+import dash
+import pandas as pd
+import torch
+from dash import Input, Output, dcc, html
+from werkzeug.serving import BaseWSGIServer
+from werkzeug.serving import make_server as make_wsgi_server
+
+from analyses.patching import patching_heatmap
+from demos.panels import (CORRUPTIONS, SITES, DemoModel, ModelStore, answer_distribution, answers, attention_figure,
+                          corrupt_prompt, distribution_figure, message_figure, operand_positions, parse_prompt,
+                          patch_effects, probe_figure, probe_predictions, prompt_text, residual_cut_answers,
+                          residual_cut_figure)
+
+HOST = "127.0.0.1"
+DEFAULT_PROMPT = "123+456="
+CLICK_HINT = "click a heatmap cell to see the first answer digit before and after that patch"
+ROW = {"display": "flex", "gap": "1.5em", "alignItems": "center", "flexWrap": "wrap", "margin": "0.5em 0"}
+
+
+def _answers_view(table) -> list:
+    """One line per run: prompt → the model's answer and the correct one."""
+    lines = []
+    for row in table.itertuples():
+        mark = "✓" if row.is_correct else "✗"
+        value = "?" if pd.isna(row.answer_value) else row.answer_value
+        lines.append(html.Div(f"{row.run:9} {row.prompt} → model {row.answer} (= {value}) {mark}   "
+                              f"correct {row.correct_answer} (= {row.correct_value})", id=f"answer-{row.run}"))
+    return lines
+
+
+def _model_options(demo: DemoModel) -> tuple[list[dict], list[int], list[int]]:
+    """Choices that depend on the model: swappable positions (labelled with their roles), layers, heads."""
+    swap = [{"label": f"{position}:{demo.task.roles[position]}", "value": position}
+            for position in operand_positions(demo.task)]
+    return swap, list(range(demo.model.cfg.n_layers)), list(range(demo.model.cfg.n_heads))
+
+
+def _layout(store: ModelStore) -> html.Div:
+    swap, layers, heads = _model_options(store[store.names[0]])
+    return html.Div([
+        html.H2("poslens: where does a transformer keep token position?"),
+        html.Div([
+            html.Label(["model ", dcc.Dropdown(store.names, store.names[0], id="model", clearable=False,
+                                               style={"width": "22em"})]),
+            html.Label(["clean prompt ", dcc.Input(id="prompt", value=DEFAULT_PROMPT, debounce=True, type="text")]),
+        ], style=ROW),
+        html.Div([
+            html.Label(["corruption ", dcc.RadioItems([{"label": label, "value": kind} for kind, label
+                                                       in CORRUPTIONS.items()], "swap", id="corruption", inline=True)]),
+            html.Label(["swap ", dcc.Dropdown(swap, swap[0]["value"], id="swap-i", clearable=False,
+                                              style={"width": "7em"})]),
+            html.Label(["with ", dcc.Dropdown(swap, swap[2]["value"], id="swap-j", clearable=False,
+                                              style={"width": "7em"})]),
+            html.Label(["second prompt ", dcc.Input(id="second-prompt", value="", debounce=True, type="text",
+                                                    placeholder="e.g. 124+456=")]),
+        ], style=ROW),
+        html.Div(id="message", role="alert", style={"color": "crimson", "fontWeight": "bold", "minHeight": "1.2em"}),
+        html.Div(id="answers", style={"fontFamily": "monospace", "whiteSpace": "pre", "margin": "0.5em 0"}),
+        dcc.Store(id="state"),
+        html.H3("activation patching: clean → corrupted"),
+        dcc.RadioItems(list(SITES), "resid_pre", id="site", inline=True),
+        html.Div([dcc.Graph(id="heatmap", style={"flex": "1"}), dcc.Graph(id="distribution", style={"flex": "1"})],
+                 style={"display": "flex"}),
+        html.H3("residual cuts"),
+        dcc.Graph(id="cuts"),
+        html.H3("attention"),
+        html.Div([html.Label(["layer ", dcc.Dropdown(layers, 0, id="attn-layer", clearable=False,
+                                                     style={"width": "6em"})]),
+                  html.Label(["head ", dcc.Dropdown(heads, 0, id="attn-head", clearable=False,
+                                                    style={"width": "6em"})])], style=ROW),
+        dcc.Graph(id="attention"),
+        html.H3("position probe"),
+        dcc.Graph(id="probe"),
+    ], style={"fontFamily": "sans-serif", "margin": "1em"})
+
+
+def make_app(models: Mapping[str, str | Path] | ModelStore, *, device: str = "cpu") -> dash.Dash:
+    """The demo app over `models` (name → checkpoint folder, see `demos.panels.discover_models`,
+    or a `ModelStore` whose models are already loaded).
+
+    Models are loaded on first use and kept; callbacks run one at a time (the models' hooks are
+    shared state), so concurrent requests never see each other's patches.
+    """
+    store = models if isinstance(models, ModelStore) else ModelStore(models, device=device)
+    lock = threading.Lock()
+    app = dash.Dash(__name__, title="poslens demo")
+    app.layout = _layout(store)
+
+    def restore(state: dict):
+        demo = store[state["model"]]
+        return demo, torch.tensor(state["clean"]), torch.tensor(state["corrupted"])
+
+    @app.callback(Output("swap-i", "options"), Output("swap-j", "options"), Output("attn-layer", "options"),
+                  Output("attn-head", "options"), Input("model", "value"), prevent_initial_call=True)
+    def model_options(name):
+        with lock:
+            swap, layers, heads = _model_options(store[name])
+        return swap, swap, layers, heads
+
+    @app.callback(Output("message", "children"), Output("answers", "children"), Output("state", "data"),
+                  Output("cuts", "figure"), Output("probe", "figure"),
+                  Input("model", "value"), Input("prompt", "value"), Input("corruption", "value"),
+                  Input("swap-i", "value"), Input("swap-j", "value"), Input("second-prompt", "value"))
+    def update(name, prompt, kind, swap_i, swap_j, second_prompt):
+        with lock:
+            try:
+                demo = store[name]
+                clean = parse_prompt(demo, prompt or "")
+                corrupted = corrupt_prompt(demo, clean, kind, positions=(swap_i, swap_j),
+                                           second_prompt=second_prompt or "")
+                answer_table = answers(demo, clean, corrupted)
+                cuts = residual_cut_figure(residual_cut_answers(demo, clean))
+                probe = probe_figure(probe_predictions(demo, clean))
+            except ValueError as error:
+                return str(error), dash.no_update, dash.no_update, dash.no_update, dash.no_update
+        state = {"model": name, "clean": clean.tolist(), "corrupted": corrupted.tolist()}
+        return "", _answers_view(answer_table), state, cuts, probe
+
+    @app.callback(Output("heatmap", "figure"), Input("state", "data"), Input("site", "value"))
+    def heatmap(state, site):
+        if not state:
+            return message_figure("type a prompt")
+        with lock:
+            demo, clean, corrupted = restore(state)
+            try:
+                table, metric = patch_effects(demo, clean, corrupted, site)
+            except ValueError as error:
+                return message_figure(str(error))
+        figure = patching_heatmap(table, site, title=f"{site}: {metric}, patching {prompt_text(demo, clean)} "
+                                                     f"into {prompt_text(demo, corrupted)}")
+        return figure.update_traces(colorbar_title=metric.replace(" ", "<br>", 1))
+
+    @app.callback(Output("distribution", "figure"), Input("heatmap", "clickData"), Input("state", "data"),
+                  Input("site", "value"))
+    def distribution(click, state, site):
+        if dash.ctx.triggered_id != "heatmap" or not click or not state:
+            return message_figure(CLICK_HINT)
+        point = click["points"][0]
+        layer, position = int(point["y"]), int(str(point["x"]).split(":")[0])
+        with lock:
+            demo, clean, corrupted = restore(state)
+            try:
+                table = answer_distribution(demo, clean, corrupted, site, layer, position)
+            except ValueError as error:
+                return message_figure(str(error))
+        return distribution_figure(table, title=f"first answer digit, {site} layer {layer} position {position} patched")
+
+    @app.callback(Output("attention", "figure"), Input("state", "data"), Input("attn-layer", "value"),
+                  Input("attn-head", "value"))
+    def attention(state, layer, head):
+        if not state:
+            return message_figure("type a prompt")
+        with lock:
+            demo, clean, corrupted = restore(state)
+            try:
+                return attention_figure(demo, clean, corrupted, int(layer), int(head))
+            except ValueError as error:
+                return message_figure(str(error))
+
+    return app
+
+
+def check_port(port: int) -> int:
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an integer in 0..65535 (0 = any free port), got {port!r}")
+    return port
+
+
+def make_server(app: dash.Dash, port: int = 8050) -> BaseWSGIServer:
+    """A threaded WSGI server for `app` on 127.0.0.1:`port`; port 0 binds a free port (`.server_port`)."""
+    check_port(port)
+    try:
+        return make_wsgi_server(HOST, port, app.server, threaded=True)
+    except OSError as error:
+        raise ValueError(f"cannot listen on {HOST}:{port} ({error}); choose another port") from error
+
+
+def serve(models: Mapping[str, str | Path], *, port: int = 8050, device: str = "cpu", quiet: bool = False) -> None:
+    """Run the demo on http://127.0.0.1:`port` until interrupted (Ctrl-C). The first model, its
+    position probe and its residual-cut table are prepared before the server starts."""
+    store = ModelStore(models, device=device)
+    server = make_server(make_app(store), port)
+    if not quiet:
+        print(f"preparing {store.names[0]} (position probe, residual cuts)…", flush=True)
+    store[store.names[0]].prepare()
+    logging.getLogger("werkzeug").setLevel(logging.WARNING if quiet else logging.INFO)
+    print(f"poslens demo on http://{HOST}:{server.server_port}/ (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

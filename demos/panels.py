@@ -1,0 +1,410 @@
+"""What the demo's panels show, computed for one addition model and one clean/corrupted prompt pair.
+
+Plain functions on tensors, DataFrames and plotly figures, shared by the Dash app
+(`demos.app`), the static page (`demos.static`) and notebooks, and tested without a browser.
+Prompts are validated here, so every bad input becomes a `ValueError` whose message the app
+shows inline. Token tensors stay on the CPU; each function moves what it runs to the model's
+device.
+
+Table schemas (one row per measurement):
+
+- `answers`: run (`clean`/`corrupted`), prompt, answer (the model's greedy answer as written,
+  least-significant digit first by default), answer_value (that answer as a number; `<NA>`
+  when the model wrote a non-digit), correct_answer, correct_value, is_correct.
+- `patch_effects`: site, layer, position, role, value (as `analyses.patching.activation_patching`).
+- `answer_distribution`: run (`clean`, `corrupted`, `patched`), answer, token, probability.
+- `residual_cut_answers`: block (−1 = no cut), sublayer, exact_match (on held-out sums),
+  answer, is_correct.
+- `probe_predictions`: site, position, token, predicted, probability, true_probability.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property, partial
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float, Int
+from plotly.subplots import make_subplots
+from torch import Tensor
+from transformer_lens import patching
+from transformer_lens.utilities import get_act_name
+
+from analyses.patching import PATCH_SITES, corrupt, first_answer_logit_diff, residual_cut_effects
+from hooks import capture_residuals, cut_residual
+from probes import PositionProbe, flatten_tokens
+from tasks import Addition
+from tasks.addition import BOS
+from variants import HookedTransformer, load, load_task, preset, train
+
+# `transformer_lens.patching` has no ready-made resid_post patcher; this is the same generic patch.
+SITES = {**PATCH_SITES, "resid_post": partial(patching.generic_activation_patch,
+                                               patch_setter=patching.layer_pos_patch_setter,
+                                               activation_name="resid_post", index_axis_names=("layer", "pos"))}
+CORRUPTIONS = {"swap": "swap two positions", "operands": "swap the operands", "prompt": "a second prompt"}
+LOGIT_DIFF, KL_RESTORED = "normalised logit diff", "fraction of KL restored"
+
+# The built-in model: NoPE-causal (the variant the demo is about) at the default (quick preset) size,
+# trained once into DEFAULT_MODEL_DIR (resumable); 1500 steps reached 100% held-out exact match at
+# step 1250 when measured (README "Demo").
+DEFAULT_MODEL_DIR = Path("runs/demo-default")
+DEFAULT_VARIANT = "nope-causal"
+DEFAULT_STEPS = 1500
+
+
+@dataclass
+class DemoModel:
+    """A trained addition model with what the demo computes once per model (lazily, then cached)."""
+
+    name: str
+    model: HookedTransformer
+    task: Addition
+    n_sequences: int = 300
+
+    @cached_property
+    def probe(self) -> PositionProbe:
+        """Position probe at every residual site, fitted on the first `n_sequences` held-out prompts."""
+        prompts = self.task.test_set()[: self.n_sequences, : self.task.prompt_len]
+        activations = capture_residuals(self.model, prompts).activations.float()
+        return PositionProbe().fit(*flatten_tokens(activations, torch.arange(len(prompts))))
+
+    @cached_property
+    def cut_effects(self) -> pd.DataFrame:
+        """`analyses.patching.residual_cut_effects` on the first `n_sequences` held-out sums."""
+        return residual_cut_effects(self.model, self.task, n_sequences=self.n_sequences)
+
+    def prepare(self) -> DemoModel:
+        """Compute the probe and the cut table now rather than on first use."""
+        _ = self.probe, self.cut_effects  # cached properties: computed here, once
+        return self
+
+
+def discover_models(directory: str | Path) -> dict[str, Path]:
+    """Checkpoint folders by name: `directory` itself if it is one (holds `config.json`), else
+    the `runs/<name>/` folders of a `poslens reproduce` output, else its checkpoint subfolders."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model folder {directory} does not exist")
+    if (directory / "config.json").is_file():
+        return {directory.name: directory}
+    parent = directory / "runs" if (directory / "runs").is_dir() else directory
+    found = {child.name: child for child in sorted(parent.iterdir()) if (child / "config.json").is_file()}
+    if not found:
+        raise FileNotFoundError(f"{directory} holds no poslens checkpoint: expected config.json in it, in "
+                                "runs/<name>/ (a reproduce output) or in its subfolders")
+    return found
+
+
+def load_demo_model(directory: str | Path, *, name: str | None = None, device: str = "cpu",
+                    n_sequences: int = 300) -> DemoModel:
+    """The checkpoint in `directory` with its task, which must be addition; the probe and the
+    cut table will use `n_sequences` held-out sequences."""
+    task = load_task(directory)
+    if not isinstance(task, Addition):
+        raise ValueError(f"{directory} was trained on {task.name!r}; the demo needs an 'addition' model")
+    return DemoModel(name or Path(directory).name, load(directory, device=device), task, n_sequences)
+
+
+class ModelStore:
+    """Demo models by name, loaded on first use and then kept (probes and cut tables with them)."""
+
+    def __init__(self, paths: Mapping[str, str | Path], *, device: str = "cpu", n_sequences: int = 300):
+        if not paths:
+            raise ValueError("the demo needs at least one model folder")
+        self.paths = {name: Path(path) for name, path in paths.items()}
+        self.device, self.n_sequences = device, n_sequences
+        self._loaded: dict[str, DemoModel] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.paths)
+
+    def __getitem__(self, name: str) -> DemoModel:
+        if name not in self.paths:
+            raise ValueError(f"unknown model {name!r}; allowed: {self.names}")
+        if name not in self._loaded:
+            self._loaded[name] = load_demo_model(self.paths[name], name=name, device=self.device,
+                                                 n_sequences=self.n_sequences)
+        return self._loaded[name]
+
+
+def default_model(out_dir: str | Path = DEFAULT_MODEL_DIR, *, device: str = "cpu", quiet: bool = False) -> Path:
+    """The built-in demo model's folder, trained there first if needed (an interrupted run resumes)."""
+    train(preset(DEFAULT_VARIANT, device=device), Addition(), out_dir=out_dir, resume=True, quiet=quiet,
+          steps=DEFAULT_STEPS)
+    return Path(out_dir)
+
+
+# prompts -------------------------------------------------------------------------------------------------------------
+
+def parse_prompt(demo: DemoModel, text: str) -> Int[Tensor, "1 seq"]:
+    """The full sequence (prompt and correct answer) of a typed prompt such as `123+456=`.
+
+    Refuses, in this order, a character outside the model's vocabulary, a prompt longer than
+    its context (both by `HookedTransformer.to_tokens`) and a prompt that is not two zero-padded
+    `n_digits`-digit operands. A BOS token, if the task has one, is added here, not typed.
+    """
+    task, text = demo.task, text.strip()
+    demo.model.to_tokens((BOS if task.bos else "") + text)
+    n = task.n_digits
+    match = re.fullmatch(r"(\d+)\+(\d+)=", text)
+    if match is None or len(match[1]) != n or len(match[2]) != n:
+        example = "1" * n + "+" + "2" * n + "="
+        raise ValueError(f"prompt {text!r} is not two {n}-digit operands: type each operand with exactly {n} digits "
+                         f"(zero-padded) and end with '=', e.g. {example!r}")
+    return task.encode(torch.tensor([int(match[1])]), torch.tensor([int(match[2])]))
+
+
+def operand_positions(task: Addition) -> list[int]:
+    """Sequence positions of the operand digits: the positions a swap may exchange."""
+    return [position for position, role in enumerate(task.roles) if role[0] in "xy"]
+
+
+def corrupt_prompt(demo: DemoModel, clean: Int[Tensor, "1 seq"], kind: str, *, positions: tuple[int, int] = (0, 2),
+                   second_prompt: str = "") -> Int[Tensor, "1 seq"]:
+    """The corrupted sequence: `swap` exchanges the operand digits at `positions`
+    (`analyses.patching.corrupt`), `operands` writes b+a for a+b, `prompt` parses `second_prompt`.
+    A corruption that leaves the prompt as it is is refused: there would be nothing to patch."""
+    if kind == "swap":
+        corrupted = corrupt(demo.task, clean, "swap", positions=positions)
+    elif kind == "operands":
+        a, b = demo.task.decode_operands(clean)
+        corrupted = demo.task.encode(b, a)
+    elif kind == "prompt":
+        corrupted = parse_prompt(demo, second_prompt)
+    else:
+        raise ValueError(f"unknown corruption {kind!r}; allowed: {list(CORRUPTIONS)}")
+    if torch.equal(corrupted, clean):
+        raise ValueError(f"the corruption {CORRUPTIONS[kind]!r} leaves {prompt_text(demo, clean)!r} unchanged; "
+                         "pick one that changes the prompt (e.g. two positions holding different digits)")
+    return corrupted
+
+
+def prompt_text(demo: DemoModel, sequence: Int[Tensor, "1 seq"]) -> str:
+    """The prompt of a sequence as the user types it (without BOS)."""
+    return demo.model.to_string(sequence[0, int(demo.task.bos) : demo.task.prompt_len])
+
+
+# answers -------------------------------------------------------------------------------------------------------------
+
+def answer_value(task: Addition, answer: str) -> int | None:
+    """The number an answer string writes (digits least-significant first if the task reverses
+    answers), or None if the model wrote a non-digit."""
+    if not answer.isdigit():
+        return None
+    return int(answer[::-1] if task.reverse_answer else answer)
+
+
+@torch.no_grad()
+def greedy_answer(demo: DemoModel, sequence: Int[Tensor, "1 seq"], hooks: list = ()) -> str:
+    """The model's greedy answer to the prompt of `sequence`, under `hooks` if given."""
+    n_answer = demo.task.seq_len - demo.task.prompt_len
+    with demo.model.hooks(fwd_hooks=list(hooks)):
+        tokens = demo.model.generate(sequence[:, : demo.task.prompt_len].to(demo.model.cfg.device), n_answer)
+    return demo.model.to_string(tokens[0])
+
+
+def answers(demo: DemoModel, clean: Int[Tensor, "1 seq"], corrupted: Int[Tensor, "1 seq"]) -> pd.DataFrame:
+    """The model's answer and the correct one for both prompts (schema in the module docstring)."""
+    rows = []
+    for run, sequence in (("clean", clean), ("corrupted", corrupted)):
+        answer = greedy_answer(demo, sequence)
+        correct = demo.model.to_string(sequence[0, demo.task.prompt_len :])
+        rows.append({"run": run, "prompt": prompt_text(demo, sequence), "answer": answer,
+                     "answer_value": answer_value(demo.task, answer), "correct_answer": correct,
+                     "correct_value": answer_value(demo.task, correct), "is_correct": answer == correct})
+    return pd.DataFrame(rows).astype({"answer_value": "Int64", "correct_value": "Int64"})
+
+
+# activation patching -------------------------------------------------------------------------------------------------
+
+def check_site(site: str) -> str:
+    if site not in SITES:
+        raise ValueError(f"unknown patching site {site!r}; allowed: {list(SITES)}")
+    return site
+
+
+@torch.no_grad()
+def restoration_metric(demo: DemoModel, clean: Int[Tensor, "1 seq"], corrupted: Int[Tensor, "1 seq"]):
+    """A metric on prompt logits that is 0 for the corrupted run and 1 for the clean run, and its name.
+
+    When the two correct answers differ in their first digit it is the normalised logit difference
+    of those digits (`analyses.patching.first_answer_logit_diff`, as in `poslens reproduce`). When
+    they share it (swapping the operands never changes the sum), it is the fraction of the KL
+    divergence KL(clean ‖ corrupted) of the first-digit distribution that a patch removes.
+    """
+    model, prompt_len = demo.model, demo.task.prompt_len
+    clean_logits = model(clean[:, :prompt_len].to(model.cfg.device))
+    corrupted_logits = model(corrupted[:, :prompt_len].to(model.cfg.device))
+    if clean[0, prompt_len] != corrupted[0, prompt_len]:
+        raw, name = first_answer_logit_diff(clean.to(model.cfg.device), corrupted.to(model.cfg.device),
+                                            prompt_len), LOGIT_DIFF
+    else:
+        clean_log_probs = clean_logits[:, -1].log_softmax(-1)
+
+        def raw(logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
+            log_probs = logits[:, -1].log_softmax(-1)
+            return -(clean_log_probs.exp() * (clean_log_probs - log_probs)).sum(-1).mean()
+
+        name = KL_RESTORED
+    clean_value, corrupted_value = raw(clean_logits), raw(corrupted_logits)
+    if abs(float(clean_value - corrupted_value)) < 1e-6:
+        raise ValueError(f"{demo.name} gives the same first-digit logits for {prompt_text(demo, clean)!r} and "
+                         f"{prompt_text(demo, corrupted)!r} ({name} undefined): patching has nothing to restore")
+    return (lambda logits: (raw(logits) - corrupted_value) / (clean_value - corrupted_value)), name
+
+
+@torch.no_grad()
+def patch_effects(demo: DemoModel, clean: Int[Tensor, "1 seq"], corrupted: Int[Tensor, "1 seq"],
+                  site: str = "resid_pre") -> tuple[pd.DataFrame, str]:
+    """Patch each (layer, position) of `site` from the clean run into the corrupted one; the
+    table (schema of `activation_patching`) and the name of the `restoration_metric` used."""
+    model, prompt_len = demo.model.eval(), demo.task.prompt_len
+    metric, name = restoration_metric(demo, clean, corrupted)
+    _, clean_cache = model.run_with_cache(clean[:, :prompt_len].to(model.cfg.device))
+    grid = SITES[check_site(site)](model, corrupted[:, :prompt_len].to(model.cfg.device), clean_cache, metric)
+    rows = [{"site": site, "layer": layer, "position": position, "role": demo.task.roles[position],
+             "value": float(grid[layer, position])} for layer in range(grid.shape[0]) for position in range(prompt_len)]
+    return pd.DataFrame(rows), name
+
+
+def patch_hook(demo: DemoModel, clean: Int[Tensor, "1 seq"], site: str, layer: int, position: int) -> tuple:
+    """A forward hook that writes the clean run's `site` activation at (`layer`, `position`)."""
+    if not 0 <= layer < demo.model.cfg.n_layers or not 0 <= position < demo.task.prompt_len:
+        raise ValueError(f"patch cell (layer {layer}, position {position}) is outside layers "
+                         f"0..{demo.model.cfg.n_layers - 1} and prompt positions 0..{demo.task.prompt_len - 1}")
+    name = get_act_name(check_site(site), layer)
+    _, clean_cache = demo.model.run_with_cache(clean[:, : demo.task.prompt_len].to(demo.model.cfg.device),
+                                               names_filter=name)
+
+    def hook(activation: Tensor, hook) -> Tensor:
+        activation[:, position] = clean_cache[name][:, position]
+        return activation
+
+    return name, hook
+
+
+@torch.no_grad()
+def answer_distribution(demo: DemoModel, clean: Int[Tensor, "1 seq"], corrupted: Int[Tensor, "1 seq"], site: str,
+                        layer: int, position: int) -> pd.DataFrame:
+    """First-answer-digit distribution of the clean run, the corrupted run, and the corrupted run
+    with (`site`, `layer`, `position`) patched from the clean one, with each run's greedy answer."""
+    model, prompt_len = demo.model, demo.task.prompt_len
+    patched_hooks = [patch_hook(demo, clean, site, layer, position)]
+    rows = []
+    for run, sequence, hooks in (("clean", clean, []), ("corrupted", corrupted, []),
+                                 ("patched", corrupted, patched_hooks)):
+        with model.hooks(fwd_hooks=hooks):
+            probabilities = model(sequence[:, :prompt_len].to(model.cfg.device))[0, -1].softmax(-1).cpu()
+        answer = greedy_answer(demo, sequence, hooks)
+        rows += [{"run": run, "answer": answer, "token": token, "probability": float(probability)}
+                 for token, probability in zip(model.cfg.alphabet, probabilities)]
+    return pd.DataFrame(rows)
+
+
+def distribution_figure(table: pd.DataFrame, title: str = "first answer digit") -> go.Figure:
+    """Grouped bars of an `answer_distribution` table: one colour per run, its answer in the legend."""
+    figure = go.Figure()
+    for run, rows in table.groupby("run", sort=False):
+        figure.add_trace(go.Bar(x=list(rows["token"]), y=rows["probability"], name=f"{run}: {rows['answer'].iloc[0]}"))
+    figure.update_layout(title=title, barmode="group", xaxis_title="first answer token", yaxis_title="probability",
+                         yaxis_range=[0, 1])
+    return figure
+
+
+def message_figure(text: str) -> go.Figure:
+    """An empty figure that says `text` (where a panel has nothing to show)."""
+    figure = go.Figure()
+    figure.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    figure.update_layout(xaxis_visible=False, yaxis_visible=False, height=250)
+    return figure
+
+
+# residual cuts, attention, probes ------------------------------------------------------------------------------------
+
+def residual_cut_answers(demo: DemoModel, clean: Int[Tensor, "1 seq"]) -> pd.DataFrame:
+    """For no cut and every block × sublayer cut: held-out exact match (`demo.cut_effects`) and
+    the model's answer to this prompt with that residual connection removed."""
+    correct = demo.model.to_string(clean[0, demo.task.prompt_len :])
+    rows = []
+    for cut in demo.cut_effects.itertuples():
+        hooks = [] if cut.block < 0 else cut_residual(int(cut.block), cut.sublayer)
+        answer = greedy_answer(demo, clean, hooks)
+        rows.append({"block": int(cut.block), "sublayer": cut.sublayer, "exact_match": float(cut.exact_match),
+                     "answer": answer, "is_correct": answer == correct})
+    return pd.DataFrame(rows)
+
+
+def residual_cut_figure(table: pd.DataFrame, title: str = "") -> go.Figure:
+    """Held-out exact match per residual cut, each bar labelled with this prompt's answer
+    (green when correct, red when not)."""
+    labels = ["none" if row.block < 0 else f"block {row.block}: {row.sublayer}" for row in table.itertuples()]
+    figure = go.Figure(go.Bar(x=labels, y=table["exact_match"], text=table["answer"], textposition="outside",
+                              marker_color=["seagreen" if ok else "crimson" for ok in table["is_correct"]]))
+    figure.update_layout(title=title or "residual cuts: held-out exact match; bar label = this prompt's answer",
+                         xaxis_title="residual connection removed", yaxis_title="exact match", yaxis_range=[0, 1.15])
+    return figure
+
+
+def token_labels(demo: DemoModel, sequence: Int[Tensor, "1 seq"]) -> list[str]:
+    """`position:character` for each prompt token (axis labels)."""
+    prompt = demo.model.to_string(sequence[0, : demo.task.prompt_len])
+    return [f"{position}:{char}" for position, char in enumerate(prompt)]
+
+
+@torch.no_grad()
+def attention_figure(demo: DemoModel, clean: Int[Tensor, "1 seq"], corrupted: Int[Tensor, "1 seq"], layer: int,
+                     head: int) -> go.Figure:
+    """Attention pattern (query × key) of one head on the clean and the corrupted prompt, side by side."""
+    cfg = demo.model.cfg
+    if not 0 <= layer < cfg.n_layers or not 0 <= head < cfg.n_heads:
+        raise ValueError(f"attention layer {layer}, head {head} is outside layers 0..{cfg.n_layers - 1} "
+                         f"and heads 0..{cfg.n_heads - 1}")
+    name = get_act_name("pattern", layer)
+    figure = make_subplots(rows=1, cols=2, subplot_titles=[f"clean {prompt_text(demo, clean)}",
+                                                           f"corrupted {prompt_text(demo, corrupted)}"])
+    for column, sequence in enumerate((clean, corrupted), start=1):
+        _, cache = demo.model.run_with_cache(sequence[:, : demo.task.prompt_len].to(cfg.device), names_filter=name)
+        labels = token_labels(demo, sequence)
+        figure.add_trace(go.Heatmap(z=cache[name][0, head].cpu().numpy(), x=labels, y=labels, zmin=0, zmax=1,
+                                    colorscale="Blues", showscale=column == 2), row=1, col=column)
+        figure.update_yaxes(autorange="reversed", title_text="query" if column == 1 else None, row=1, col=column)
+        figure.update_xaxes(title_text="key", row=1, col=column)
+    figure.update_layout(title=f"attention pattern, layer {layer} head {head}")
+    return figure
+
+
+@torch.no_grad()
+def probe_predictions(demo: DemoModel, clean: Int[Tensor, "1 seq"]) -> pd.DataFrame:
+    """The fitted position probe's prediction at every residual site for every prompt token."""
+    prompt = clean[:, : demo.task.prompt_len]
+    capture = capture_residuals(demo.model, prompt)
+    probabilities = demo.probe.predict_proba(capture.activations[:, 0].float())  # [site, position, class]
+    text = demo.model.to_string(prompt[0])
+    rows = [{"site": site, "position": position, "token": text[position],
+             "predicted": int(probabilities[index, position].argmax()),
+             "probability": float(probabilities[index, position].max()),
+             "true_probability": float(probabilities[index, position, position])}
+            for index, site in enumerate(capture.sites) for position in range(len(text))]
+    return pd.DataFrame(rows)
+
+
+def probe_figure(table: pd.DataFrame, title: str = "") -> go.Figure:
+    """Site × token heatmap of a `probe_predictions` table: colour = probability of the true
+    position, text = the predicted position."""
+    sites = list(dict.fromkeys(table["site"]))
+    labels = [f"{row.position}:{row.token}" for row in table.drop_duplicates("position").itertuples()]
+    shape = (len(sites), len(labels))
+    figure = go.Figure(go.Heatmap(z=table["true_probability"].to_numpy().reshape(shape),
+                                  text=table["predicted"].to_numpy().reshape(shape), texttemplate="%{text}",
+                                  x=labels, y=sites, zmin=0, zmax=1, colorscale="Greens",
+                                  colorbar={"title": "P(true<br>position)"}))
+    figure.update_layout(title=title or "position probe: predicted position (text), P(true position) (colour)",
+                         xaxis_title="position:token", yaxis={"autorange": "reversed"})
+    return figure
+
