@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
+from contextlib import redirect_stderr, redirect_stdout
+
 import pytest
 import torch
 
+from demos.cli import main
 from tasks import Addition
 from variants import preset, train
 
@@ -12,6 +16,14 @@ from variants import preset, train
 torch.set_num_threads(1)
 
 TINY = {"d_model": 32, "d_head": 8, "d_mlp": 64}
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """`poslens ARGV...` in process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
 
 
 def tiny(name: str, **overrides):

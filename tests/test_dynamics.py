@@ -1,22 +1,27 @@
 """Training dynamics: attention entropy against its references, rebound and decodability on
 hand-made curves, the whole walk over a tiny run's snapshots, and `poslens dynamics`."""
 
-import io
 import json
 import math
-from contextlib import redirect_stderr, redirect_stdout
 
 import pandas as pd
 import pytest
 import torch
 
-from analyses.cli import main
-from analyses.dynamics import (ENTROPY_COLUMNS, METRIC_COLUMNS, PROBE_STEP_COLUMNS, attention_entropy,
-                               attention_summary, decodable_steps, entropy_rebound, training_dynamics,
-                               uniform_entropy_reference)
+from analyses.dynamics import (
+    ENTROPY_COLUMNS,
+    METRIC_COLUMNS,
+    PROBE_STEP_COLUMNS,
+    attention_entropy,
+    attention_summary,
+    decodable_steps,
+    entropy_rebound,
+    training_dynamics,
+    uniform_entropy_reference,
+)
 from analyses.induction import MARKOV_MODEL, MARKOV_TASK, MARKOV_TRAINING
 from analyses.tables import read_table, validate_probe_table
-from tests.conftest import tiny
+from tests.conftest import run_cli, tiny
 from variants import build, train
 from variants.training import list_snapshots
 
@@ -157,18 +162,11 @@ def test_training_dynamics_needs_snapshots(tmp_path, addition):
         training_dynamics(tmp_path, quiet=True)
 
 
-def run(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(list(argv))
-    return code, out.getvalue(), err.getvalue()
-
-
 def test_cli_writes_outputs_and_refuses_to_overwrite(tmp_path):
     out = tmp_path / "dyn"
     args = ("dynamics", "--variant", "nope-causal", "--task", "addition", "--layers", "1", "--d-model", "32",
             "--steps", "12", "--checkpoints", "3", "--sequences", "40", "--out", str(out), "--quiet")
-    code, text, err = run(*args)
+    code, text, err = run_cli(*args)
     assert code == 0, err
     assert "| variant | seed | layer | measure |" in text and "4 snapshots" in text
     assert [step for step, _ in list_snapshots(out / "run")] == [0, 1, 3, 12]
@@ -181,10 +179,10 @@ def test_cli_writes_outputs_and_refuses_to_overwrite(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "nope-causal on addition" in summary and "uniform attention: 1.591 nats" in summary
     before = (out / "summary.md").read_bytes(), (out / "tables" / "metrics.csv").read_bytes()
-    code, _, err = run(*args)
+    code, _, err = run_cli(*args)
     assert code == 2 and "already holds dynamics outputs" in err and "--force" in err
     assert ((out / "summary.md").read_bytes(), (out / "tables" / "metrics.csv").read_bytes()) == before
-    code, _, err = run(*args, "--force")
+    code, _, err = run_cli(*args, "--force")
     assert code == 0, err
     assert (out / "tables" / "metrics.csv").read_bytes() == before[1]  # same seed, same numbers
 
@@ -192,18 +190,18 @@ def test_cli_writes_outputs_and_refuses_to_overwrite(tmp_path):
 def test_cli_rejects_bad_schedules(tmp_path):
     base = ("dynamics", "--variant", "nope-causal", "--task", "addition", "--layers", "1", "--d-model", "32",
             "--quiet")
-    code, _, err = run(*base, "--checkpoints", "0", "--out", str(tmp_path / "a"))
+    code, _, err = run_cli(*base, "--checkpoints", "0", "--out", str(tmp_path / "a"))
     assert code == 2 and "checkpoints must be an integer >= 1" in err and "got 0" in err
-    code, _, err = run(*base, "--steps", "5", "--checkpoints", "9", "--out", str(tmp_path / "b"))
+    code, _, err = run_cli(*base, "--steps", "5", "--checkpoints", "9", "--out", str(tmp_path / "b"))
     assert code == 2 and "k must be an integer in 0..5" in err and "got 9" in err
-    code, _, err = run(*base, "--steps", "0", "--out", str(tmp_path / "c"))
+    code, _, err = run_cli(*base, "--steps", "0", "--out", str(tmp_path / "c"))
     assert code == 2 and "steps must be >= 1, got 0" in err
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
 def test_cli_on_markov_adds_the_induction_analysis(tmp_path):
     out = tmp_path / "markov"
-    code, _, err = run("dynamics", "--variant", "nope-causal", "--task", "markov", "--layers", "1", "--d-model", "16",
+    code, _, err = run_cli("dynamics", "--variant", "nope-causal", "--task", "markov", "--layers", "1", "--d-model", "16",
                        "--steps", "2", "--checkpoints", "1", "--sequences", "8", "--out", str(out), "--quiet")
     assert code == 0, err
     run_config = json.loads((out / "run" / "run.json").read_text())

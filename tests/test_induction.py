@@ -5,7 +5,6 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
-from conftest import TINY
 from transformer_lens.head_detector import detect_head
 
 from analyses.induction import (
@@ -26,6 +25,7 @@ from analyses.induction import (
     uniform_pattern,
 )
 from tasks import MarkovICL
+from tests.conftest import TINY
 from variants import TrainSettings, build, preset
 
 
