@@ -34,7 +34,7 @@ def corrupt(task: Addition, tokens: Int[Tensor, "batch seq"], kind: str = "swap"
     """Corrupted copies of addition `tokens`: `swap` exchanges the operand digits at prompt
     `positions` (default: the first operand's hundreds and units); `permute` shuffles all
     operand digit positions (one random permutation for the batch); the answer is recomputed."""
-    operand_slots = [index for index, role in enumerate(task.roles) if role[0] in "xy"]
+    operand_slots = task.operand_positions
     if kind == "swap":
         if not set(positions) <= set(operand_slots) or len(set(positions)) != 2:
             raise ValueError(f"swap positions must be two distinct operand-digit positions {operand_slots}, got {positions}")

@@ -27,7 +27,7 @@ from werkzeug.serving import make_server as make_wsgi_server
 
 from analyses.patching import patching_heatmap
 from demos.panels import (CORRUPTIONS, SITES, DemoModel, ModelStore, answer_distribution, answers, attention_figure,
-                          corrupt_prompt, distribution_figure, message_figure, operand_positions, parse_prompt,
+                          corrupt_prompt, distribution_figure, message_figure, parse_prompt,
                           patch_effects, probe_figure, probe_predictions, prompt_text, residual_cut_answers,
                           residual_cut_figure)
 
@@ -51,7 +51,7 @@ def _answers_view(table) -> list:
 def _model_options(demo: DemoModel) -> tuple[list[dict], list[int], list[int]]:
     """Choices that depend on the model: swappable positions (labelled with their roles), layers, heads."""
     swap = [{"label": f"{position}:{demo.task.roles[position]}", "value": position}
-            for position in operand_positions(demo.task)]
+            for position in demo.task.operand_positions]
     return swap, list(range(demo.model.cfg.n_layers)), list(range(demo.model.cfg.n_heads))
 
 

@@ -160,11 +160,6 @@ def parse_prompt(demo: DemoModel, text: str) -> Int[Tensor, "1 seq"]:
     return task.encode(torch.tensor([int(match[1])]), torch.tensor([int(match[2])]))
 
 
-def operand_positions(task: Addition) -> list[int]:
-    """Sequence positions of the operand digits: the positions a swap may exchange."""
-    return [position for position, role in enumerate(task.roles) if role[0] in "xy"]
-
-
 def corrupt_prompt(demo: DemoModel, clean: Int[Tensor, "1 seq"], kind: str, *, positions: tuple[int, int] = (0, 2),
                    second_prompt: str = "") -> Int[Tensor, "1 seq"]:
     """The corrupted sequence: `swap` exchanges the operand digits at `positions`

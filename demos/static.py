@@ -18,7 +18,7 @@ import plotly.offline
 from tqdm.auto import tqdm
 
 from analyses.patching import patching_heatmap
-from demos.panels import (SITES, ModelStore, answers, corrupt_prompt, message_figure, operand_positions, parse_prompt,
+from demos.panels import (SITES, ModelStore, answers, corrupt_prompt, message_figure, parse_prompt,
                           patch_effects, prompt_text)
 from variants.storage import atomic_write
 
@@ -55,7 +55,7 @@ def static_figures(store: ModelStore, prompts: Sequence[str] = STATIC_PROMPTS, *
     for name, prompt in tqdm([(name, prompt) for name in store.names for prompt in prompts], desc="static page",
                              disable=quiet):
         demo = store[name]
-        swap = operand_positions(demo.task)
+        swap = demo.task.operand_positions
         clean = parse_prompt(demo, prompt)
         corrupted = corrupt_prompt(demo, clean, "swap", positions=(swap[0], swap[2]))
         line = "   ".join(f"{row.run} {row.prompt} → model {row.answer}, correct {row.correct_answer}"

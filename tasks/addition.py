@@ -67,6 +67,11 @@ class Addition:
             answer if self.reverse_answer else answer[::-1]
         )
 
+    @property
+    def operand_positions(self) -> list[int]:
+        """Positions of the operand digits (roles `x{k}` and `y{k}`): the ones a corruption may exchange."""
+        return [position for position, role in enumerate(self.roles) if role[0] in "xy"]
+
     def encode(self, a: Tensor, b: Tensor) -> Tensor:
         """Token sequences `[batch, seq]` for operand tensors `a`, `b` shaped `[batch]`."""
         n = self.n_digits

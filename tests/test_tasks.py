@@ -24,6 +24,7 @@ def test_addition_sequences_hold_the_right_sum(reverse, bos):
         assert body[3] == "+" and body[7] == "="
         assert digits_to_int(row[task.prompt_len:], reverse) == int(a) + int(b)
     assert len(task.roles) == task.seq_len and task.roles[task.prompt_len - 1] == "="
+    assert task.operand_positions == [p + int(bos) for p in (0, 1, 2, 4, 5, 6)]
 
 
 def test_addition_example_format():
