@@ -53,10 +53,17 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from analyses.induction import MARKOV_MODEL, MARKOV_TASK, MARKOV_TRAINING, InductionReport, induction_analysis
+from analyses.induction import (
+    MARKOV_MODEL,
+    MARKOV_TASK,
+    MARKOV_TRAINING,
+    InductionReport,
+    induction_analysis,
+)
 from analyses.probe_sweep import probe_sweep
 from analyses.reproduce import PRESETS, write_figure
 from analyses.tables import PROBE_COLUMNS, export_table, render_table
+from hooks import capture_patterns
 from tasks import Task, make_task
 from variants import HookedTransformer, VariantConfig, load, load_task, preset, train
 from variants.storage import atomic_write
@@ -123,11 +130,9 @@ def attention_summary(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]
     """Per layer and head: `attention_entropy` over `tokens` (rows layer, head, entropy_nats,
     entropy_normalised), and the mean attention pattern over the sequences."""
     causal = model.cfg.attention_dir == "causal"
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
     nats = normalised = patterns = 0.0
     for chunk in tokens.split(batch_size):
-        _, cache = model.run_with_cache(chunk.to(model.cfg.device), names_filter=lambda name: name in names)
-        stacked = torch.stack([cache[name] for name in names]).cpu()  # [layer, batch, head, query, key]
+        stacked = capture_patterns(model, chunk)[1].cpu()  # [layer, batch, head, query, key]
         entropies = [attention_entropy(pattern, causal=causal) for pattern in stacked]
         nats = nats + torch.stack([e.nats for e in entropies]) * len(chunk)
         normalised = normalised + torch.stack([e.normalised for e in entropies]) * len(chunk)

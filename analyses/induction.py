@@ -53,6 +53,7 @@ from transformer_lens.head_detector import (
     get_previous_token_head_detection_pattern,
 )
 
+from hooks import capture_patterns
 from tasks import MarkovICL
 from variants import HookedTransformer
 
@@ -212,13 +213,6 @@ def repeated_random_tokens(vocab: int, half_len: int, n_sequences: int, seed: in
     return torch.cat([first, first], dim=1)
 
 
-def _run(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]
-         ) -> tuple[Float[Tensor, "batch pos d_vocab"], Float[Tensor, "layer batch head query key"]]:
-    """Logits and every layer's attention pattern, caching nothing else."""
-    logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("attn.hook_pattern"))
-    return logits, torch.stack([cache["pattern", layer] for layer in range(model.cfg.n_layers)])
-
-
 def _rows(values: Float[Tensor, "layer batch head *rest"], chance: Tensor, **labels: list) -> list[dict]:
     """Tidy rows: mean and sem over the batch (NaNs ignored) per (layer, head, *labels)."""
     values = values.double()
@@ -287,12 +281,12 @@ def _analyse(model: HookedTransformer, task: MarkovICL, *, n_sequences: int, max
                           disable=quiet):
         data = data.to(model.cfg.device)
         inputs = data[:, :-1]
-        logits, patterns = _run(model, inputs)
+        logits, patterns = capture_patterns(model, inputs)
         offsets.append(offset_profile(patterns.flatten(0, 1), max_offset).unflatten(0, patterns.shape[:2]))
         matches.append(torch.stack([parent_match_score(patterns.flatten(0, 1), inputs.repeat(len(patterns), 1), n)
                                     .unflatten(0, patterns.shape[:2]) for n in parents], dim=-1))
         losses.append(F.cross_entropy(logits[:, -1].double(), data[:, -1], reduction="none").cpu())
-        rep_patterns = _run(model, rep.to(model.cfg.device))[1].flatten(0, 1)
+        rep_patterns = capture_patterns(model, rep)[1].flatten(0, 1)
         prev.append(previous_token_score(rep_patterns).unflatten(0, patterns.shape[:2]))
         induction.append(induction_score_second_half(rep_patterns, half_len).unflatten(0, patterns.shape[:2]))
 

@@ -1,7 +1,14 @@
 """Activation plumbing on TransformerLens hook names: capture, cut, ablate."""
 
-from hooks.capture import EMBED, Capture, capture_residuals, hook_name, residual_sites
+from hooks.capture import (
+           EMBED,
+           Capture,
+           capture_patterns,
+           capture_residuals,
+           hook_name,
+           residual_sites,
+)
 from hooks.interventions import cut_residual, mean_ablation, zero_ablation
 
-__all__ = ["EMBED", "Capture", "capture_residuals", "cut_residual", "hook_name", "mean_ablation",
+__all__ = ["EMBED", "Capture", "capture_patterns", "capture_residuals", "cut_residual", "hook_name", "mean_ablation",
            "residual_sites", "zero_ablation"]

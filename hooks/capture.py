@@ -84,3 +84,12 @@ def capture_residuals(model: HookedTransformer, tokens: Int[Tensor, "example pos
     finally:
         model.train(was_training)
     return Capture(out, sites)
+
+
+@torch.no_grad()
+def capture_patterns(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]
+                     ) -> tuple[Float[Tensor, "batch pos d_vocab"], Float[Tensor, "layer batch head query key"]]:
+    """Logits and every layer's attention pattern (`blocks.{l}.attn.hook_pattern`), caching nothing else."""
+    logits, cache = model.run_with_cache(tokens.to(model.cfg.device),
+                                         names_filter=lambda name: name.endswith("attn.hook_pattern"))
+    return logits, torch.stack([cache["pattern", layer] for layer in range(model.cfg.n_layers)])

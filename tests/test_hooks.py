@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hooks import capture_residuals, cut_residual, mean_ablation, residual_sites, zero_ablation
+from hooks import capture_patterns, capture_residuals, cut_residual, mean_ablation, residual_sites, zero_ablation
 from tests.conftest import tiny
 from variants import build
 
@@ -77,3 +77,14 @@ def test_ablations(model):
     assert torch.equal(averaged["blocks.1.hook_resid_pre"][3, 4], mean.mean(0))
     with pytest.raises(ValueError, match=r"mean must be shaped \[d_model\] or \[pos, d_model\]"):
         mean_ablation("embed", torch.zeros(2, 3, 4))
+
+
+def test_capture_patterns_matches_the_cache(addition):
+    model = build(tiny("nope-causal"))
+    tokens = addition.test_set()[:3, :-1]
+    logits, patterns = capture_patterns(model, tokens)
+    full_logits, cache = model.run_with_cache(tokens)
+    assert patterns.shape == (2, 3, model.cfg.n_heads, tokens.shape[1], tokens.shape[1])
+    torch.testing.assert_close(logits, full_logits)
+    torch.testing.assert_close(patterns[1], cache["blocks.1.attn.hook_pattern"])
+    torch.testing.assert_close(patterns.sum(-1), torch.ones(patterns.shape[:-1]))
