@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 from pandas.io.json import build_table_schema
 
-from variants.storage import atomic_write
+from poslens.variants.storage import atomic_write
 
 PROBE_COLUMNS: tuple[str, ...] = ("variant", "seed", "site", "layer", "probe", "metric", "value", "baseline")
 PROBE_DTYPES: dict[str, str] = {
@@ -92,13 +92,13 @@ def validate_probe_table(df: pd.DataFrame) -> pd.DataFrame:
     site, and no repeated ``(variant, seed, site, probe, metric, baseline)``
     key (a repeat would silently count as an extra seed).
     """
-    _check_columns(df)
+    _check_probe_columns(df)
     _check_dtypes(df)
     _check_values(df)
     return df
 
 
-def _check_columns(df: pd.DataFrame) -> None:
+def _check_probe_columns(df: pd.DataFrame) -> None:
     missing = [c for c in PROBE_COLUMNS if c not in df.columns]
     extra = [c for c in df.columns if c not in PROBE_COLUMNS]
     if missing or extra:
@@ -140,13 +140,21 @@ def summarise_seeds(df: pd.DataFrame) -> pd.DataFrame:
     """
     validate_probe_table(df)
     keys = ["variant", "probe", "metric", "baseline", "layer", "site"]
-    summary = (
-        df.groupby(keys, sort=True)["value"]
-        .agg(mean="mean", std="std", n_seeds="count")
-        .reset_index()
-    )
-    summary["n_seeds"] = summary["n_seeds"].astype("int64")
+    summary = seed_summary(df, keys, ["value"], sort=True)
+    summary = summary.rename(columns={"value_mean": "mean", "value_std": "std", "value_n_seeds": "n_seeds"})
     return summary[["variant", "site", "layer", "probe", "metric", "baseline", "mean", "std", "n_seeds"]]
+
+
+def seed_summary(df: pd.DataFrame, keys: list[str], values: list[str], *, sort: bool = False) -> pd.DataFrame:
+    """Mean, sample std (NaN for one seed) and count of non-NaN values of each `values` column
+    over the rows (seeds) sharing `keys`: columns `{value}_mean`, `{value}_std`, `{value}_n_seeds`.
+    Groups keep their first appearance's order unless `sort`."""
+    summary = df.groupby(keys, sort=sort)[values].agg(["mean", "std", "count"])
+    summary.columns = [f"{value}_{'n_seeds' if statistic == 'count' else statistic}"
+                       for value, statistic in summary.columns]
+    for value in values:
+        summary[f"{value}_n_seeds"] = summary[f"{value}_n_seeds"].astype("int64")
+    return summary.reset_index()
 
 
 def select_summary(summary: pd.DataFrame, *, metric: str, probe: str, baseline: str) -> pd.DataFrame:
@@ -253,6 +261,30 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     return _read_csv(path) if suffix == ".csv" else _read_json(path)
+
+
+def export_tables(df: pd.DataFrame, directory: str | os.PathLike, name: str, *,
+                  formats: tuple[str, ...] = EXPORT_SUFFIXES, overwrite: bool = False) -> list[Path]:
+    """`export_table` to `directory/name{suffix}` for every suffix in `formats`; refuses, before
+    writing any of them, if one exists and not `overwrite`."""
+    paths = [Path(directory) / f"{name}{suffix}" for suffix in formats]
+    for path in paths:
+        check_writable(path, overwrite=overwrite)
+    return [export_table(df, path, overwrite=overwrite) for path in paths]
+
+
+def tables_complete(directory: str | os.PathLike, name: str, formats: tuple[str, ...] = EXPORT_SUFFIXES) -> bool:
+    """Whether `export_tables(..., directory, name, formats=formats)` has written every format."""
+    return all((Path(directory) / f"{name}{suffix}").is_file() for suffix in formats)
+
+
+def check_columns(df: pd.DataFrame, columns: tuple[str, ...] | list[str], name: str) -> None:
+    """Raise a `ValueError` naming the missing columns of the `name` table, or if it has no rows."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{name} table lacks columns {missing}; expected {list(columns)}")
+    if df.empty:
+        raise ValueError(f"{name} table is empty")
 
 
 def check_writable(path: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from hooks import capture_residuals, residual_sites
-from tasks import Addition
-from variants import build, preset
+from poslens.hooks import capture_residuals, residual_sites
+from poslens.tasks import Addition
+from poslens.variants import build, preset
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
 
     task = Addition(n_test=args.sequences)
-    model = build(preset(args.variant, n_layers=args.layers, d_model=args.d_model, device=args.device)).eval()
+    model = build(preset(args.variant, task=task, n_layers=args.layers, d_model=args.d_model, device=args.device)).eval()
     tokens = task.test_set()
 
     def sync() -> None:

@@ -33,7 +33,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from probes import PositionProbe, flatten_tokens, split_by_sequence
+from poslens.probes import PositionProbe, flatten_tokens, split_by_sequence
 
 N_LAYERS, D_MODEL, N_POSITIONS, VOCAB = 6, 64, 12, 50
 C, SKLEARN_MAX_ITER = 1.0, 2000

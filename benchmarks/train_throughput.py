@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tasks import Addition
-from variants import build, preset
-from variants.config import VariantConfig
-from variants.model import HookedTransformer
-from variants.training import TrainSettings, _optimizer, answer_loss
+from poslens.tasks import Addition
+from poslens.variants import build, preset
+from poslens.variants.config import VariantConfig
+from poslens.variants.model import HookedTransformer
+from poslens.variants.training import TrainSettings, answer_loss, make_optimizer
 
 # --------------------------------------------------------------------------------------------
 # The plain model: same architecture and parameter count, no HookPoints, no einops.
@@ -58,9 +58,9 @@ class PlainAttention(nn.Module):
         self.rotary = cfg.positional_embedding_type == "rotary"
         if self.rotary:
             # The same tables as ours: GPT-NeoX layout, the two halves of d_head pair up.
-            from variants.model import _rotary_tables
+            from poslens.variants.model import rotary_tables
 
-            cos, sin = _rotary_tables(cfg)
+            cos, sin = rotary_tables(cfg)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
 
@@ -107,9 +107,9 @@ class PlainTransformer(nn.Module):
         if self.pos_type == "standard":
             self.pos = nn.Parameter(torch.zeros(cfg.n_ctx, cfg.d_model, dtype=cfg.dtype))
         elif self.pos_type == "sinusoidal":
-            from variants.model import _sinusoidal_table
+            from poslens.variants.model import sinusoidal_table
 
-            self.register_buffer("pos", _sinusoidal_table(cfg), persistent=False)
+            self.register_buffer("pos", sinusoidal_table(cfg), persistent=False)
         self.blocks = nn.ModuleList(PlainBlock(cfg, block) for block in range(cfg.n_layers))
         self.ln_final = nn.LayerNorm(cfg.d_model, eps=cfg.eps, dtype=cfg.dtype)
         self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, dtype=cfg.dtype)
@@ -209,7 +209,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, settings: TrainSettings, prompt_len: int):
         self.model = model.train()
-        self.optimizer = _optimizer(model, settings)
+        self.optimizer = make_optimizer(model, settings)
         self.settings = settings
         self.prompt_len = prompt_len
         self.step_index = 0
@@ -261,8 +261,8 @@ def main(argv: list[str] | None = None) -> None:
           + f", {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
 
     torch.manual_seed(0)
-    cfg = preset(args.variant, n_layers=args.layers, d_model=args.d_model, device=device)
     task = Addition()
+    cfg = preset(args.variant, task=task, n_layers=args.layers, d_model=args.d_model, device=device)
     ours = build(cfg)
     plain = PlainTransformer(cfg).to(device)
     copy_weights(ours, plain)

@@ -25,11 +25,26 @@ from dash import Input, Output, dcc, html
 from werkzeug.serving import BaseWSGIServer
 from werkzeug.serving import make_server as make_wsgi_server
 
-from analyses.patching import patching_heatmap
-from demos.panels import (CORRUPTIONS, SITES, DemoModel, ModelStore, answer_distribution, answers, attention_figure,
-                          corrupt_prompt, distribution_figure, message_figure, parse_prompt,
-                          patch_effects, probe_figure, probe_predictions, prompt_text, residual_cut_answers,
-                          residual_cut_figure)
+from poslens.analyses.figures.patching import patching_heatmap
+from poslens.analyses.measures.patching import SITES
+from poslens.demos.panels import (
+    CORRUPTIONS,
+    DemoModel,
+    ModelStore,
+    answer_distribution,
+    answers,
+    attention_figure,
+    corrupt_prompt,
+    distribution_figure,
+    message_figure,
+    parse_prompt,
+    patch_effects,
+    probe_figure,
+    probe_predictions,
+    prompt_text,
+    residual_cut_answers,
+    residual_cut_figure,
+)
 
 HOST = "127.0.0.1"
 DEFAULT_PROMPT = "123+456="

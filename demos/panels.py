@@ -23,35 +23,31 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from plotly.subplots import make_subplots
 from torch import Tensor
-from transformer_lens import patching
 from transformer_lens.utilities import get_act_name
 
-from analyses.patching import PATCH_SITES, corrupt, first_answer_logit_diff, residual_cut_effects
-from hooks import capture_residuals, cut_residual
-from probes import PositionProbe, flatten_tokens
-from tasks import Addition
-from tasks.addition import BOS
-from variants import HookedTransformer, load, load_task, preset, train
+from poslens.analyses.measures.interventions import residual_cut_effects
+from poslens.analyses.measures.patching import corrupt, patch_cell_hook, patch_table
+from poslens.analyses.runs import load_task
+from poslens.hooks import capture_residuals, cut_residual
+from poslens.probes import PositionProbe, flatten_tokens
+from poslens.tasks import Addition
+from poslens.tasks.addition import BOS
+from poslens.variants import HookedTransformer, load, preset, train
 
-# `transformer_lens.patching` has no ready-made resid_post patcher; this is the same generic patch.
-SITES = {**PATCH_SITES, "resid_post": partial(patching.generic_activation_patch,
-                                               patch_setter=patching.layer_pos_patch_setter,
-                                               activation_name="resid_post", index_axis_names=("layer", "pos"))}
 CORRUPTIONS = {"swap": "swap two positions", "operands": "swap the operands", "prompt": "a second prompt"}
-LOGIT_DIFF, KL_RESTORED = "normalised logit diff", "fraction of KL restored"
 
 # The built-in model: NoPE-causal (the variant the demo is about) at the default (quick preset) size,
 # trained once into DEFAULT_MODEL_DIR (resumable); 1500 steps reached 100% held-out exact match at
-# step 1250 when measured (README "Demo").
+# step 1250 (its training curve is in benchmarks/RESULTS.md).
 DEFAULT_MODEL_DIR = Path("runs/demo-default")
 DEFAULT_VARIANT = "nope-causal"
 DEFAULT_STEPS = 1500
@@ -135,7 +131,8 @@ class ModelStore:
 
 def default_model(out_dir: str | Path = DEFAULT_MODEL_DIR, *, device: str = "cpu", quiet: bool = False) -> Path:
     """The built-in demo model's folder, trained there first if needed (an interrupted run resumes)."""
-    train(preset(DEFAULT_VARIANT, device=device), Addition(), out_dir=out_dir, resume=True, quiet=quiet,
+    task = Addition()
+    train(preset(DEFAULT_VARIANT, task=task, device=device), task, out_dir=out_dir, resume=True, quiet=quiet,
           steps=DEFAULT_STEPS)
     return Path(out_dir)
 
@@ -218,70 +215,16 @@ def answers(demo: DemoModel, clean: Int[Tensor, "1 seq"], corrupted: Int[Tensor,
 
 # activation patching -------------------------------------------------------------------------------------------------
 
-def check_site(site: str) -> str:
-    if site not in SITES:
-        raise ValueError(f"unknown patching site {site!r}; allowed: {list(SITES)}")
-    return site
-
-
-@torch.no_grad()
-def restoration_metric(demo: DemoModel, clean: Int[Tensor, "1 seq"], corrupted: Int[Tensor, "1 seq"]):
-    """A metric on prompt logits that is 0 for the corrupted run and 1 for the clean run, and its name.
-
-    When the two correct answers differ in their first digit it is the normalised logit difference
-    of those digits (`analyses.patching.first_answer_logit_diff`, as in `poslens reproduce`). When
-    they share it (swapping the operands never changes the sum), it is the fraction of the KL
-    divergence KL(clean ‖ corrupted) of the first-digit distribution that a patch removes.
-    """
-    model, prompt_len = demo.model, demo.task.prompt_len
-    clean_logits = model(clean[:, :prompt_len].to(model.cfg.device))
-    corrupted_logits = model(corrupted[:, :prompt_len].to(model.cfg.device))
-    if clean[0, prompt_len] != corrupted[0, prompt_len]:
-        raw, name = first_answer_logit_diff(clean.to(model.cfg.device), corrupted.to(model.cfg.device),
-                                            prompt_len), LOGIT_DIFF
-    else:
-        clean_log_probs = clean_logits[:, -1].log_softmax(-1)
-
-        def raw(logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
-            log_probs = logits[:, -1].log_softmax(-1)
-            return -(clean_log_probs.exp() * (clean_log_probs - log_probs)).sum(-1).mean()
-
-        name = KL_RESTORED
-    clean_value, corrupted_value = raw(clean_logits), raw(corrupted_logits)
-    if abs(float(clean_value - corrupted_value)) < 1e-6:
-        raise ValueError(f"{demo.name} gives the same first-digit logits for {prompt_text(demo, clean)!r} and "
-                         f"{prompt_text(demo, corrupted)!r} ({name} undefined): patching has nothing to restore")
-    return (lambda logits: (raw(logits) - corrupted_value) / (clean_value - corrupted_value)), name
-
-
 @torch.no_grad()
 def patch_effects(demo: DemoModel, clean: Int[Tensor, "1 seq"], corrupted: Int[Tensor, "1 seq"],
                   site: str = "resid_pre") -> tuple[pd.DataFrame, str]:
-    """Patch each (layer, position) of `site` from the clean run into the corrupted one; the
-    table (schema of `activation_patching`) and the name of the `restoration_metric` used."""
-    model, prompt_len = demo.model.eval(), demo.task.prompt_len
-    metric, name = restoration_metric(demo, clean, corrupted)
-    _, clean_cache = model.run_with_cache(clean[:, :prompt_len].to(model.cfg.device))
-    grid = SITES[check_site(site)](model, corrupted[:, :prompt_len].to(model.cfg.device), clean_cache, metric)
-    rows = [{"site": site, "layer": layer, "position": position, "role": demo.task.roles[position],
-             "value": float(grid[layer, position])} for layer in range(grid.shape[0]) for position in range(prompt_len)]
-    return pd.DataFrame(rows), name
-
-
-def patch_hook(demo: DemoModel, clean: Int[Tensor, "1 seq"], site: str, layer: int, position: int) -> tuple:
-    """A forward hook that writes the clean run's `site` activation at (`layer`, `position`)."""
-    if not 0 <= layer < demo.model.cfg.n_layers or not 0 <= position < demo.task.prompt_len:
-        raise ValueError(f"patch cell (layer {layer}, position {position}) is outside layers "
-                         f"0..{demo.model.cfg.n_layers - 1} and prompt positions 0..{demo.task.prompt_len - 1}")
-    name = get_act_name(check_site(site), layer)
-    _, clean_cache = demo.model.run_with_cache(clean[:, : demo.task.prompt_len].to(demo.model.cfg.device),
-                                               names_filter=name)
-
-    def hook(activation: Tensor, hook) -> Tensor:
-        activation[:, position] = clean_cache[name][:, position]
-        return activation
-
-    return name, hook
+    """Patch each (layer, position) of `site` from the clean run into the corrupted one: the
+    `analyses.measures.patching.patch_table` of this prompt pair and the name of its metric."""
+    try:
+        return patch_table(demo.model, demo.task, clean, corrupted, [site])
+    except ValueError as error:
+        raise ValueError(f"{demo.name}, {prompt_text(demo, clean)!r} → {prompt_text(demo, corrupted)!r}: "
+                         f"{error}") from error
 
 
 @torch.no_grad()
@@ -290,7 +233,7 @@ def answer_distribution(demo: DemoModel, clean: Int[Tensor, "1 seq"], corrupted:
     """First-answer-digit distribution of the clean run, the corrupted run, and the corrupted run
     with (`site`, `layer`, `position`) patched from the clean one, with each run's greedy answer."""
     model, prompt_len = demo.model, demo.task.prompt_len
-    patched_hooks = [patch_hook(demo, clean, site, layer, position)]
+    patched_hooks = [patch_cell_hook(model, clean[:, :prompt_len], site, layer, position)]
     rows = []
     for run, sequence, hooks in (("clean", clean, []), ("corrupted", corrupted, []),
                                  ("patched", corrupted, patched_hooks)):

@@ -17,13 +17,21 @@ from pathlib import Path
 import plotly.offline
 from tqdm.auto import tqdm
 
-from analyses.patching import patching_heatmap
-from demos.panels import (SITES, ModelStore, answers, corrupt_prompt, message_figure, parse_prompt,
-                          patch_effects, prompt_text)
-from variants.storage import atomic_write
+from poslens.analyses.figures import check_html_path
+from poslens.analyses.figures.patching import patching_heatmap
+from poslens.analyses.measures.patching import SITES
+from poslens.demos.panels import (
+    ModelStore,
+    answers,
+    corrupt_prompt,
+    message_figure,
+    parse_prompt,
+    patch_effects,
+    prompt_text,
+)
+from poslens.variants.storage import atomic_write
 
 STATIC_PROMPTS = ("123+456=", "905+381=", "274+639=")
-HTML_SUFFIXES = (".html", ".htm")
 
 _SCRIPT = """
 const FIGURES = %s;
@@ -36,16 +44,6 @@ function show() {
 for (const id of ["model", "prompt", "site"]) document.getElementById(id).addEventListener("change", show);
 show();
 """
-
-
-def check_static_path(path: str | Path, *, overwrite: bool = False) -> Path:
-    """Fail before any work if the page could not be written to `path`."""
-    path = Path(path)
-    if path.suffix.lower() not in HTML_SUFFIXES:
-        raise ValueError(f"static page {path} must end in one of {list(HTML_SUFFIXES)}")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
-    return path
 
 
 def static_figures(store: ModelStore, prompts: Sequence[str] = STATIC_PROMPTS, *,
@@ -104,7 +102,7 @@ def write_static_page(models: Mapping[str, str | Path] | ModelStore, out: str | 
                       quiet: bool = False) -> Path:
     """Compute every heatmap and write the self-contained page to `out` (atomically; an existing
     file only with `overwrite`)."""
-    out = check_static_path(out, overwrite=overwrite)
+    out = check_html_path(out, overwrite=overwrite)
     if not prompts:
         raise ValueError("the static page needs at least one prompt")
     store = models if isinstance(models, ModelStore) else ModelStore(models, device=device)

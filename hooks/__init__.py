@@ -1,6 +1,6 @@
 """Activation plumbing on TransformerLens hook names: capture, cut, ablate."""
 
-from hooks.capture import (
+from poslens.hooks.capture import (
            EMBED,
            Capture,
            capture_patterns,
@@ -8,7 +8,7 @@ from hooks.capture import (
            hook_name,
            residual_sites,
 )
-from hooks.interventions import cut_residual, mean_ablation, zero_ablation
+from poslens.hooks.interventions import cut_residual, mean_ablation, zero_ablation
 
 __all__ = ["EMBED", "Capture", "capture_patterns", "capture_residuals", "cut_residual", "hook_name", "mean_ablation",
            "residual_sites", "zero_ablation"]

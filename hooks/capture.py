@@ -8,7 +8,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from variants import HookedTransformer
+from poslens.variants import HookedTransformer
 
 EMBED = "embed"
 

@@ -7,7 +7,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from variants.config import SUBLAYERS
+from poslens.variants.config import SUBLAYERS
 
 FwdHooks = list[tuple[str, object]]
 

@@ -13,11 +13,17 @@ numpy arrays and outputs are torch tensors. Features are standardised per site.
 Depends on torch, numpy and einops only; the data come from `hooks` via the caller.
 """
 
-from probes.controls import chance_accuracy, control_labels, random_guess_mad, selectivity, token_identity_baseline
-from probes.inputs import NotFittedError
-from probes.logistic import PositionProbe
-from probes.ridge import RidgePositionProbe
-from probes.splits import flatten_tokens, split_by_sequence
+from poslens.probes.controls import (
+    chance_accuracy,
+    control_labels,
+    random_guess_mad,
+    selectivity,
+    token_identity_baseline,
+)
+from poslens.probes.inputs import NotFittedError
+from poslens.probes.logistic import PositionProbe
+from poslens.probes.ridge import RidgePositionProbe
+from poslens.probes.splits import flatten_tokens, split_by_sequence
 
 __all__ = [
     "NotFittedError",

@@ -1,4 +1,5 @@
-"""What every probe shares: per-site standardisation learnt at `fit` and the site-axis convention.
+"""What every probe shares: per-site standardisation learnt at `fit`, the site-axis convention, and
+scikit-learn's parameter protocol (`get_params` / `set_params`, so `sklearn.base.clone` works).
 
 Standardising each feature (mean 0, std 1 over the training tokens of its site) makes one
 regularisation strength mean the same thing at every site, whatever the scale of the residual
@@ -7,11 +8,14 @@ stream there. Features that are constant in training keep scale 1 instead of div
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from probes.inputs import ArrayLike, NotFittedError, activations
+from poslens.probes.inputs import ArrayLike, NotFittedError, activations
 
 
 class SiteProbe:
@@ -19,7 +23,28 @@ class SiteProbe:
 
     dtype: torch.dtype
 
-    def _standardize_fit(self, X: Float[Tensor, "site n_tokens d_model"], *, ones_row: bool = False) -> Float[
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        """The constructor's parameters, which are also the estimator's attributes (scikit-learn's convention)."""
+        return [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor parameters and their current values."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params: Any) -> SiteProbe:
+        """Set constructor parameters (validated at the next `fit`); an unknown name is an error naming the allowed ones."""
+        unknown = sorted(set(params) - set(self._param_names()))
+        if unknown:
+            raise ValueError(f"unknown parameters {unknown} for {type(self).__name__}; allowed: {self._param_names()}")
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
+
+    def _standardise_fit(self, X: Float[Tensor, "site n_tokens d_model"], *, ones_row: bool = False) -> Float[
             Tensor, "site features n_tokens"]:
         """Standardised training activations, feature-major so that every product a fit needs reads
         them contiguously; with `ones_row`, a last constant feature of ones (to carry a bias)."""
@@ -36,7 +61,7 @@ class SiteProbe:
             Zt[:, d_model] = 1
         return Zt
 
-    def _standardize(self, X: Float[ArrayLike, "*site n_tokens d_model"]) -> tuple[
+    def _standardise(self, X: Float[ArrayLike, "*site n_tokens d_model"]) -> tuple[
             Float[Tensor, "site n_tokens d_model"], bool]:
         """`X` standardised with the training statistics, and whether it was one site's 2-D array."""
         if not hasattr(self, "mean_"):

@@ -12,8 +12,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from probes.inputs import ArrayLike, as_tensor, positive_int
-from probes.logistic import PositionProbe
+from poslens.probes.inputs import ArrayLike, as_tensor, positive_int
+from poslens.probes.logistic import PositionProbe
 
 
 def control_labels(token_ids: Int[ArrayLike, "*tokens"], labels: Int[ArrayLike, "*tokens"], seed: int = 0) -> Int[

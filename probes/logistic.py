@@ -18,9 +18,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from probes.base import SiteProbe
-from probes.inputs import ArrayLike, activations, class_labels, positive, positive_int
-from probes.lbfgs import minimize
+from poslens.probes.base import SiteProbe
+from poslens.probes.inputs import ArrayLike, activations, class_labels, positive, positive_int
+from poslens.probes.lbfgs import minimize
 
 
 class PositionProbe(SiteProbe):
@@ -54,7 +54,7 @@ class PositionProbe(SiteProbe):
         observed = torch.unique(y)
         if len(observed) < 2:
             raise ValueError(f"y must contain at least 2 distinct classes, got only {observed.tolist()}")
-        Zt = self._standardize_fit(X, ones_row=True)
+        Zt = self._standardise_fit(X, ones_row=True)
         loss = SoftmaxLoss(Zt, torch.searchsorted(observed, y), len(observed), l2=1 / (C * Zt.shape[2]))
         solution = minimize(loss, loss.start(), loss.precondition, tol=tol, max_iter=max_iter)
         self.classes_ = torch.arange(n_classes)
@@ -91,7 +91,7 @@ class PositionProbe(SiteProbe):
 
     def _logits(self, X: Float[ArrayLike, "*site n_tokens d_model"]) -> tuple[
             Float[Tensor, "site n_tokens n_classes"], bool]:
-        Z, single = self._standardize(X)
+        Z, single = self._standardise(X)
         return torch.baddbmm(self.bias_.unsqueeze(1), Z, self.weight_), single
 
     def _n_classes(self, y: Int[Tensor, " n_tokens"]) -> int:

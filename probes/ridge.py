@@ -12,8 +12,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from probes.base import SiteProbe
-from probes.inputs import ArrayLike, activations, positive, real_targets
+from poslens.probes.base import SiteProbe
+from poslens.probes.inputs import ArrayLike, activations, positive, real_targets
 
 
 class RidgePositionProbe(SiteProbe):
@@ -35,7 +35,7 @@ class RidgePositionProbe(SiteProbe):
         alpha = positive(self.alpha, "alpha")
         X, _ = activations(X)
         y = real_targets(y, X.shape[1]).to(self.dtype)
-        Zt = self._standardize_fit(X)
+        Zt = self._standardise_fit(X)
         gram = torch.bmm(Zt, Zt.mT) + alpha * torch.eye(Zt.shape[1], dtype=self.dtype)
         centred = y - y.mean()
         self.weight_ = torch.linalg.solve(gram, Zt @ centred)
@@ -44,7 +44,7 @@ class RidgePositionProbe(SiteProbe):
 
     def predict(self, X: Float[ArrayLike, "*site n_tokens d_model"]) -> Float[Tensor, "*site n_tokens"]:
         """The predicted target (position) of each token."""
-        Z, single = self._standardize(X)
+        Z, single = self._standardise(X)
         predicted = einops.einsum(Z, self.weight_, "site token d_model, site d_model -> site token")
         predicted += self.bias_.unsqueeze(-1)
         return predicted[0] if single else predicted

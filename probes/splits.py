@@ -11,7 +11,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from probes.inputs import ArrayLike, as_tensor, positive_int
+from poslens.probes.inputs import ArrayLike, as_tensor, positive_int
 
 
 def split_by_sequence(n_sequences: int, test_fraction: float = 0.25, seed: int = 0) -> tuple[

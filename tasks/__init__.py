@@ -1,41 +1,27 @@
 """Order-sensitive synthetic tasks: deterministic token batches, one character per token.
 
 Every task exposes the same small surface, which is all training and analysis rely on:
-`alphabet` (token characters), `seq_len`, `prompt_len` (the answer is the rest),
-`roles` (a name per position), `train_batch(batch_size, seed)` and `test_set()`.
+`name`, `alphabet` (token characters; token id = index), `seq_len`, `prompt_len` (the answer
+is the rest), `roles` (a name per position), `train_batch(batch_size, seed)` and `test_set()`.
+Tasks are frozen dataclasses, so a run can record one as `{"name": ..., **fields}` and
+`make_task(**record)` rebuilds it.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any
 
-from torch import Tensor
-
-from tasks.addition import Addition
-from tasks.markov import MarkovICL
-from tasks.tokens import detokenize, tokenize
-
-
-class Task(Protocol):
-    name: str
-    alphabet: str
-    seq_len: int
-    prompt_len: int
-    roles: list[str]
-
-    def train_batch(self, batch_size: int, seed: int) -> Tensor: ...
-
-    def test_set(self) -> Tensor: ...
-
+from poslens.tasks.addition import Addition
+from poslens.tasks.markov import MarkovICL
 
 TASKS = {"addition": Addition, "markov": MarkovICL}
 
 
-def make_task(name: str, **kwargs) -> Task:
-    """The task called `name` (`addition` or `markov`), built with `kwargs`."""
+def make_task(name: str, **fields: Any) -> Addition | MarkovICL:
+    """The task called `name` (`addition` or `markov`), built with `fields`."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; allowed: {sorted(TASKS)}")
-    return TASKS[name](**kwargs)
+    return TASKS[name](**fields)
 
 
-__all__ = ["Addition", "MarkovICL", "Task", "TASKS", "make_task", "tokenize", "detokenize"]
+__all__ = ["Addition", "MarkovICL", "TASKS", "make_task"]

@@ -1,7 +1,7 @@
 """Three-digit addition (and n-digit): the order-sensitive task of Zuo & Guerzhoy.
 
 A sequence is `a2a1a0+b2b1b0=` followed by the (n+1)-digit sum, written least-significant
-digit first by default (`reverse_answer=True`, see `../shared/NOTES.md` §1), e.g.
+digit first by default (`reverse_answer=True`, see docs/background.md), e.g.
 `123+456=9750` for 123 + 456 = 0579. Operands are zero-padded, so every sequence has the same
 length and every position has a fixed role. Train and test sets are disjoint by operand pair.
 """

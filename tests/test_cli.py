@@ -5,10 +5,8 @@ import json
 
 import pandas as pd
 
-from tests.conftest import run_cli
 
-
-def test_train_then_invariance_on_the_checkpoint(tmp_path):
+def test_train_then_invariance_on_the_checkpoint(run_cli, tmp_path):
     out = tmp_path / "run"
     code, text, _ = run_cli("train", "--variant", "nope-causal", "--layers", "1", "--d-model", "32", "--steps", "6",
                         "--batch-size", "16", "--out", str(out), "--quiet")
@@ -23,7 +21,7 @@ def test_train_then_invariance_on_the_checkpoint(tmp_path):
     assert code == 0 and [row["invariant"] for row in rows] == [False, True]
 
 
-def test_invariance_formats_and_errors():
+def test_invariance_formats_and_errors(run_cli):
     code, text, _ = run_cli("invariance", "--variant", "nope-bidirectional", "--layers", "1", "--perms", "2", "--format", "csv")
     table = pd.read_csv(io.StringIO(text))
     assert code == 0 and table["variant"].tolist() == ["nope-bidirectional"] and table["invariant"].tolist() == [True]
@@ -35,7 +33,7 @@ def test_invariance_formats_and_errors():
     assert code == 2 and "residual cut block 9 is out of range; allowed: 0..3" in err
 
 
-def test_probe_writes_the_table_and_never_overwrites(tmp_path):
+def test_probe_writes_the_table_and_never_overwrites(run_cli, tmp_path):
     runs = []
     for variant in ("nope-causal", "learned-causal"):
         runs.append(str(tmp_path / variant))

@@ -3,7 +3,8 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from analyses.correlation import block_diagonality, correlation_heatmap, full_correlation, position_correlation
+from poslens.analyses.figures.correlation import correlation_heatmap
+from poslens.analyses.measures.correlation import block_diagonality, full_correlation, position_correlation
 
 
 def randn(*shape, seed=0, dtype=torch.float32):

@@ -12,19 +12,32 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from analyses.patching import corrupt
-from demos import panels
-from demos.cli import main
-from demos.panels import (KL_RESTORED, LOGIT_DIFF, SITES, DemoModel, ModelStore, answer_distribution, answers,
-                          attention_figure, corrupt_prompt, discover_models, distribution_figure, greedy_answer,
-                          load_demo_model, parse_prompt, patch_effects, probe_figure, probe_predictions,
-                          residual_cut_answers, residual_cut_figure)
-from demos.static import static_figures, write_static_page
-from hooks import capture_residuals, residual_sites
-from tasks import Addition, MarkovICL
-from variants import build, preset
-from tests.conftest import tiny
-from variants.storage import read_json, write_json
+from poslens.analyses.measures.patching import KL_RESTORED, LOGIT_DIFF, SITES, corrupt
+from poslens.cli import main
+from poslens.demos import panels
+from poslens.demos.panels import (
+    DemoModel,
+    ModelStore,
+    answer_distribution,
+    answers,
+    attention_figure,
+    corrupt_prompt,
+    discover_models,
+    distribution_figure,
+    greedy_answer,
+    load_demo_model,
+    parse_prompt,
+    patch_effects,
+    probe_figure,
+    probe_predictions,
+    residual_cut_answers,
+    residual_cut_figure,
+)
+from poslens.demos.static import static_figures, write_static_page
+from poslens.hooks import capture_residuals, residual_sites
+from poslens.tasks import Addition, MarkovICL
+from poslens.variants import build, preset
+from poslens.variants.storage import read_json, write_json
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +104,7 @@ def test_default_model_trains_once_then_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(panels, "DEFAULT_STEPS", 2)
     out = panels.default_model(tmp_path / "default", quiet=True)
     assert read_json(out / "run.json")["step"] == 2 and read_json(out / "run.json")["finished"]
-    assert read_json(out / "config.json")["config"] == preset(panels.DEFAULT_VARIANT).to_json()
+    assert read_json(out / "config.json")["config"] == preset(panels.DEFAULT_VARIANT, task=Addition()).to_json()
     weights = out / "model.safetensors"
     stamp, payload = weights.stat().st_mtime_ns, weights.read_bytes()
     assert panels.default_model(tmp_path / "default", quiet=True) == out  # finished: loaded, not retrained
@@ -117,7 +130,7 @@ def test_parse_prompt(nope):
             parse_prompt(nope, bad)
 
 
-def test_prompts_with_a_bos_token():
+def test_prompts_with_a_bos_token(tiny):
     task = Addition(bos=True)
     demo = DemoModel("bos", build(tiny("nope-causal", alphabet=task.alphabet, n_ctx=task.seq_len)), task)
     clean = parse_prompt(demo, "123+456=")
@@ -236,12 +249,12 @@ def test_operand_swap_uses_the_kl_metric(nope):
 def test_patching_refuses_what_it_cannot_measure(store, nope, swap_pair):
     bidirectional = store["bidirectional"]
     clean = parse_prompt(bidirectional, "123+456=")
-    with pytest.raises(ValueError, match=r"same first-digit logits for '123\+456=' and '456\+123=' "
-                                         r"\(fraction of KL restored undefined\)"):
+    with pytest.raises(ValueError, match=r"'123\+456=' → '456\+123=': the model gives the same first-digit logits "
+                                         r"on the clean and the corrupted prompts \(fraction of KL restored undefined\)"):
         patch_effects(bidirectional, clean, corrupt_prompt(bidirectional, clean, "operands"))
-    with pytest.raises(ValueError, match=r"unknown patching site 'attn_out'; allowed: \['resid_pre', 'resid_mid', "
-                                         r"'resid_post'\]"):
-        patch_effects(nope, *swap_pair, site="attn_out")
+    with pytest.raises(ValueError, match=r"unknown patching site 'attn'; allowed: \['resid_pre', 'resid_mid', "
+                                         r"'resid_post', 'attn_out', 'mlp_out'\]"):
+        patch_effects(nope, *swap_pair, site="attn")
     for layer, position in ((2, 0), (0, 8), (-1, 0)):
         with pytest.raises(ValueError, match=r"outside layers 0..1 and prompt positions 0..7"):
             answer_distribution(nope, *swap_pair, "resid_pre", layer, position)
@@ -345,7 +358,7 @@ def test_static_page(store, tmp_path):
     assert "patching has nothing to restore" in json.dumps(figures["bidirectional"]["123+456="]["resid_pre"])
     with pytest.raises(FileExistsError, match=r"demo.html already exists; pass overwrite=True"):
         write_static_page(store, out, prompts=prompts, quiet=True)
-    with pytest.raises(ValueError, match=r"must end in one of \['.html', '.htm'\]"):
+    with pytest.raises(ValueError, match=r"must end in one of \['.html', '.htm'\]: poslens writes interactive HTML pages"):
         write_static_page(store, tmp_path / "demo.png", quiet=True)
     assert static_figures(ModelStore({"nope": store.paths["nope"]}), ["123+456="], quiet=True)["nope"].keys() == {
         "123+456="}

@@ -24,9 +24,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from demos.app import make_app, make_server
-from demos.panels import ModelStore, default_model, discover_models
-from demos.static import write_static_page
+from poslens.demos.app import make_app, make_server
+from poslens.demos.panels import ModelStore, default_model, discover_models
+from poslens.demos.static import write_static_page
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 WAIT_S = 60

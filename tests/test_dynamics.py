@@ -8,22 +8,22 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses.dynamics import (
+from poslens.analyses.experiments.dynamics import training_dynamics
+from poslens.analyses.experiments.presets import MARKOV_TASK, MARKOV_TRAINING
+from poslens.analyses.figures.dynamics import METRIC_COLUMNS
+from poslens.analyses.measures.entropy import (
     ENTROPY_COLUMNS,
-    METRIC_COLUMNS,
     PROBE_STEP_COLUMNS,
     attention_entropy,
     attention_summary,
     decodable_steps,
     entropy_rebound,
-    training_dynamics,
     uniform_entropy_reference,
 )
-from analyses.induction import MARKOV_MODEL, MARKOV_TASK, MARKOV_TRAINING
-from analyses.tables import read_table, validate_probe_table
-from tests.conftest import run_cli, tiny
-from variants import build, train
-from variants.training import list_snapshots
+from poslens.analyses.tables import read_table, validate_probe_table
+from poslens.tasks import MarkovICL
+from poslens.variants import build, train
+from poslens.variants.training import list_snapshots
 
 
 def uniform_pattern(batch: int, heads: int, n: int, causal: bool) -> torch.Tensor:
@@ -68,7 +68,7 @@ def test_one_hot_attention_has_zero_entropy_and_single_key_rows_are_left_out():
     assert lonely.nats.item() == pytest.approx(0, abs=1e-7) and math.isnan(lonely.normalised.item())
 
 
-def test_a_model_with_blank_queries_attends_uniformly_and_meets_the_reference(addition):
+def test_a_model_with_blank_queries_attends_uniformly_and_meets_the_reference(tiny, addition):
     model = build(tiny("nope-causal"))
     with torch.no_grad():
         for block in model.blocks:
@@ -124,7 +124,7 @@ def test_decodable_steps_is_the_first_step_past_token_identity_plus_margin():
 
 
 @pytest.fixture(scope="module")
-def snapshot_run(tmp_path_factory, addition):
+def snapshot_run(tiny, tmp_path_factory, addition):
     out = tmp_path_factory.mktemp("dynamics") / "run"
     train(tiny("nope-causal"), addition, out_dir=out, steps=30, batch_size=32, lr=1e-2, warmup_steps=3,
           eval_every=30, quiet=True, snapshots=3)
@@ -156,13 +156,13 @@ def test_training_dynamics_walks_every_snapshot(snapshot_run):
     assert patterns.frames[-1].data[0].z[0][0] == pytest.approx(1.0)
 
 
-def test_training_dynamics_needs_snapshots(tmp_path, addition):
+def test_training_dynamics_needs_snapshots(tiny, tmp_path, addition):
     train(tiny("nope-causal", n_layers=1), addition, out_dir=tmp_path, steps=2, batch_size=8, quiet=True)
     with pytest.raises(ValueError, match="has no snapshots; train it with train"):
         training_dynamics(tmp_path, quiet=True)
 
 
-def test_cli_writes_outputs_and_refuses_to_overwrite(tmp_path):
+def test_cli_writes_outputs_and_refuses_to_overwrite(run_cli, tmp_path):
     out = tmp_path / "dyn"
     args = ("dynamics", "--variant", "nope-causal", "--task", "addition", "--layers", "1", "--d-model", "32",
             "--steps", "12", "--checkpoints", "3", "--sequences", "40", "--out", str(out), "--quiet")
@@ -187,7 +187,7 @@ def test_cli_writes_outputs_and_refuses_to_overwrite(tmp_path):
     assert (out / "tables" / "metrics.csv").read_bytes() == before[1]  # same seed, same numbers
 
 
-def test_cli_rejects_bad_schedules(tmp_path):
+def test_cli_rejects_bad_schedules(run_cli, tmp_path):
     base = ("dynamics", "--variant", "nope-causal", "--task", "addition", "--layers", "1", "--d-model", "32",
             "--quiet")
     code, _, err = run_cli(*base, "--checkpoints", "0", "--out", str(tmp_path / "a"))
@@ -199,7 +199,7 @@ def test_cli_rejects_bad_schedules(tmp_path):
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
-def test_cli_on_markov_adds_the_induction_analysis(tmp_path):
+def test_cli_on_markov_adds_the_induction_analysis(run_cli, tmp_path):
     out = tmp_path / "markov"
     code, _, err = run_cli("dynamics", "--variant", "nope-causal", "--task", "markov", "--layers", "1", "--d-model", "16",
                        "--steps", "2", "--checkpoints", "1", "--sequences", "8", "--out", str(out), "--quiet")
@@ -207,7 +207,7 @@ def test_cli_on_markov_adds_the_induction_analysis(tmp_path):
     run_config = json.loads((out / "run" / "run.json").read_text())
     assert run_config["task"]["name"] == "markov" and run_config["snapshots"] == [0, 2]
     assert {key: run_config["task"][key] for key in MARKOV_TASK} == MARKOV_TASK  # loss on every token
-    assert run_config["config"]["n_ctx"] == MARKOV_MODEL["n_ctx"]
+    assert run_config["config"]["n_ctx"] == MarkovICL(**MARKOV_TASK).seq_len
     assert run_config["settings"]["batch_size"] == MARKOV_TRAINING["batch_size"]
     tables = {p.stem for p in (out / "tables").glob("induction_*.csv")}
     assert tables and tables == {p.stem for p in (out / "figures").glob("induction_*.html")}

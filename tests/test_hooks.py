@@ -1,15 +1,21 @@
 import pytest
 import torch
 
-from hooks import capture_patterns, capture_residuals, cut_residual, mean_ablation, residual_sites, zero_ablation
-from tests.conftest import tiny
-from variants import build
+from poslens.hooks import (
+    capture_patterns,
+    capture_residuals,
+    cut_residual,
+    mean_ablation,
+    residual_sites,
+    zero_ablation,
+)
+from poslens.variants import build
 
 TEXT = ["123+456=9750", "999+001=0001", "555+555=0111", "000+000=0000", "321+123=4440"]
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(tiny):
     return build(tiny("nope-causal", n_layers=3))
 
 
@@ -49,7 +55,7 @@ def test_capture_rejects_bad_input(model):
 
 
 @pytest.mark.parametrize("sublayer", ["attn", "mlp", "both"])
-def test_cut_hook_equals_a_model_built_with_the_cut(model, sublayer):
+def test_cut_hook_equals_a_model_built_with_the_cut(tiny, model, sublayer):
     suffix = "" if sublayer == "both" else f":{sublayer}"
     built = build(tiny(f"nope-causal+cut1{suffix}", n_layers=3))
     built.load_state_dict(model.state_dict())
@@ -79,7 +85,7 @@ def test_ablations(model):
         mean_ablation("embed", torch.zeros(2, 3, 4))
 
 
-def test_capture_patterns_matches_the_cache(addition):
+def test_capture_patterns_matches_the_cache(tiny, addition):
     model = build(tiny("nope-causal"))
     tokens = addition.test_set()[:3, :-1]
     logits, patterns = capture_patterns(model, tokens)

@@ -7,12 +7,10 @@ import pytest
 import torch
 from transformer_lens.head_detector import detect_head
 
-from analyses.induction import (
+from poslens.analyses.experiments.presets import MARKOV_MODEL, MARKOV_TASK, MARKOV_TRAINING, MARKOV_VARIANT
+from poslens.analyses.figures.induction import induction_figures
+from poslens.analyses.measures.induction import (
     HEAD_SCORES,
-    MARKOV_MODEL,
-    MARKOV_TASK,
-    MARKOV_TRAINING,
-    MARKOV_VARIANT,
     TABLE_COLUMNS,
     bayes_optimal_loss,
     context_count_loss,
@@ -24,9 +22,8 @@ from analyses.induction import (
     repeated_random_tokens,
     uniform_pattern,
 )
-from tasks import MarkovICL
-from tests.conftest import TINY
-from variants import TrainSettings, build, preset
+from poslens.tasks import MarkovICL
+from poslens.variants import TrainSettings, build, preset
 
 
 def one_hot_pattern(targets: list[int], n_heads: int = 1, batch: int = 1) -> torch.Tensor:
@@ -144,11 +141,11 @@ def test_bayes_posterior_beats_the_weaker_references_on_average():
 
 # TransformerLens's detect_head on hand-set heads -----------------------------------------------------------------------
 
-def test_detect_head_scores_hand_set_heads_as_notes_say():
+def test_detect_head_scores_hand_set_heads_as_notes_say(tiny_sizes):
     """With every head's pattern replaced by a perfect one, ours score 1; TransformerLens's "mul"
     score gives (T−1)/T for the previous-token head and 1/2 for the induction head."""
     half_len = 10
-    model = build(preset("nope-causal", alphabet="0123456789", n_ctx=24, n_layers=1, **TINY))
+    model = build(preset("nope-causal", alphabet="0123456789", n_ctx=24, n_layers=1, **tiny_sizes))
     text = "0123456789" * 2  # distinct tokens: TL's duplicate-token pattern marks only induction targets
     for targets, ours, tl_name, tl_expected in (
         (previous_token_targets(2 * half_len), previous_token_score, "previous_token_head", 19 / 20),
@@ -169,14 +166,15 @@ def small_task() -> MarkovICL:
     return MarkovICL(vocab=3, length=30, n_parents=2)
 
 
-def test_induction_analysis_returns_documented_tables(small_task):
-    model = build(preset("rotary-causal", alphabet=small_task.alphabet, n_ctx=30, n_layers=2, **TINY)).train()
+def test_induction_analysis_returns_documented_tables(tiny_sizes, small_task):
+    model = build(preset("rotary-causal", alphabet=small_task.alphabet, n_ctx=30, n_layers=2, **tiny_sizes)).train()
     report = induction_analysis(model, small_task, n_sequences=40, n_tl_sequences=5, chunk_size=16, max_offset=4)
     assert model.training  # left as it was found
-    assert set(report.tables) == set(report.figures) == set(TABLE_COLUMNS)
+    figures = induction_figures(report.tables)
+    assert set(report.tables) == set(figures) == set(TABLE_COLUMNS)
     for name, table in report.tables.items():
         assert list(table.columns) == TABLE_COLUMNS[name]
-        assert isinstance(report.figures[name], go.Figure)
+        assert isinstance(figures[name], go.Figure)
     n_heads = model.cfg.n_layers * model.cfg.n_heads
     offsets = report.tables["offset_profile"]
     assert len(offsets) == n_heads * 5 and offsets["mass"].between(0, 1).all()
@@ -206,8 +204,8 @@ def test_induction_analysis_returns_documented_tables(small_task):
     assert not other.tables["icl_loss"].equals(report.tables["icl_loss"])
 
 
-def test_induction_analysis_rejects_bad_input(small_task):
-    model = build(preset("rotary-causal", alphabet=small_task.alphabet, n_ctx=30, n_layers=2, **TINY))
+def test_induction_analysis_rejects_bad_input(tiny_sizes, small_task):
+    model = build(preset("rotary-causal", alphabet=small_task.alphabet, n_ctx=30, n_layers=2, **tiny_sizes))
     with pytest.raises(ValueError, match="n_sequences must be a positive integer, got 0"):
         induction_analysis(model, small_task, n_sequences=0)
     with pytest.raises(ValueError, match="does not fit the task"):
@@ -217,7 +215,7 @@ def test_induction_analysis_rejects_bad_input(small_task):
 def test_the_recommended_model_and_settings_are_valid():
     task = MarkovICL(**MARKOV_TASK)
     assert task.prompt_len == task.n_parents and (task.vocab, task.length, task.alpha) == (3, 100, 0.1)
-    cfg = preset(MARKOV_VARIANT, alphabet=task.alphabet, **MARKOV_MODEL)
+    cfg = preset(MARKOV_VARIANT, task=task, **MARKOV_MODEL)
     assert cfg.n_layers == 2 and cfg.n_ctx >= task.length - 1
     assert TrainSettings(**MARKOV_TRAINING).steps >= 1
     assert repeated_random_tokens(3, 5, 2, seed=0).shape == (2, 10)

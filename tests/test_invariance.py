@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from analyses.invariance import TOLERANCE, invariance_table, permutation_test
-from tasks import Addition
-from tests.conftest import tiny
-from variants import build, load
+from poslens.analyses.measures.invariance import TOLERANCE, invariance_table, permutation_test
+from poslens.tasks import Addition
+from poslens.variants import build, load
 
 PROMPTS = Addition().test_set()[:32, :8]
 
@@ -18,7 +17,7 @@ def max_delta(model):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name, layers", [("nope-bidirectional", 1), ("nope-bidirectional", 3),
                                           ("nope-causal", 1), ("nope-bidirectional+cut0", 2)])
-def test_invariant_variants_with_random_weights(name, layers, dtype):
+def test_invariant_variants_with_random_weights(tiny, name, layers, dtype):
     model = build(tiny(name, n_layers=layers, dtype=dtype, init_std=0.2))
     assert max_delta(model) <= TOLERANCE[dtype]
 
@@ -27,7 +26,7 @@ def test_invariant_variants_with_random_weights(name, layers, dtype):
                                           ("learned-bidirectional", 2), ("sinusoidal-causal", 1),
                                           ("sinusoidal-bidirectional", 2), ("rotary-causal", 1),
                                           ("rotary-bidirectional", 2)])
-def test_order_sensitive_variants_with_random_weights(name, layers):
+def test_order_sensitive_variants_with_random_weights(tiny, name, layers):
     model = build(tiny(name, n_layers=layers, dtype=torch.float64))
     assert max_delta(model) >= 100 * TOLERANCE[torch.float64]
 
@@ -48,7 +47,7 @@ def test_invariance_table_labels_rows(trained_runs):
     assert table["weights"].iloc[0] == "random" and table["weights"].iloc[2] == str(trained_runs[("nope-causal", 1)])
 
 
-def test_permutation_test_rejects_bad_input():
+def test_permutation_test_rejects_bad_input(tiny):
     model = build(tiny("nope-causal"))
     with pytest.raises(ValueError, match="need at least 3 positions"):
         permutation_test(model, PROMPTS[:, :2])

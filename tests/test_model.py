@@ -4,15 +4,15 @@ import pytest
 import torch
 from transformer_lens import ActivationCache, head_detector, patching
 
-from tests.conftest import tiny
-from variants import PRESET_NAMES, VariantConfig, build, preset
+from poslens.tasks import Addition, MarkovICL
+from poslens.variants import PRESET_NAMES, VariantConfig, build, preset
 
 BLOCK_HOOKS = ["hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post",
                "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z"]
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)
-def test_every_variant_has_transformer_lens_hook_names(name):
+def test_every_variant_has_transformer_lens_hook_names(tiny, name):
     model = build(tiny(name))
     logits, cache = model.run_with_cache("123+456=")
     assert isinstance(cache, ActivationCache) and logits.shape == (1, 8, 12)
@@ -26,14 +26,14 @@ def test_every_variant_has_transformer_lens_hook_names(name):
 
 
 @pytest.mark.parametrize("name", ["nope-causal", "learned-causal", "rotary-bidirectional"])
-def test_decompose_resid_sums_to_the_final_stream(name):
+def test_decompose_resid_sums_to_the_final_stream(tiny, name):
     model = build(tiny(name, init_std=0.3))
     _, cache = model.run_with_cache(model.to_tokens(["123+456=", "999+001="]))
     components = cache.decompose_resid()
     torch.testing.assert_close(components.sum(0), cache["blocks.1.hook_resid_post"], atol=1e-5, rtol=0)
 
 
-def test_causal_mask_and_bidirectional_pattern():
+def test_causal_mask_and_bidirectional_pattern(tiny):
     causal = build(tiny("nope-causal"))
     _, cache = causal.run_with_cache("123+456=")
     pattern = cache["pattern", 0]
@@ -46,7 +46,7 @@ def test_causal_mask_and_bidirectional_pattern():
 
 @pytest.mark.parametrize("sublayer", ["attn", "mlp", "both"])
 @pytest.mark.parametrize("training", [False, True])
-def test_a_cut_removes_exactly_the_named_residual_connection(sublayer, training):
+def test_a_cut_removes_exactly_the_named_residual_connection(tiny, sublayer, training):
     model = build(tiny(f"nope-causal+cut1:{sublayer}" if sublayer != "both" else "nope-causal+cut1", n_layers=3,
                        init_std=0.3)).train(training)
     _, cache = model.run_with_cache("123+456=")
@@ -60,7 +60,7 @@ def test_a_cut_removes_exactly_the_named_residual_connection(sublayer, training)
         assert not torch.equal(mid, attn_out) or cut_attn  # an intact connection really adds the stream
 
 
-def test_a_cut_changes_only_blocks_from_the_cut_on():
+def test_a_cut_changes_only_blocks_from_the_cut_on(tiny):
     intact, cut = build(tiny("nope-causal", init_std=0.3)), build(tiny("nope-causal+cut1", init_std=0.3))
     tokens = intact.to_tokens("123+456=")
     _, a = intact.run_with_cache(tokens)
@@ -69,7 +69,7 @@ def test_a_cut_changes_only_blocks_from_the_cut_on():
     assert not torch.allclose(a["blocks.1.hook_resid_post"], b["blocks.1.hook_resid_post"])
 
 
-def test_transformer_lens_patching_runs_and_restores_the_clean_run():
+def test_transformer_lens_patching_runs_and_restores_the_clean_run(tiny):
     model = build(tiny("nope-causal", init_std=0.3)).eval()
     clean, corrupted = model.to_tokens("123+456="), model.to_tokens("193+456=")
     clean_logits, clean_cache = model.run_with_cache(clean)
@@ -83,7 +83,7 @@ def test_transformer_lens_patching_runs_and_restores_the_clean_run():
     assert patching.get_act_patch_block_every(model, corrupted, clean_cache, metric).shape == (3, 2, 8)
 
 
-def test_transformer_lens_head_detector_matches_its_definition():
+def test_transformer_lens_head_detector_matches_its_definition(tiny):
     model = build(tiny("nope-causal", init_std=0.5)).eval()
     scores = head_detector.detect_head(model, "1234512345", "previous_token_head")
     assert scores.shape == (2, 4)
@@ -93,7 +93,7 @@ def test_transformer_lens_head_detector_matches_its_definition():
     torch.testing.assert_close(scores[1, 2], expected.to(scores.dtype), atol=1e-6, rtol=0)
 
 
-def test_same_seed_same_weights_and_float64():
+def test_same_seed_same_weights_and_float64(tiny):
     a, b, c = build(tiny("learned-causal", seed=3)), build(tiny("learned-causal", seed=3)), build(tiny("learned-causal", seed=4))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.embed.W_E, c.embed.W_E)
@@ -101,21 +101,34 @@ def test_same_seed_same_weights_and_float64():
     assert double("123+456=").dtype == torch.float64
 
 
+DATA = {"alphabet": Addition().alphabet, "n_ctx": Addition().seq_len}
+
+
+def test_config_takes_its_data_from_the_caller_or_a_task():
+    with pytest.raises(ValueError, match=r"needs its data's alphabet and n_ctx: pass alphabet=\.\.\. and n_ctx=\.\.\., "
+                                         r"or preset\(name, task=task\)"):
+        preset("nope-causal")
+    markov = MarkovICL()
+    cfg = preset("nope-causal", task=markov)
+    assert (cfg.alphabet, cfg.n_ctx, cfg.d_vocab) == (markov.alphabet, markov.seq_len, markov.vocab)
+    assert preset("nope-causal", task=markov, n_ctx=200).n_ctx == 200  # explicit fields win over the task's
+
+
 @pytest.mark.parametrize("make, message", [
-    (lambda: preset("alibi-causal"), r"unknown variant 'alibi-causal'; allowed: \['nope-causal'"),
-    (lambda: preset("nope-causal+cut4"), r"residual cut block 4 is out of range; allowed: 0..3"),
-    (lambda: preset("nope-causal+cut0:ffn"), r"unknown residual cut sublayer 'ffn'; allowed: \['attn', 'mlp', 'both'\]"),
-    (lambda: preset("nope-causal+cutx"), r"bad residual cut 'x'"),
-    (lambda: preset("nope-causal", attention_dir="causal"), "set by the variant name"),
-    (lambda: VariantConfig(d_model=60, d_head=16), r"d_model \(60\) must be divisible by d_head \(16\)"),
-    (lambda: VariantConfig(n_heads=3), r"must equal n_heads \(3\) × d_head"),
-    (lambda: VariantConfig(attention_dir="left"), r"unknown attention_dir 'left'; allowed: \['causal', 'bidirectional'\]"),
-    (lambda: VariantConfig(positional_embedding_type="alibi"), "unknown positional_embedding_type 'alibi'"),
-    (lambda: VariantConfig(act_fn="tanh"), r"unknown act_fn 'tanh'; allowed: \['relu', 'gelu', 'silu'\]"),
-    (lambda: VariantConfig(dtype=torch.float16), r"unknown dtype 'float16'; allowed: \['float32', 'float64'\]"),
-    (lambda: VariantConfig(n_layers=0), "n_layers must be a positive integer, got 0"),
-    (lambda: VariantConfig(attn_only=True), "attn_only=True is not supported"),
-    (lambda: VariantConfig(residual_cuts={"a": "attn"}), "residual cut block 'a' is out of range"),
+    (lambda: preset("alibi-causal", **DATA), r"unknown variant 'alibi-causal'; allowed: \['nope-causal'"),
+    (lambda: preset("nope-causal+cut4", **DATA), r"residual cut block 4 is out of range; allowed: 0..3"),
+    (lambda: preset("nope-causal+cut0:ffn", **DATA), r"unknown residual cut sublayer 'ffn'; allowed: \['attn', 'mlp', 'both'\]"),
+    (lambda: preset("nope-causal+cutx", **DATA), r"bad residual cut 'x'"),
+    (lambda: preset("nope-causal", **DATA, attention_dir="causal"), "set by the variant name"),
+    (lambda: VariantConfig(**DATA, d_model=60, d_head=16), r"d_model \(60\) must be divisible by d_head \(16\)"),
+    (lambda: VariantConfig(**DATA, n_heads=3), r"must equal n_heads \(3\) × d_head"),
+    (lambda: VariantConfig(**DATA, attention_dir="left"), r"unknown attention_dir 'left'; allowed: \['causal', 'bidirectional'\]"),
+    (lambda: VariantConfig(**DATA, positional_embedding_type="alibi"), "unknown positional_embedding_type 'alibi'"),
+    (lambda: VariantConfig(**DATA, act_fn="tanh"), r"unknown act_fn 'tanh'; allowed: \['relu', 'gelu', 'silu'\]"),
+    (lambda: VariantConfig(**DATA, dtype=torch.float16), r"unknown dtype 'float16'; allowed: \['float32', 'float64'\]"),
+    (lambda: VariantConfig(**DATA, n_layers=0), "n_layers must be a positive integer, got 0"),
+    (lambda: VariantConfig(**DATA, attn_only=True), "attn_only=True is not supported"),
+    (lambda: VariantConfig(**DATA, residual_cuts={"a": "attn"}), "residual cut block 'a' is out of range"),
     (lambda: VariantConfig.from_json({"colour": 1}), r"unknown config fields \['colour'\]"),
 ])
 def test_bad_configs_are_named(make, message):
@@ -123,7 +136,7 @@ def test_bad_configs_are_named(make, message):
         make()
 
 
-def test_bad_model_input_is_named():
+def test_bad_model_input_is_named(tiny):
     model = build(tiny("nope-causal"))
     with pytest.raises(ValueError, match="sequence length 13 is longer than the model's n_ctx = 12"):
         model(torch.zeros(1, 13, dtype=torch.long))
@@ -139,12 +152,12 @@ def test_bad_model_input_is_named():
 
 def test_preset_names_round_trip():
     for name in ["nope-causal", "learned-bidirectional+cut0", "rotary-causal+cut0,1", "nope-causal+cut0:attn,2:mlp"]:
-        assert preset(name).name == name
-    cfg = preset("sinusoidal-causal+cut1:mlp", n_layers=3, dtype=torch.float64)
+        assert preset(name, **DATA).name == name
+    cfg = preset("sinusoidal-causal+cut1:mlp", **DATA, n_layers=3, dtype=torch.float64)
     assert VariantConfig.from_json(cfg.to_json()) == cfg
 
 
-def test_layer_norm_scale_hook_reads_and_edits_like_transformer_lens():
+def test_layer_norm_scale_hook_reads_and_edits_like_transformer_lens(tiny):
     model = build(tiny("nope-causal"))
     tokens = model.to_tokens("123+456=")
     logits, cache = model.run_with_cache(tokens)

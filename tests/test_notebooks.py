@@ -129,7 +129,7 @@ def test_patching_notebook(tmp_path, monkeypatch, jupyter_path):
 
     roles, patch = result["roles"], result["patch"]
     n_layers = 1 + max(row["layer"] for row in patch)
-    assert n_layers == 2 and {row["site"] for row in patch} == {"resid_pre", "resid_mid", "attn_out", "mlp_out"}
+    assert n_layers == 2 and {row["site"] for row in patch} == {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"}
     x1, x0 = result["swap"]
     assert (roles[x1], roles[x0]) == ("x1", "x0")
 

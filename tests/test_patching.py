@@ -4,14 +4,17 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from analyses.patching import activation_patching, corrupt, patching_heatmap, position_swap, residual_cut_effects
-from hooks import capture_residuals, residual_sites
-from probes import PositionProbe, flatten_tokens, split_by_sequence
-from tasks import Addition, detokenize
-from variants import build, evaluate, load
-from variants.config import SUBLAYERS
+from poslens.analyses.figures.patching import patching_heatmap
+from poslens.analyses.measures.interventions import position_swap, residual_cut_effects
+from poslens.analyses.measures.patching import activation_patching, corrupt
+from poslens.hooks import capture_residuals, residual_sites
+from poslens.probes import PositionProbe, flatten_tokens, split_by_sequence
+from poslens.tasks import Addition
+from poslens.variants import build, evaluate, load
+from poslens.variants.config import SUBLAYERS
+from poslens.variants.tokens import detokenize
 
-SITES = ["resid_pre", "resid_mid", "attn_out", "mlp_out"]
+SITES = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"]
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +129,10 @@ def test_activation_patching_exact_values(patched, model, addition):
         for position in range(addition.prompt_len):
             assert value(patched, "resid_pre", layer + 1, position) == pytest.approx(
                 value(patched, "resid_mid", layer, position), abs=1e-6)
+            # resid_post of block l is the stream entering block l + 1
+            assert value(patched, "resid_post", layer, position) == value(patched, "resid_pre", layer + 1, position)
+    # the final resid_post at the last position is the whole input to the unembedding
+    assert value(patched, "resid_post", last_layer, last) == pytest.approx(1.0, abs=1e-6)
     # something does move: the swapped positions matter at layer 0
     assert max(abs(value(patched, "resid_pre", 0, p)) for p in (4, 6)) > 0.01
 

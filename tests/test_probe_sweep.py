@@ -4,11 +4,17 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses.probe_sweep import probe_sweep
-from analyses.tables import PROBE_COLUMNS, export_table, read_table, side_by_side, validate_probe_table, wide_table
-from hooks import capture_residuals
-from tests.conftest import tiny
-from variants import build, load
+from poslens.analyses.measures.probe_sweep import probe_sweep
+from poslens.analyses.tables import (
+    PROBE_COLUMNS,
+    export_table,
+    read_table,
+    side_by_side,
+    validate_probe_table,
+    wide_table,
+)
+from poslens.hooks import capture_residuals
+from poslens.variants import build, load
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +73,7 @@ def test_nope_bidirectional_cannot_beat_token_identity(sweep, trained_runs, addi
         assert value(sweep, "nope-bidirectional", site) <= token_identity + 0.03, site
 
 
-def test_seeds_are_rows_and_export_round_trips(tmp_path, addition):
+def test_seeds_are_rows_and_export_round_trips(tiny, tmp_path, addition):
     models = {"nope-causal": [build(tiny("nope-causal", seed=seed)) for seed in (0, 1)]}
     table = probe_sweep(models, addition, n_sequences=40, controls=("chance",), sites=["embed"], quiet=True)
     assert sorted(table["seed"].unique()) == [0, 1]
@@ -75,7 +81,7 @@ def test_seeds_are_rows_and_export_round_trips(tmp_path, addition):
         pd.testing.assert_frame_equal(read_table(export_table(table, tmp_path / f"t{suffix}")), table)
 
 
-def test_sweep_rejects_bad_input(addition):
+def test_sweep_rejects_bad_input(tiny, addition):
     model = build(tiny("nope-causal"))
     with pytest.raises(ValueError, match=r"unknown controls \['shuffle'\]; allowed"):
         probe_sweep({"x": [model]}, addition, controls=("shuffle",))

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from probes import (
+from poslens.probes import (
     NotFittedError,
     PositionProbe,
     RidgePositionProbe,
@@ -134,6 +134,23 @@ def test_agrees_with_scikit_learn(three_sites):
                 scaler.transform(X_train[site].numpy()), y_train.numpy())
         theirs = reference.score(scaler.transform(X_test[site].numpy()), y_test.numpy())
         assert abs(ours[site].item() - theirs) <= 0.01
+
+
+def test_scikit_learn_clone_and_params(three_sites):
+    from sklearn.base import clone
+    probe = PositionProbe(C=0.5, max_iter=50, dtype=torch.float64)
+    copy = clone(probe)
+    assert copy is not probe and copy.get_params() == probe.get_params()
+    assert copy.get_params() == {"C": 0.5, "max_iter": 50, "tol": 1e-4, "n_classes": None, "dtype": torch.float64}
+    X_train, y_train, _, _ = three_sites
+    probe.fit(X_train, y_train)
+    assert not hasattr(clone(probe), "weight_")  # a clone is unfitted
+    ridge = clone(RidgePositionProbe(alpha=3.0)).set_params(alpha=4.0)
+    assert ridge.alpha == 4.0 and repr(ridge) == "RidgePositionProbe(alpha=4.0, dtype=torch.float64)"
+    with pytest.raises(ValueError, match=r"unknown parameters \['gamma'\] for PositionProbe; allowed: \['C', "):
+        probe.set_params(gamma=1)
+    with pytest.raises(ValueError, match=r"C must be a finite number > 0, got -1"):
+        probe.set_params(C=-1).fit(X_train, y_train)  # validated at fit, as in scikit-learn
 
 
 def test_stronger_regularisation_shrinks_the_weights(three_sites):

@@ -2,9 +2,9 @@
 
 import pandas as pd
 
-from analyses.cli import main
-from analyses.reproduce import VARIANTS
-from analyses.tables import PROBE_COLUMNS, read_table, validate_probe_table
+from poslens.analyses.experiments.presets import REPRODUCE_VARIANTS
+from poslens.analyses.tables import PROBE_COLUMNS, read_table, validate_probe_table
+from poslens.cli import main
 
 TABLES = {
     "training": ["variant", "seed", "steps", "exact_match", "test_loss", "this_session_s"],
@@ -29,7 +29,7 @@ def test_reproduce_tiny_writes_everything_and_resumes(tmp_path):
         assert list(table.columns) == columns, name
     validate_probe_table(read_table(out / "tables" / "probe.json"))
     training = read_table(out / "tables" / "training.csv")
-    assert list(training["variant"]) == list(VARIANTS)
+    assert list(training["variant"]) == list(REPRODUCE_VARIANTS)
     invariance = read_table(out / "tables" / "invariance.csv").set_index("weights")
     assert invariance.loc[str(out / "runs" / "nope-bidirectional-seed0"), "invariant"]
     assert not invariance.loc[str(out / "runs" / "nope-causal-seed0"), "invariant"]

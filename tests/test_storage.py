@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from variants.storage import atomic_write
+from poslens.variants.storage import atomic_write
 
 
 def test_new_files_get_the_mode_open_would_give(tmp_path):

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analyses.figures import probe_accuracy_figure
-from analyses.tables import (
+from poslens.analyses.figures.probes import probe_accuracy_figure
+from poslens.analyses.tables import (
     PROBE_COLUMNS,
     PROBE_DTYPES,
     empty_probe_table,

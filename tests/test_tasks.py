@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from tasks import Addition, MarkovICL, detokenize, make_task, tokenize
+from poslens.tasks import Addition, MarkovICL, make_task
+from poslens.variants.tokens import detokenize, tokenize
 
 
 def digits_to_int(tokens, reverse):

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from tasks import MarkovICL
-from tests.conftest import tiny
-from variants import build, load, load_task, train
-from variants.training import TrainSettings, list_snapshots, log_spaced_steps, snapshot_path, snapshot_schedule
+from poslens.analyses.runs import load_task
+from poslens.tasks import MarkovICL
+from poslens.variants import build, load, train
+from poslens.variants.training import TrainSettings, list_snapshots, log_spaced_steps, snapshot_path, snapshot_schedule
 
 SHORT = {"steps": 24, "batch_size": 32, "warmup_steps": 4, "eval_every": 8, "checkpoint_every": 5, "quiet": True}
 
@@ -29,7 +29,7 @@ def weights(model):
     return {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
 
-def test_resume_after_a_kill_ends_bitwise_identical(tmp_path, addition):
+def test_resume_after_a_kill_ends_bitwise_identical(tiny, tmp_path, addition):
     cfg = tiny("nope-causal")
     full = train(cfg, addition, out_dir=tmp_path / "full", **SHORT)
     with pytest.raises(Killed):
@@ -45,14 +45,14 @@ def test_resume_after_a_kill_ends_bitwise_identical(tmp_path, addition):
     assert all(torch.equal(t, reloaded.state_dict()[n]) for n, t in weights(full.model).items())
 
 
-def test_training_is_deterministic_and_learns(tmp_path, addition):
+def test_training_is_deterministic_and_learns(tiny, tmp_path, addition):
     runs = [train(tiny("learned-causal"), addition, out_dir=tmp_path / str(i), **{**SHORT, "steps": 40}) for i in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values()))
     losses = [row["test_loss"] for row in runs[0].history]
     assert losses[-1] < losses[0] - 0.2
 
 
-def test_finished_run_is_returned_and_never_overwritten(tmp_path, addition):
+def test_finished_run_is_returned_and_never_overwritten(tiny, tmp_path, addition):
     cfg = tiny("nope-causal")
     first = train(cfg, addition, out_dir=tmp_path, **SHORT)
     with pytest.raises(FileExistsError, match="already holds a training run; pass resume=True"):
@@ -70,7 +70,7 @@ def test_finished_run_is_returned_and_never_overwritten(tmp_path, addition):
     assert load_task(tmp_path) == addition
 
 
-def test_load_refuses_corruption_and_mismatch(tmp_path, addition):
+def test_load_refuses_corruption_and_mismatch(tiny, tmp_path, addition):
     train(tiny("nope-causal"), addition, out_dir=tmp_path, **SHORT)
     weights_file = tmp_path / "model.safetensors"
     good = weights_file.read_bytes()
@@ -97,7 +97,7 @@ def test_load_refuses_corruption_and_mismatch(tmp_path, addition):
         load(tmp_path / "nowhere")
 
 
-def test_train_rejects_bad_input(tmp_path, addition):
+def test_train_rejects_bad_input(tiny, tmp_path, addition):
     with pytest.raises(ValueError, match="does not match task 'markov' alphabet '012'"):
         train(tiny("nope-causal"), MarkovICL(length=20), out_dir=tmp_path / "a", **SHORT)
     with pytest.raises(ValueError, match="n_ctx = 8 is shorter than the task's sequences"):
@@ -110,7 +110,7 @@ def test_train_rejects_bad_input(tmp_path, addition):
         train(tiny("nope-causal"), addition, out_dir=tmp_path / "c", bogus=1)
 
 
-def test_markov_task_trains(tmp_path):
+def test_markov_task_trains(tiny, tmp_path):
     task = MarkovICL(length=24, n_test=64)
     result = train(tiny("nope-causal", alphabet=task.alphabet, n_ctx=24), task, out_dir=tmp_path, **SHORT)
     assert 0 <= result.history[-1]["exact_match"] <= 1
@@ -143,7 +143,7 @@ def test_log_spaced_steps():
     assert snapshot_schedule([8, 0, 8, 3], 24) == [0, 3, 8]
 
 
-def test_snapshots_land_on_the_schedule_and_survive_a_kill(tmp_path, addition):
+def test_snapshots_land_on_the_schedule_and_survive_a_kill(tiny, tmp_path, addition):
     cfg, schedule = tiny("nope-causal"), [0, 1, 3, 7, 12, 13, 20, 24]
     full = train(cfg, addition, out_dir=tmp_path / "full", snapshots=schedule, **SHORT)
     assert [step for step, _ in list_snapshots(tmp_path / "full")] == schedule
@@ -170,7 +170,7 @@ def test_snapshots_land_on_the_schedule_and_survive_a_kill(tmp_path, addition):
             assert path.stat().st_mtime_ns == written[step]
 
 
-def test_log_spaced_snapshots_and_no_snapshots(tmp_path, addition):
+def test_log_spaced_snapshots_and_no_snapshots(tiny, tmp_path, addition):
     train(tiny("nope-causal"), addition, out_dir=tmp_path / "log", snapshots=4, **SHORT)
     assert [step for step, _ in list_snapshots(tmp_path / "log")] == log_spaced_steps(24, 4) == [0, 1, 3, 8, 24]
     train(tiny("nope-causal"), addition, out_dir=tmp_path / "none", **SHORT)

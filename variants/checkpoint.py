@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from variants.config import VariantConfig
-from variants.model import HookedTransformer, build
-from variants.storage import load_tensors, read_json, save_tensors, write_json
+from poslens.variants.config import VariantConfig
+from poslens.variants.model import HookedTransformer, build
+from poslens.variants.storage import load_tensors, read_json, save_tensors, write_json
 
 FORMAT_VERSION = 1
 

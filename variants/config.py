@@ -15,8 +15,6 @@ from typing import Any
 import torch
 from transformer_lens.config import TransformerLensConfig
 
-from tasks.addition import Addition
-
 POSITIONAL_EMBEDDINGS = {"none": "nope", "standard": "learned", "sinusoidal": "sinusoidal", "rotary": "rotary"}
 ATTENTION_DIRS = ("causal", "bidirectional")
 SUBLAYERS = ("attn", "mlp", "both")
@@ -35,14 +33,15 @@ class VariantConfig(TransformerLensConfig):
     (fixed), `rotary`. `attention_dir`: `causal` or `bidirectional`. `residual_cuts`: block →
     `attn`, `mlp` or `both`: which residual connections are removed, so that block's
     `resid_mid` is `attn_out` alone and/or its `resid_post` is `mlp_out` alone. `alphabet`:
-    the token characters (token id = index); `d_vocab` follows from it. `seed` fixes the
-    initial weights.
+    the token characters (token id = index); `d_vocab` follows from it. `n_ctx` and `alphabet`
+    describe the data, not the architecture, so they have no default: give them, or take them
+    from a task with `preset(name, task=task)`. `seed` fixes the initial weights.
     """
 
     d_model: int = 64
     d_head: int = 16
     n_layers: int = 4
-    n_ctx: int = Addition().seq_len
+    n_ctx: int = 0
     n_heads: int = -1
     d_mlp: int | None = None
     d_vocab: int = -1
@@ -51,12 +50,15 @@ class VariantConfig(TransformerLensConfig):
     act_fn: str = "gelu"
     attention_dir: str = "causal"
     residual_cuts: dict[int, str] = field(default_factory=dict)
-    alphabet: str = Addition().alphabet
+    alphabet: str = ""
     seed: int = 0
     rotary_base: float = 10_000.0
     init_std: float | None = None
 
     def __post_init__(self) -> None:
+        if not self.alphabet or not self.n_ctx:
+            raise ValueError("a VariantConfig needs its data's alphabet and n_ctx: pass alphabet=... and n_ctx=..., "
+                             f"or preset(name, task=task); got alphabet={self.alphabet!r}, n_ctx={self.n_ctx!r}")
         for name in ("d_model", "d_head", "n_layers", "n_ctx"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -149,12 +151,14 @@ def _normalise_cuts(cuts: dict, n_layers: int) -> dict[int, str]:
 _PRESET_PATTERN = re.compile(r"^(?P<base>[a-z]+-[a-z]+)(?:\+cut(?P<cuts>.+))?$")
 
 
-def preset(name: str, **overrides: Any) -> VariantConfig:
+def preset(name: str, *, task: Any = None, **overrides: Any) -> VariantConfig:
     """A `VariantConfig` from a name like `nope-causal`, `learned-bidirectional+cut0,1:attn`.
 
     Base names are `{nope,learned,sinusoidal,rotary}-{causal,bidirectional}`; the optional
     `+cut` suffix lists blocks whose residual connections are removed, each `L` (both
-    sublayers) or `L:attn` / `L:mlp`. `overrides` set any other field (sizes, seed, dtype...).
+    sublayers) or `L:attn` / `L:mlp`. `task` (any object with `alphabet` and `seq_len`, such as
+    `poslens.tasks.Addition()`) supplies `alphabet` and `n_ctx`; `overrides` set any other field
+    (sizes, seed, dtype...) and win over the task's.
     """
     match = _PRESET_PATTERN.match(name)
     if match is None or match["base"] not in PRESET_NAMES:
@@ -172,4 +176,5 @@ def preset(name: str, **overrides: Any) -> VariantConfig:
     clash = sorted(set(fields) & set(overrides))
     if clash:
         raise ValueError(f"{clash} are set by the variant name {name!r}; do not override them")
-    return VariantConfig(**fields, **overrides)
+    data = {} if task is None else {"alphabet": task.alphabet, "n_ctx": task.seq_len}
+    return VariantConfig(**fields, **{**data, **overrides})

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from tasks.tokens import detokenize, tokenize
-from variants.config import VariantConfig
+from poslens.variants.config import VariantConfig
+from poslens.variants.tokens import detokenize, tokenize
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
@@ -72,7 +72,7 @@ class Attention(nn.Module):
             setattr(self, f"hook_{name}", HookPoint())
         if cfg.positional_embedding_type == "rotary":
             self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()
-            cos, sin = _rotary_tables(cfg)
+            cos, sin = rotary_tables(cfg)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
 
@@ -107,14 +107,15 @@ class Attention(nn.Module):
         return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
-def _rotary_tables(cfg: VariantConfig) -> tuple[Tensor, Tensor]:
+def rotary_tables(cfg: VariantConfig) -> tuple[Tensor, Tensor]:
+    """cos and sin tables `[n_ctx, d_head]` of the rotary embedding (frequencies base^(-2i/d_head), halves paired)."""
     frequencies = cfg.rotary_base ** (-torch.arange(0, cfg.d_head, 2, dtype=torch.float64) / cfg.d_head)
     angles = einops.einsum(torch.arange(cfg.n_ctx, dtype=torch.float64), frequencies, "pos, freq -> pos freq")
     angles = einops.repeat(angles, "pos freq -> pos (half freq)", half=2)
     return angles.cos().to(cfg.dtype), angles.sin().to(cfg.dtype)
 
 
-def _sinusoidal_table(cfg: VariantConfig) -> Float[Tensor, "n_ctx d_model"]:
+def sinusoidal_table(cfg: VariantConfig) -> Float[Tensor, "n_ctx d_model"]:
     """Vaswani et al.'s fixed encoding: sin on even dimensions, cos on odd ones."""
     frequencies = 10_000.0 ** (-torch.arange(0, cfg.d_model, 2, dtype=torch.float64) / cfg.d_model)
     angles = einops.einsum(torch.arange(cfg.n_ctx, dtype=torch.float64), frequencies, "pos, freq -> pos freq")
@@ -172,7 +173,7 @@ class PosEmbed(nn.Module):
         if cfg.positional_embedding_type == "standard":
             self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model, dtype=cfg.dtype))
         else:
-            self.register_buffer("W_pos", _sinusoidal_table(cfg), persistent=False)
+            self.register_buffer("W_pos", sinusoidal_table(cfg), persistent=False)
 
     def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
         return einops.repeat(self.W_pos[: tokens.shape[1]], "pos d_model -> batch pos d_model", batch=tokens.shape[0])

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,14 +30,27 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tasks import Task, make_task
-from variants.checkpoint import check_state_matches, load, save
-from variants.config import VariantConfig
-from variants.model import HookedTransformer, build
-from variants.storage import load_tensors, read_json, save_tensors, write_json
+from poslens.variants.checkpoint import check_state_matches, load, save
+from poslens.variants.config import VariantConfig
+from poslens.variants.model import HookedTransformer, build
+from poslens.variants.storage import load_tensors, read_json, save_tensors, write_json
 
 SNAPSHOT_DIR = "checkpoints"
 _SNAPSHOT_NAME = re.compile(r"step-(\d{6,})")
+
+
+class Task(Protocol):
+    """What training reads of a task (`poslens.tasks` holds ready ones). A task is a frozen
+    dataclass, so `run.json` can record it (`name` plus its fields) and resume can check it."""
+
+    name: str
+    alphabet: str
+    seq_len: int
+    prompt_len: int  # tokens before the answer; the loss is on the rest
+
+    def train_batch(self, batch_size: int, seed: int) -> Tensor: ...
+
+    def test_set(self) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -113,7 +126,8 @@ def evaluate(model: HookedTransformer, task: Task, tokens: Int[Tensor, "batch se
     }
 
 
-def _optimizer(model: HookedTransformer, settings: TrainSettings) -> torch.optim.AdamW:
+def make_optimizer(model: HookedTransformer, settings: TrainSettings) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (biases, LayerNorm and other vectors are not decayed)."""
     matrices = [p for p in model.parameters() if p.ndim >= 2]
     vectors = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": matrices, "weight_decay": settings.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
@@ -235,10 +249,10 @@ def _save_snapshot(model: HookedTransformer, out_dir: Path, step: int) -> None:
         raise
 
 
-def load_task(out_dir: str | Path) -> Task:
-    """The task a run directory was trained on."""
-    spec = dict(read_json(Path(out_dir) / "run.json")["task"])
-    return make_task(spec.pop("name"), **spec)
+def task_record(out_dir: str | Path) -> dict[str, Any]:
+    """The record of the task a run was trained on (`name` and fields; `poslens.tasks.make_task(**record)`
+    rebuilds it)."""
+    return dict(read_json(Path(out_dir) / "run.json")["task"])
 
 
 def train(
@@ -291,7 +305,7 @@ def train(
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory for a training run")
 
     model = build(cfg).train()
-    optimizer = _optimizer(model, settings_obj)
+    optimizer = make_optimizer(model, settings_obj)
     start, history = 0, []
     if (out_dir / "train_state.safetensors").exists():
         _load_train_state(out_dir, model, optimizer)

@@ -17,8 +17,9 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from tasks import Task, make_task
-from variants import HookedTransformer, build, load, preset
+from poslens.tasks import make_task
+from poslens.variants import HookedTransformer, build, load, preset
+from poslens.variants.training import Task
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 INVARIANCE_COLUMNS = ["variant", "n_layers", "dtype", "n_sequences", "n_perms",
@@ -59,7 +60,7 @@ def invariance_table(variants: list[str] = (), checkpoints: list[str | Path] = (
     task = task or make_task("addition")
     prompts = task.test_set()[:n_sequences, : task.prompt_len]
     sizes = {} if n_layers is None else {"n_layers": n_layers}
-    models = [build(preset(name, dtype=dtype, alphabet=task.alphabet, n_ctx=task.seq_len, **sizes)) for name in variants]
+    models = [build(preset(name, task=task, dtype=dtype, **sizes)) for name in variants]
     models += [load(path, dtype=dtype) for path in checkpoints]
     if not models:
         raise ValueError("give at least one variant or checkpoint")

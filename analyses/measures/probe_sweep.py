@@ -26,13 +26,21 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from analyses.tables import PROBE_COLUMNS, PROBE_DTYPES, site_layer
-from hooks import capture_residuals
-from probes import (PositionProbe, RidgePositionProbe, chance_accuracy, control_labels, flatten_tokens,
-                    random_guess_mad, selectivity, split_by_sequence, token_identity_baseline)
-from tasks import Task
-from variants import HookedTransformer, build, load
-
+from poslens.analyses.tables import PROBE_COLUMNS, PROBE_DTYPES, site_layer
+from poslens.hooks import capture_residuals
+from poslens.probes import (
+    PositionProbe,
+    RidgePositionProbe,
+    chance_accuracy,
+    control_labels,
+    flatten_tokens,
+    random_guess_mad,
+    selectivity,
+    split_by_sequence,
+    token_identity_baseline,
+)
+from poslens.variants import HookedTransformer, build
+from poslens.variants.training import Task
 
 CONTROLS = ("random_init", "token_identity", "control_task", "chance")
 
@@ -106,12 +114,3 @@ def probe_sweep(models_by_variant: Mapping[str, Sequence[HookedTransformer]], ta
     table = pd.DataFrame.from_records(records)
     table["layer"] = table["site"].map(site_layer)
     return table[list(PROBE_COLUMNS)].astype(PROBE_DTYPES)
-
-
-def load_models_by_variant(directories: Sequence[str], *, device: str = "cpu") -> dict[str, list[HookedTransformer]]:
-    """Trained checkpoints grouped by their variant name, in the order given."""
-    grouped: dict[str, list[HookedTransformer]] = {}
-    for directory in directories:
-        model = load(directory, device=device)
-        grouped.setdefault(model.cfg.name, []).append(model)
-    return grouped

@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from analyses.dynamics import DYNAMICS_TASKS, write_dynamics
-from analyses.figures import probe_accuracy_figure
-from analyses.invariance import invariance_table
-from analyses.probe_sweep import CONTROLS, load_models_by_variant, probe_sweep
-from analyses.reproduce import PRESETS, reproduce
-from analyses.tables import EXPORT_SUFFIXES, check_writable, export_table, render_table, side_by_side
-from tasks import TASKS, make_task
-from variants import TrainSettings, load_task, preset, train
-from variants.config import DTYPES
-from variants.storage import atomic_write
+from poslens.analyses.experiments.dynamics import write_dynamics
+from poslens.analyses.experiments.presets import DYNAMICS_TASKS, PRESETS
+from poslens.analyses.experiments.reproduce import reproduce
+from poslens.analyses.figures import check_html_path, write_figure
+from poslens.analyses.figures.probes import probe_accuracy_figure
+from poslens.analyses.measures.invariance import invariance_table
+from poslens.analyses.measures.probe_sweep import CONTROLS, probe_sweep
+from poslens.analyses.runs import load_models_by_variant, load_task
+from poslens.analyses.tables import EXPORT_SUFFIXES, check_writable, export_table, render_table, side_by_side
+from poslens.demos.panels import DEFAULT_MODEL_DIR, default_model, discover_models
+from poslens.demos.static import write_static_page
+from poslens.tasks import TASKS, make_task
+from poslens.variants import TrainSettings, preset, train
+from poslens.variants.config import DTYPES
 
 
 def _train(args: argparse.Namespace) -> None:
     task = make_task(args.task)
     sizes = {key: value for key, value in (("n_layers", args.layers), ("d_model", args.d_model)) if value is not None}
-    cfg = preset(args.variant, alphabet=task.alphabet, n_ctx=task.seq_len, seed=args.seed, device=args.device, **sizes)
+    cfg = preset(args.variant, task=task, seed=args.seed, device=args.device, **sizes)
     settings = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
     result = train(cfg, task, out_dir=args.out, resume=args.resume, quiet=args.quiet,
                    **{k: v for k, v in settings.items() if v is not None})
@@ -39,6 +43,8 @@ def _invariance(args: argparse.Namespace) -> None:
 
 def _probe(args: argparse.Namespace) -> None:
     check_writable(args.out, overwrite=args.overwrite)
+    if args.figure:
+        check_html_path(args.figure, overwrite=args.overwrite)
     tasks = {load_task(directory) for directory in args.checkpoints}
     if len(tasks) != 1:
         raise ValueError(f"checkpoints were trained on different tasks ({sorted(map(str, tasks))}); probe them separately")
@@ -47,7 +53,7 @@ def _probe(args: argparse.Namespace) -> None:
     export_table(table, args.out, overwrite=args.overwrite)
     print(render_table(side_by_side(table), "md"), end="")
     if args.figure:
-        atomic_write(args.figure, probe_accuracy_figure(table).to_html(include_plotlyjs=True), overwrite=args.overwrite)
+        write_figure(probe_accuracy_figure(table), args.figure, overwrite=args.overwrite)
     print(f"wrote {args.out}" + (f" and {args.figure}" if args.figure else ""))
 
 
@@ -67,18 +73,32 @@ def _reproduce(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/report.html, {args.out}/summary.md, {args.out}/tables/ and {args.out}/figures/")
 
 
-AddCommand = Callable[[argparse._SubParsersAction], None]
+def _demo(args: argparse.Namespace) -> None:
+    if args.static:
+        check_html_path(args.static, overwrite=args.overwrite)
+    else:
+        try:  # the server needs the optional `demo` extra (dash); the static page does not
+            from poslens.demos.app import check_port, serve
+        except ImportError as error:
+            raise ValueError(f"the demo server needs dash: pip install 'poslens[demo]' ({error})") from error
+        check_port(args.port)
+    models = discover_models(args.models or default_model(device=args.device, quiet=args.quiet))
+    if args.static:
+        path = write_static_page(models, args.static, overwrite=args.overwrite, device=args.device, quiet=args.quiet)
+        print(f"wrote {path}")
+    else:
+        serve(models, port=args.port, device=args.device, quiet=args.quiet)
 
 
-def build_parser(extra_commands: Sequence[AddCommand] = ()) -> argparse.ArgumentParser:
-    """The parser of every analysis subcommand; `extra_commands` add subcommands of later layers (the demo)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every `poslens` subcommand."""
     parser = argparse.ArgumentParser(prog="poslens", description="Where does a transformer keep token position?")
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = TrainSettings()
 
     p = commands.add_parser("reproduce", help="the paper's experiment set on 3-digit addition, end to end (resumable)")
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="model and run sizes (default quick)")
-    p.add_argument("--seeds", type=int, default=1, help="training seeds per variant (default 1; ~10 min each, quick, 2 cores)")
+    p.add_argument("--seeds", type=int, default=1, help="training seeds per variant (default 1)")
     p.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
     p.add_argument("--force", action="store_true", help="recompute tables and figures (trained runs are kept)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -128,8 +148,8 @@ def build_parser(extra_commands: Sequence[AddCommand] = ()) -> argparse.Argument
     p.add_argument("--task", required=True, choices=list(DYNAMICS_TASKS))
     p.add_argument("--checkpoints", type=int, default=12, help="log-spaced snapshots besides step 0 (default 12)")
     p.add_argument("--out", required=True, help="output directory; the training run goes to OUT/run")
-    p.add_argument("--steps", type=int, help="optimiser steps (default: quick preset on addition, "
-                                             "analyses.induction.MARKOV_TRAINING on markov)")
+    p.add_argument("--steps", type=int, help="optimiser steps (default: the quick preset on addition, "
+                                             "MARKOV_TRAINING on markov; analyses.experiments.presets)")
     p.add_argument("--layers", type=int, help="number of blocks (default: the task's)")
     p.add_argument("--d-model", type=int, help="residual width (default: the task's)")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the data order")
@@ -138,13 +158,21 @@ def build_parser(extra_commands: Sequence[AddCommand] = ()) -> argparse.Argument
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--force", action="store_true", help="recompute existing outputs (the trained run is kept)")
     p.set_defaults(run=_dynamics)
-    for add_command in extra_commands:
-        add_command(commands)
+
+    p = commands.add_parser("demo", help="interactive activation-patching app (local web page), or --static OUT.html")
+    p.add_argument("--models", help="a reproduce output folder or a checkpoint folder (default: train or load "
+                                    f"the built-in model in {DEFAULT_MODEL_DIR})")
+    p.add_argument("--port", type=int, default=8050, help="port on 127.0.0.1 (default 8050; 0 = any free port)")
+    p.add_argument("--static", metavar="OUT.html", help="write one self-contained HTML page instead of serving")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --static file")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or request log")
+    p.set_defaults(run=_demo)
     return parser
 
 
-def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
-    args = (parser or build_parser()).parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         args.run(args)
     except (ValueError, FileExistsError, FileNotFoundError) as error:

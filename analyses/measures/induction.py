@@ -1,4 +1,4 @@
-"""Induction heads on n-gram Markov in-context learning (Chen et al. 2024; NOTES.md §4–5).
+"""Induction heads on n-gram Markov in-context learning (Chen et al. 2024; docs/background.md).
 
 A 2-layer model trained on `MarkovICL` must infer each sequence's own transition table in
 context. Chen et al. find three roles: layer-1 heads are *copiers* (each attends to one
@@ -40,7 +40,6 @@ from typing import Any
 
 import einops
 import pandas as pd
-import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -53,30 +52,9 @@ from transformer_lens.head_detector import (
     get_previous_token_head_detection_pattern,
 )
 
-from hooks import capture_patterns
-from tasks import MarkovICL
-from variants import HookedTransformer
-
-MARKOV_VARIANT = "rotary-causal"
-"""Recommended variant: rotary makes attention scores depend on the relative offset q − k, which
-is what a copier needs (Chen et al. give layer 1 relative positional embeddings). NoPE has
-to derive offsets from the causal mask alone; learned absolute positions must learn every
-offset at every position separately."""
-
-MARKOV_MODEL: dict[str, Any] = {"n_layers": 2, "n_ctx": 100, "d_model": 64, "n_heads": 4, "d_head": 16, "d_mlp": 256}
-"""`variants.preset(variant, alphabet=task.alphabet, **MARKOV_MODEL)`: Chen et al.'s two layers,
-with 4 heads per layer (room for one copier per parent of the default 2-parent task, and spares)."""
-
-MARKOV_TASK: dict[str, Any] = {"targets": "all", "n_test": 200}
-"""`MarkovICL(**MARKOV_TASK)`: the default data (vocab 3, length 100, 2 parents, alpha 0.1), with
-every drawn token a target. Chen et al. train on the last token only (`MarkovICL()`), but with
-`MARKOV_TRAINING`'s budget that stays between the in-context unigram and bigram losses
-(benchmarks/RESULTS.md); `n_test` is smaller because evaluation greedy-decodes every target."""
-
-MARKOV_TRAINING: dict[str, Any] = {"steps": 3000, "batch_size": 64, "lr": 3e-3, "warmup_steps": 100,
-                                   "eval_every": 1000, "checkpoint_every": 500}
-"""`variants.train(cfg, MarkovICL(**MARKOV_TASK), out_dir=..., **MARKOV_TRAINING)`: 820 s measured
-on the 2 CPU cores while other jobs shared them (load average ~5; benchmarks/RESULTS.md)."""
+from poslens.hooks import capture_patterns
+from poslens.tasks import MarkovICL
+from poslens.variants import HookedTransformer
 
 HEAD_SCORES = ("previous_token", "induction_second_half", "tl_previous_token_head", "tl_induction_head")
 COPIER_THRESHOLD = 0.5
@@ -96,10 +74,10 @@ loss − the `bayes_posterior` loss on the same sequences, `gap_sem` its paired 
 
 @dataclass
 class InductionReport:
-    """Tables (schema `TABLE_COLUMNS`), one figure per table, and a `summary` of the roles found."""
+    """Tables (schema `TABLE_COLUMNS`) and a `summary` of the roles found
+    (`analyses.figures.induction.induction_figures` draws the tables)."""
 
     tables: dict[str, pd.DataFrame]
-    figures: dict[str, go.Figure]
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -313,11 +291,7 @@ def _analyse(model: HookedTransformer, task: MarkovICL, *, n_sequences: int, max
         "icl_loss": icl_loss_table(torch.cat(losses), tokens, tables, task),
     }
     tables_out = {name: table[TABLE_COLUMNS[name]] for name, table in tables_out.items()}
-    figures = {"offset_profile": offset_profile_figure(tables_out["offset_profile"]),
-               "parent_match": parent_match_figure(tables_out["parent_match"]),
-               "head_scores": head_scores_figure(tables_out["head_scores"]),
-               "icl_loss": icl_loss_figure(tables_out["icl_loss"])}
-    return InductionReport(tables_out, figures, summarise(tables_out, task.n_parents))
+    return InductionReport(tables_out, summarise(tables_out, task.n_parents))
 
 
 def icl_loss_table(model_loss: Float[Tensor, "batch"], tokens: Int[Tensor, "batch length"],
@@ -362,52 +336,3 @@ def summarise(tables: dict[str, pd.DataFrame], n_parents: int) -> dict[str, Any]
         "gap_to_bayes": float(loss.loc["model", "gap_to_bayes"]),
         "gap_sem": float(loss.loc["model", "gap_sem"]),
     }
-
-
-def _head_label(layer: int, head: int) -> str:
-    return f"L{layer}H{head}"
-
-
-def offset_profile_figure(table: pd.DataFrame) -> go.Figure:
-    """Heatmap of attention mass by head (rows) and relative offset (columns)."""
-    table = table.sort_values(["layer", "head", "offset"])
-    labels = [_head_label(layer, head) for layer, head in table[["layer", "head"]].drop_duplicates().itertuples(index=False)]
-    mass = table["mass"].to_numpy().reshape(len(labels), -1)
-    figure = go.Figure(go.Heatmap(z=mass, x=sorted(table["offset"].unique()), y=labels, zmin=0, zmax=1,
-                                  colorscale="Viridis", colorbar={"title": "mass"}))
-    chance = table["chance"].iloc[0]
-    figure.update_layout(title=f"Attention mass by relative offset (query − key); uniform attention: {chance:.3f}",
-                         xaxis_title="offset", yaxis={"title": "head", "autorange": "reversed"})
-    return figure
-
-
-def _bars(table: pd.DataFrame, group: str, value: str, title: str, y_title: str) -> go.Figure:
-    """Grouped bars per head, one trace per value of `group`, with sem error bars and chance markers."""
-    figure = go.Figure()
-    for name, rows in table.groupby(group, sort=False):
-        labels = [_head_label(layer, head) for layer, head in zip(rows["layer"], rows["head"])]
-        figure.add_bar(x=labels, y=rows[value], name=str(name), offsetgroup=str(name),
-                       error_y={"type": "data", "array": rows["sem"].fillna(0).to_numpy()})
-        figure.add_scatter(x=labels, y=rows["chance"], mode="markers", name=f"{name} (chance)",
-                           marker={"symbol": "line-ew-open", "size": 18, "color": "grey"}, offsetgroup=str(name))
-    figure.update_layout(title=title, barmode="group", scattermode="group", xaxis_title="head",
-                         yaxis={"title": y_title, "range": [0, 1]})
-    return figure
-
-
-def parent_match_figure(table: pd.DataFrame) -> go.Figure:
-    """Parent-match score of every head by context length matched, uniform attention marked."""
-    return _bars(table.assign(n_parents=table["n_parents"].map(lambda n: f"{n} parent(s)")), "n_parents", "score",
-                 "Last-position attention on keys that follow an earlier occurrence of its context", "attention mass")
-
-
-def head_scores_figure(table: pd.DataFrame) -> go.Figure:
-    """Previous-token and induction scores (ours and TransformerLens's) on repeated random sequences."""
-    return _bars(table, "score_name", "value", "Head scores on repeated random sequences", "score")
-
-
-def icl_loss_figure(table: pd.DataFrame) -> go.Figure:
-    """Last-token loss of the model beside the reference predictors."""
-    figure = go.Figure(go.Bar(x=table["predictor"], y=table["loss"], error_y={"type": "data", "array": table["sem"]}))
-    figure.update_layout(title="In-context loss of the last token", xaxis_title="predictor", yaxis_title="cross-entropy (nats)")
-    return figure

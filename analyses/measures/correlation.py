@@ -4,13 +4,13 @@ Zuo & Guerzhoy show absolute correlation matrices of output embeddings from laye
 of NoPE models, with and without residual connections, and read "vertical slices" from how
 block-diagonal they are: if position k's column keeps its own information, the dimensions of
 position k correlate with each other more than with other positions' dimensions. Here that
-reading becomes a number, `block_diagonality`, beside the pictures.
+reading becomes a number, `block_diagonality`, beside the pictures
+(`analyses.figures.correlation`).
 """
 
 from __future__ import annotations
 
 import einops
-import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -61,16 +61,3 @@ def block_diagonality(full: Float[Tensor, "pos_dim pos_dim"], d_model: int) -> f
     off_diagonal = full.clone().fill_diagonal_(0)
     total = off_diagonal.sum()
     return float(off_diagonal[same_block].sum() / total) if total > 0 else float("nan")
-
-
-def correlation_heatmap(matrix: Float[Tensor, "row col"], title: str, tick_every: int = 1) -> go.Figure:
-    """A [0, 1] heatmap of an |corr| matrix (rows top to bottom, as the paper draws them)."""
-    figure = go.Figure(go.Heatmap(z=matrix.float().numpy(), zmin=0, zmax=1, colorscale="Viridis",
-                                  colorbar={"title": "|corr|"}))
-    figure.update_layout(title=title, yaxis={"autorange": "reversed", "scaleanchor": "x"}, width=560, height=520)
-    if tick_every > 1:
-        ticks = list(range(0, matrix.shape[0], tick_every))
-        labels = [str(i // tick_every) for i in ticks]
-        figure.update_xaxes(tickvals=ticks, ticktext=labels, title="position")
-        figure.update_yaxes(tickvals=ticks, ticktext=labels, title="position")
-    return figure

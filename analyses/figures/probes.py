@@ -12,7 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
-from analyses.tables import select_summary, summarise_seeds
+from poslens.analyses.tables import select_summary, summarise_seeds
 
 CONTROL_SUFFIX = "_control"
 CHANCE_COLOUR = "grey"

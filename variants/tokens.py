@@ -1,4 +1,4 @@
-"""Character tokenisation shared by every task: one character, one token."""
+"""Character tokenisation of a poslens model: one character of `cfg.alphabet`, one token (id = index)."""
 
 from __future__ import annotations
 

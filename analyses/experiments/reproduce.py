@@ -11,7 +11,6 @@ retrain it: trained weights are never deleted by poslens).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -19,54 +18,21 @@ import plotly.graph_objects as go
 import plotly.offline
 from tqdm.auto import tqdm
 
-from analyses.correlation import block_diagonality, correlation_heatmap, full_correlation, position_correlation
-from analyses.figures import probe_accuracy_figure
-from analyses.invariance import invariance_table
-from analyses.patching import activation_patching, patching_heatmap, position_swap, residual_cut_effects
-from analyses.probe_sweep import probe_sweep
-from analyses.tables import EXPORT_SUFFIXES, read_table, render_table, side_by_side
-from hooks import capture_residuals
-from tasks import Addition
-from variants import HookedTransformer, build, preset, train
-from variants.storage import atomic_write, read_json, write_json
-
-VARIANTS = ("nope-causal", "nope-causal+cut0", "nope-causal+cut0,1", "learned-causal", "nope-bidirectional")
-
-
-@dataclass(frozen=True)
-class ReproducePreset:
-    """Model size, training length and analysis sizes of one `reproduce` run."""
-
-    n_layers: int
-    d_model: int
-    d_head: int
-    steps: int
-    batch_size: int = 256
-    n_probe_sequences: int = 1000
-    n_patch_sequences: int = 64
-
-
-PRESETS = {
-    "tiny": ReproducePreset(n_layers=2, d_model=32, d_head=8, steps=40, batch_size=32, n_probe_sequences=80,
-                            n_patch_sequences=8),
-    "quick": ReproducePreset(n_layers=4, d_model=64, d_head=16, steps=2500),
-    "paper": ReproducePreset(n_layers=6, d_model=128, d_head=32, steps=6000),
-}
-
-
-def _export(table: pd.DataFrame, directory: Path, name: str) -> None:
-    for suffix in EXPORT_SUFFIXES:
-        atomic_write(directory / f"{name}{suffix}", render_table(table, suffix))
-
-
-def write_figure(figure: go.Figure, directory: Path, name: str) -> go.Figure:
-    """A standalone page per figure, all sharing one `plotly.min.js` beside them (offline).
-    Variant names' `+` and `,` become `_` in the file name."""
-    name = name.replace("+", "_").replace(",", "_")
-    if not (directory / "plotly.min.js").exists():
-        atomic_write(directory / "plotly.min.js", plotly.offline.get_plotlyjs())
-    atomic_write(directory / f"{name}.html", figure.to_html(include_plotlyjs="directory", full_html=True))
-    return figure
+from poslens.analyses.experiments.presets import PRESETS, REPRODUCE_VARIANTS
+from poslens.analyses.figures import file_name, write_figure
+from poslens.analyses.figures.correlation import correlation_heatmap
+from poslens.analyses.figures.patching import patching_heatmap, residual_cut_delta_figure
+from poslens.analyses.figures.probes import probe_accuracy_figure
+from poslens.analyses.measures.correlation import block_diagonality, full_correlation, position_correlation
+from poslens.analyses.measures.interventions import position_swap, residual_cut_effects
+from poslens.analyses.measures.invariance import invariance_table
+from poslens.analyses.measures.patching import activation_patching
+from poslens.analyses.measures.probe_sweep import probe_sweep
+from poslens.analyses.tables import export_tables, read_table, render_table, seed_summary, side_by_side, tables_complete
+from poslens.hooks import capture_residuals
+from poslens.tasks import Addition
+from poslens.variants import HookedTransformer, build, preset, train
+from poslens.variants.storage import atomic_write, read_json, write_json
 
 
 def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = "quick", seeds: int = 1,
@@ -79,31 +45,30 @@ def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = "qui
     settings, task = PRESETS[preset_name], Addition()
     out_dir = Path(out_dir)
     tables_dir, figures_dir = out_dir / "tables", out_dir / "figures"
-    sizes = {"n_layers": settings.n_layers, "d_model": settings.d_model, "d_head": settings.d_head, "device": device}
 
     models: dict[str, list[HookedTransformer]] = {}
     training_rows, run_dirs = [], []
-    for variant, seed in tqdm([(v, s) for v in VARIANTS for s in range(seeds)], desc="train", disable=quiet):
+    for variant, seed in tqdm([(v, s) for v in REPRODUCE_VARIANTS for s in range(seeds)], desc="train", disable=quiet):
         run_dirs.append(out_dir / "runs" / f"{variant}-seed{seed}")
         started = time.perf_counter()
-        result = train(preset(variant, seed=seed, **sizes), task, out_dir=run_dirs[-1], resume=True, quiet=True,
-                       steps=settings.steps, batch_size=settings.batch_size, seed=seed)
+        cfg = preset(variant, task=task, seed=seed, device=device, **settings.model)
+        result = train(cfg, task, out_dir=run_dirs[-1], resume=True, quiet=True, seed=seed, **settings.training)
         models.setdefault(variant, []).append(result.model.eval())
         final = result.history[-1]
         training_rows.append({"variant": variant, "seed": seed, "steps": final["step"],
                               "exact_match": final["exact_match"], "test_loss": final["test_loss"],
                               "this_session_s": time.perf_counter() - started})
 
-    manifest = {"preset": preset_name, "seeds": seeds, "variants": list(VARIANTS)}
+    manifest = {"preset": preset_name, "seeds": seeds, "variants": list(REPRODUCE_VARIANTS)}
     stale = (tables_dir / "manifest.json").exists() and read_json(tables_dir / "manifest.json") != manifest
     if stale and not quiet:
         tqdm.write(f"{tables_dir} was computed for {read_json(tables_dir / 'manifest.json')}; recomputing for {manifest}")
 
     def stage(name: str, compute) -> pd.DataFrame:
-        if (tables_dir / f"{name}.csv").exists() and not (force or stale):
+        if tables_complete(tables_dir, name) and not (force or stale):
             return read_table(tables_dir / f"{name}.csv")
         table = compute()
-        _export(table, tables_dir, name)
+        export_tables(table, tables_dir, name, overwrite=True)  # this run's own output, recomputed
         return table
 
     def every_seed(analysis, runs_per_variant: int | None = None) -> pd.DataFrame:
@@ -115,7 +80,7 @@ def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = "qui
     tables = {"training": stage("training", lambda: pd.DataFrame(training_rows))}
     stages.update()
     tables["invariance"] = stage("invariance", lambda: invariance_table(
-        [v for v in VARIANTS if "+" not in v], run_dirs, n_layers=settings.n_layers, n_sequences=32, n_perms=10))
+        [v for v in REPRODUCE_VARIANTS if "+" not in v], run_dirs, n_layers=settings.n_layers, n_sequences=32, n_perms=10))
     stages.update()
     tables["probe"] = stage("probe", lambda: probe_sweep(models, task, n_sequences=settings.n_probe_sequences,
                                                          quiet=True))
@@ -154,53 +119,46 @@ def _correlations(models: dict[str, list[HookedTransformer]], task: Addition, n_
     return pd.DataFrame(rows)
 
 
-def _over_seeds(table: pd.DataFrame, keys: list[str], values: list[str]) -> pd.DataFrame:
-    """Mean and std over seeds of `values`, one row per `keys` (columns `{value}_mean`, `{value}_std`)."""
-    summary = table.groupby(keys, sort=False)[values].agg(["mean", "std"])
-    summary.columns = [f"{value}_{statistic}" for value, statistic in summary.columns]
-    return summary.reset_index()
-
-
 def paper_blocks(n_layers: int) -> list[int]:
     """Blocks whose outputs the paper shows (layers 1, 3, 6 of 6), scaled to `n_layers`."""
     return sorted({0, (n_layers - 1) // 2, n_layers - 1})
 
 
+def _write(figure: go.Figure, directory: Path, name: str) -> go.Figure:
+    """Write one of this run's figures (recomputed on every run, so replacing the last run's copy)."""
+    write_figure(figure, directory / f"{file_name(name)}.html", overwrite=True, standalone=False)
+    return figure
+
+
 def _figures(tables: dict[str, pd.DataFrame], models: dict[str, list[HookedTransformer]], task: Addition,
              n_sequences: int, directory: Path) -> list[go.Figure]:
-    figures = [write_figure(probe_accuracy_figure(tables["probe"]), directory, "probe_accuracy")]
+    figures = [_write(probe_accuracy_figure(tables["probe"]), directory, "probe_accuracy")]
     tokens = task.test_set()[:n_sequences]
     for variant, runs in models.items():
         model = runs[0]
         sites = [f"blocks.{block}.hook_resid_post" for block in paper_blocks(model.cfg.n_layers)]
         capture = capture_residuals(model, tokens, sites=sites)
         for site in sites:
-            figures.append(write_figure(correlation_heatmap(
+            figures.append(_write(correlation_heatmap(
                 position_correlation(capture[site]), f"|corr| positions × positions, {variant}, {site}"),
                 directory, f"correlation_{variant}_{site}"))
         patch = tables["activation_patching"]
-        figures.append(write_figure(patching_heatmap(patch[patch["variant"] == variant], "resid_pre",
+        figures.append(_write(patching_heatmap(patch[patch["variant"] == variant], "resid_pre",
                                                       f"activation patching (resid_pre), {variant}"),
                                      directory, f"patching_{variant}"))
-    cuts = _over_seeds(tables["residual_cuts"], ["variant", "block", "sublayer"], ["delta_exact_match"])
-    cut_figure = go.Figure([go.Bar(name=variant, x=[f"{b}:{s}" for b, s in zip(group["block"], group["sublayer"])],
-                                   y=group["delta_exact_match_mean"],
-                                   error_y={"type": "data", "array": group["delta_exact_match_std"].fillna(0)})
-                            for variant, group in cuts.groupby("variant", sort=False)])
-    cut_figure.update_layout(title="change in exact match when a residual connection is removed at inference "
-                                   "(mean ± std over seeds)",
-                             xaxis_title="block:sublayer", yaxis_title="Δ exact match", barmode="group")
-    figures.append(write_figure(cut_figure, directory, "residual_cuts"))
+    cuts = seed_summary(tables["residual_cuts"], ["variant", "block", "sublayer"], ["delta_exact_match"])
+    cut_figure = residual_cut_delta_figure(cuts)
+    figures.append(_write(cut_figure, directory, "residual_cuts"))
     return figures
 
 
 def _write_report(out_dir: Path, figures: list[go.Figure], tables: dict[str, pd.DataFrame], preset_name: str,
                   seeds: int) -> None:
     probe = tables["probe"]
-    correlation = _over_seeds(tables["correlation"], ["variant", "site", "weights"], ["block_diagonality"])
-    cuts = _over_seeds(tables["residual_cuts"], ["variant", "block", "sublayer"],
+    correlation = seed_summary(tables["correlation"], ["variant", "site", "weights"], ["block_diagonality"])
+    cuts = seed_summary(tables["residual_cuts"], ["variant", "block", "sublayer"],
                        ["exact_match", "delta_exact_match", "delta_probe_accuracy"])
-    swaps = _over_seeds(tables["position_swap"], ["variant", "site"], ["follows_swap", "keeps_original"])
+    swaps = seed_summary(tables["position_swap"], ["variant", "site"], ["follows_swap", "keeps_original"])
     sections = {
         "Training (exact match on held-out operand pairs)": tables["training"],
         "Invariance of the last position's logits to permutations of earlier tokens": tables["invariance"],

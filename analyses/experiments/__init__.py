@@ -1,0 +1,1 @@
+"""Experiments: jobs that train, call measures and write tables, figures, summaries and reports."""

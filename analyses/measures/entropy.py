@@ -1,0 +1,171 @@
+"""Attention entropy and when position becomes decodable: measures over a run's snapshots.
+
+- `attention_entropy`: the Shannon entropy in nats of each query's attention row, defined as
+  in the JoMA paper's code (Tian et al. 2023): `-(p * log(p + 1e-8))` summed over keys,
+  averaged over queries and sequences, *not* normalised; beside it, labelled as such, the same
+  entropy divided by the log of the number of keys the query can see (1 for uniform
+  attention, 0 for attention on one key).
+- `uniform_entropy_reference(T, causal)`: JoMA's entropy of uniform attention over T
+  positions: the mean over queries t = 1..T of ln t causally (2.632 nats for T = 35), ln T
+  bidirectionally.
+- `entropy_rebound`: each layer's minimum-entropy step and how far entropy rises after it
+  (JoMA's "attention becomes sparse, then dense").
+- `decodable_steps`: the first step at which each site's position probe beats token identity
+  by a stated margin.
+
+Tables (tidy, one measurement per row; `variant` and `seed` columns let runs be concatenated):
+
+- `probes`: step, then the probe schema of `analyses.tables.PROBE_COLUMNS`.
+- `entropy`: variant, seed, step, layer, head, entropy_nats (JoMA's definition),
+  entropy_normalised (divided by ln(visible keys)), uniform_nats (the uniform-attention
+  reference in nats; the normalised reference is 1).
+- `rebound` (`entropy_rebound`) and `decodable` (`decodable_steps`): see those functions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import einops
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from poslens.analyses.tables import PROBE_COLUMNS, check_columns
+from poslens.hooks import capture_patterns
+from poslens.variants import HookedTransformer
+
+ENTROPY_EPS = 1e-8  # inside the log, as in JoMA's code
+DECODABLE_MARGINS = (0.05, 0.5)
+PROBE_STEP_COLUMNS = ("step", *PROBE_COLUMNS)
+ENTROPY_COLUMNS = ("variant", "seed", "step", "layer", "head", "entropy_nats", "entropy_normalised", "uniform_nats")
+REBOUND_COLUMNS = ("variant", "seed", "layer", "measure", "initial", "min_step", "min", "final_step", "final",
+                   "rebound", "rebound_fraction")
+DECODABLE_COLUMNS = ("variant", "seed", "site", "layer", "margin", "token_identity", "step", "accuracy_at_step",
+                     "final_accuracy")
+
+
+
+class AttentionEntropy(NamedTuple):
+    """Per-head attention entropy: JoMA's raw nats and, separately, normalised by ln(visible keys)."""
+
+    nats: Float[Tensor, " head"]
+    normalised: Float[Tensor, " head"]
+
+
+def attention_entropy(pattern: Float[Tensor, "batch head query key"], *, causal: bool) -> AttentionEntropy:
+    """Entropy of attention patterns, per head, averaged over queries and the batch.
+
+    `nats` is JoMA's measure: `-(p * log(p + 1e-8)).sum(key)` per query row, then the mean
+    over every query and sequence, not normalised. `normalised` divides each row's entropy by
+    ln of the number of keys that query can see (query q sees q + 1 keys when `causal`, all of
+    them otherwise) before averaging, so uniform attention scores 1 at every query. A query
+    that sees a single key (the first one, causally) has entropy exactly 0 whatever the
+    weights, and 0/ln 1 is undefined, so those rows are left out of the normalised mean
+    (they stay in `nats`, as in JoMA); with no query seeing two keys it is NaN.
+    """
+    if pattern.ndim != 4:
+        raise ValueError(f"pattern must be [batch, head, query, key], got shape {tuple(pattern.shape)}")
+    n_query, n_key = pattern.shape[-2:]
+    if causal and n_query != n_key:
+        raise ValueError(f"a causal pattern must be square (query = key positions), got {n_query} × {n_key}")
+    p = pattern.double()
+    rows: Float[Tensor, "batch head query"] = -(p * torch.log(p + ENTROPY_EPS)).sum(-1)
+    visible = torch.arange(1, n_query + 1, dtype=torch.float64) if causal else torch.full((n_query,), float(n_key))
+    informative = visible > 1
+    normalised = rows[..., informative] / visible[informative].log()
+    return AttentionEntropy(nats=einops.reduce(rows, "batch head query -> head", "mean"),
+                            normalised=einops.reduce(normalised, "batch head query -> head", "mean"))
+
+
+def uniform_entropy_reference(n_ctx: int, causal: bool) -> float:
+    """JoMA's entropy (nats) of uniform attention over `n_ctx` positions: the mean over queries
+    t = 1..T of ln t when causal (query t sees t keys), ln T when bidirectional."""
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
+        raise ValueError(f"n_ctx must be an integer >= 1, got {n_ctx!r}")
+    return math.lgamma(n_ctx + 1) / n_ctx if causal else math.log(n_ctx)
+
+
+@torch.no_grad()
+def attention_summary(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], *, batch_size: int = 256
+                      ) -> tuple[pd.DataFrame, Float[Tensor, "layer head query key"]]:
+    """Per layer and head: `attention_entropy` over `tokens` (rows layer, head, entropy_nats,
+    entropy_normalised), and the mean attention pattern over the sequences."""
+    causal = model.cfg.attention_dir == "causal"
+    nats = normalised = patterns = 0.0
+    for chunk in tokens.split(batch_size):
+        stacked = capture_patterns(model, chunk)[1].cpu()  # [layer, batch, head, query, key]
+        entropies = [attention_entropy(pattern, causal=causal) for pattern in stacked]
+        nats = nats + torch.stack([e.nats for e in entropies]) * len(chunk)
+        normalised = normalised + torch.stack([e.normalised for e in entropies]) * len(chunk)
+        patterns = patterns + einops.reduce(stacked.double(), "layer batch head query key -> layer head query key",
+                                            "sum")
+    nats, normalised, patterns = nats / len(tokens), normalised / len(tokens), patterns / len(tokens)
+    rows = [{"layer": layer, "head": head, "entropy_nats": float(nats[layer, head]),
+             "entropy_normalised": float(normalised[layer, head])}
+            for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
+    return pd.DataFrame(rows), patterns.float()
+
+
+def entropy_rebound(entropy: pd.DataFrame, *, per_head: bool = False) -> pd.DataFrame:
+    """Each layer's lowest-entropy step and the rebound after it ("sparse, then dense").
+
+    Per run (variant, seed), layer and measure (`nats`, JoMA's, and `normalised`), on the
+    layer's entropy averaged over heads (or, with `per_head`, for each head: a `head` column
+    follows `layer`): `initial` (at the first step), `min_step` and `min`, `final_step` and
+    `final`, `rebound` = final − min, and `rebound_fraction` = rebound / (initial − min), the
+    share of the initial drop won back (above 1 when entropy ends above where it started; NaN
+    when it never fell below its initial value). Columns `REBOUND_COLUMNS` (+ `head`).
+    """
+    check_columns(entropy, ENTROPY_COLUMNS, "entropy")
+    unit = ["layer", "head"] if per_head else ["layer"]
+    curves = entropy.groupby(["variant", "seed", *unit, "step"], sort=True)[
+        ["entropy_nats", "entropy_normalised"]].mean().reset_index()
+    rows = []
+    for keys, curve in curves.groupby(["variant", "seed", *unit], sort=True):
+        curve = curve.sort_values("step")
+        for measure in ("nats", "normalised"):
+            values = curve[f"entropy_{measure}"].to_numpy()
+            lowest = int(values.argmin())
+            drop = values[0] - values[lowest]
+            rebound = values[-1] - values[lowest]
+            rows.append({**dict(zip(["variant", "seed", *unit], keys)), "measure": measure,
+                         "initial": values[0], "min_step": int(curve["step"].iloc[lowest]), "min": values[lowest],
+                         "final_step": int(curve["step"].iloc[-1]), "final": values[-1], "rebound": rebound,
+                         "rebound_fraction": rebound / drop if drop > 0 else float("nan")})
+    columns = [*REBOUND_COLUMNS[:3], *(["head"] if per_head else []), *REBOUND_COLUMNS[3:]]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def decodable_steps(probes: pd.DataFrame, margins: tuple[float, ...] = DECODABLE_MARGINS) -> pd.DataFrame:
+    """First step at which position is *decodable* at each site: the trained position probe's
+    accuracy is at least the token-identity probe's plus `margin`.
+
+    One row per run (variant, seed), site and margin: `token_identity` (the bar, at that
+    step's data; it does not depend on the model), `step` (NaN if never within the run),
+    `accuracy_at_step` and `final_accuracy`. Step 0 is the untrained model, so a site that is
+    decodable at step 0 carries a position signal before any training. Columns
+    `DECODABLE_COLUMNS`.
+    """
+    check_columns(probes, PROBE_STEP_COLUMNS, "probes")
+    position = probes[(probes["probe"] == "position") & (probes["metric"] == "accuracy")]
+    keys = ["variant", "seed", "site", "layer", "step"]
+    wide = position.pivot_table(index=keys, columns="baseline", values="value").reset_index()
+    missing = {"trained", "token_identity"} - set(wide.columns)
+    if missing:
+        raise ValueError(f"probes table lacks the {sorted(missing)} position-accuracy rows decodable_steps needs")
+    rows = []
+    for (variant, seed, site, layer), curve in wide.groupby(["variant", "seed", "site", "layer"], sort=False):
+        curve = curve.sort_values("step")
+        for margin in margins:
+            hits = curve[curve["trained"] >= curve["token_identity"] + margin]
+            first = hits.iloc[0] if not hits.empty else None
+            rows.append({"variant": variant, "seed": seed, "site": site, "layer": layer, "margin": margin,
+                         "token_identity": curve["token_identity"].iloc[-1],
+                         "step": float("nan") if first is None else float(first["step"]),
+                         "accuracy_at_step": float("nan") if first is None else first["trained"],
+                         "final_accuracy": curve["trained"].iloc[-1]})
+    return pd.DataFrame(rows, columns=list(DECODABLE_COLUMNS)).sort_values(["variant", "seed", "margin", "layer"],
+                                                                            ignore_index=True)

@@ -1,0 +1,196 @@
+"""Activation patching on addition prompts, through `transformer_lens.patching` unchanged.
+
+A corruption swaps two operand digits (or permutes all of them), so the clean and corrupted
+prompts differ only in *where* digits are. Each (layer, position) activation of the clean run
+is copied into the corrupted run in turn, and a restoration metric says how much of the clean
+first answer digit comes back: 0 = the corrupted run, 1 = the clean run. `poslens reproduce`
+and the demo compute every patching number with the functions here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import patching
+from transformer_lens.utilities import get_act_name
+
+from poslens.tasks import Addition
+from poslens.variants import HookedTransformer
+
+Metric = Callable[[Float[Tensor, "batch pos vocab"]], Tensor]
+
+# One (layer, position) patch per cell; TransformerLens names the first two, the rest use its generic patcher.
+SITES: dict[str, Callable] = {
+    "resid_pre": patching.get_act_patch_resid_pre,
+    "resid_mid": patching.get_act_patch_resid_mid,
+    "resid_post": partial(patching.generic_activation_patch, patch_setter=patching.layer_pos_patch_setter,
+                          activation_name="resid_post", index_axis_names=("layer", "pos")),
+    "attn_out": patching.get_act_patch_attn_out,
+    "mlp_out": patching.get_act_patch_mlp_out,
+}
+RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post")
+LOGIT_DIFF, KL_RESTORED = "normalised logit diff", "fraction of KL restored"
+PATCHING_COLUMNS = ("site", "layer", "position", "role", "value")
+
+
+class NothingToRestore(ValueError):
+    """The model answers the clean and the corrupted prompts alike: a restoration metric is undefined."""
+
+
+@contextmanager
+def quiet_patching(quiet: bool = True) -> Iterator[None]:
+    """Silence `transformer_lens.patching`'s own progress bars (it has no flag for them)."""
+    original = patching.tqdm
+    if quiet:
+        patching.tqdm = partial(original, disable=True)
+    try:
+        yield
+    finally:
+        patching.tqdm = original
+
+
+def corrupt(task: Addition, tokens: Int[Tensor, "batch seq"], kind: str = "swap", *, positions: tuple[int, int] = (0, 2),
+            seed: int = 0) -> Int[Tensor, "batch seq"]:
+    """Corrupted copies of addition `tokens`: `swap` exchanges the operand digits at prompt
+    `positions` (default: the first operand's hundreds and units); `permute` shuffles all
+    operand digit positions (one random permutation for the batch); the answer is recomputed."""
+    operand_slots = task.operand_positions
+    order = list(range(task.seq_len))
+    if kind == "swap":
+        if not set(positions) <= set(operand_slots) or len(set(positions)) != 2:
+            raise ValueError(f"swap positions must be two distinct operand-digit positions {operand_slots}, got {positions}")
+        order[positions[0]], order[positions[1]] = positions[1], positions[0]
+    elif kind == "permute":
+        generator = torch.Generator().manual_seed(seed)
+        shuffled = [operand_slots[i] for i in torch.randperm(len(operand_slots), generator=generator).tolist()]
+        for slot, source in zip(operand_slots, shuffled):
+            order[slot] = source
+    else:
+        raise ValueError(f"unknown corruption {kind!r}; allowed: ['swap', 'permute']")
+    return task.encode(*task.decode_operands(tokens[:, order]))
+
+
+def first_answer_logit_diff(clean: Int[Tensor, "batch seq"], corrupted: Int[Tensor, "batch seq"],
+                            prompt_len: int) -> Metric:
+    """Metric on prompt logits: mean over the batch of logit(clean first answer digit) −
+    logit(corrupted first answer digit) at the last prompt position."""
+    rows = torch.arange(len(clean))
+    good, bad = clean[:, prompt_len], corrupted[:, prompt_len]
+
+    def metric(logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
+        last = logits[:, -1]
+        return (last[rows, good] - last[rows, bad]).mean()
+
+    return metric
+
+
+def first_answer_kl(clean_logits: Float[Tensor, "batch pos vocab"]) -> Metric:
+    """Metric on prompt logits: minus the mean KL(clean ‖ run) of the first answer token's distribution."""
+    clean_log_probs = clean_logits[:, -1].log_softmax(-1)
+
+    def metric(logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
+        log_probs = logits[:, -1].log_softmax(-1)
+        return -(clean_log_probs.exp() * (clean_log_probs - log_probs)).sum(-1).mean()
+
+    return metric
+
+
+@torch.no_grad()
+def restoration_metric(model: HookedTransformer, clean: Int[Tensor, "batch seq"], corrupted: Int[Tensor, "batch seq"],
+                       prompt_len: int) -> tuple[Metric, str]:
+    """A metric on the corrupted prompts' logits that is 0 for the corrupted run and 1 for the
+    clean run, and its name.
+
+    When every clean/corrupted pair has different correct first answer digits it is the
+    normalised `first_answer_logit_diff`; when every pair shares it (swapping the operands never
+    changes the sum) it is the fraction of KL(clean ‖ corrupted) of the first-digit
+    distribution that a patch removes. A batch that mixes the two cases is refused.
+    """
+    device = model.cfg.device
+    clean, corrupted = clean.to(device), corrupted.to(device)
+    clean_logits, corrupted_logits = model(clean[:, :prompt_len]), model(corrupted[:, :prompt_len])
+    differs = clean[:, prompt_len] != corrupted[:, prompt_len]
+    if differs.all():
+        raw, name = first_answer_logit_diff(clean, corrupted, prompt_len), LOGIT_DIFF
+    elif not differs.any():
+        raw, name = first_answer_kl(clean_logits), KL_RESTORED
+    else:
+        raise ValueError("the clean and corrupted prompts must either all differ or all agree in their first answer "
+                         f"digit, got {int(differs.sum())} of {len(differs)} differing")
+    clean_value, corrupted_value = raw(clean_logits), raw(corrupted_logits)
+    if abs(float(clean_value - corrupted_value)) < 1e-6:
+        raise NothingToRestore(f"the model gives the same first-digit logits on the clean and the corrupted prompts "
+                         f"({name} undefined): patching has nothing to restore")
+    return (lambda logits: (raw(logits) - corrupted_value) / (clean_value - corrupted_value)), name
+
+
+def check_site(site: str) -> str:
+    if site not in SITES:
+        raise ValueError(f"unknown patching site {site!r}; allowed: {list(SITES)}")
+    return site
+
+
+@torch.no_grad()
+def patch_table(model: HookedTransformer, task: Addition, clean: Int[Tensor, "batch seq"],
+                corrupted: Int[Tensor, "batch seq"], sites: Sequence[str] = tuple(SITES), *,
+                quiet: bool = True) -> tuple[pd.DataFrame, str]:
+    """Patch every (layer, position) of each site from the clean into the corrupted run; the
+    tidy table (`PATCHING_COLUMNS`: site, layer, position, role, value = `restoration_metric`)
+    and the name of the metric used."""
+    sites = [check_site(site) for site in sites]
+    model.eval()
+    metric, name = restoration_metric(model, clean, corrupted, task.prompt_len)
+    prompts = slice(0, task.prompt_len)
+    _, clean_cache = model.run_with_cache(clean[:, prompts].to(model.cfg.device))
+    corrupted_prompts = corrupted[:, prompts].to(model.cfg.device)
+    with quiet_patching(quiet):
+        grids = {site: SITES[site](model, corrupted_prompts, clean_cache, metric) for site in sites}
+    rows = [{"site": site, "layer": layer, "position": position, "role": task.roles[position],
+             "value": float(grid[layer, position])}
+            for site, grid in grids.items() for layer in range(grid.shape[0]) for position in range(grid.shape[1])]
+    return pd.DataFrame(rows, columns=list(PATCHING_COLUMNS)), name
+
+
+def activation_patching(model: HookedTransformer, task: Addition, *, kind: str = "swap",
+                        positions: tuple[int, int] = (0, 2), n_sequences: int = 64, seed: int = 0,
+                        quiet: bool = True) -> pd.DataFrame:
+    """`patch_table` over every site on held-out prompts whose first answer digit changes under
+    the corruption (the first `n_sequences` of them). Where the model answers both prompts alike
+    (a NoPE-bidirectional model cannot tell them apart) every value is NaN: there is nothing to restore."""
+    clean = task.test_set()[: n_sequences * 4]
+    corrupted = corrupt(task, clean, kind, positions=positions, seed=seed)
+    changed = clean[:, task.prompt_len] != corrupted[:, task.prompt_len]
+    clean, corrupted = clean[changed][:n_sequences], corrupted[changed][:n_sequences]
+    if len(clean) == 0:
+        raise ValueError(f"corruption {kind!r} {positions} changes no first answer digit in the test set")
+    try:
+        return patch_table(model, task, clean, corrupted, quiet=quiet)[0]
+    except NothingToRestore:
+        rows = [{"site": site, "layer": layer, "position": position, "role": task.roles[position],
+                 "value": float("nan")}
+                for site in SITES for layer in range(model.cfg.n_layers) for position in range(task.prompt_len)]
+        return pd.DataFrame(rows, columns=list(PATCHING_COLUMNS))
+
+
+def patch_cell_hook(model: HookedTransformer, clean_prompt: Int[Tensor, "batch pos"], site: str, layer: int,
+                    position: int) -> tuple[str, Callable]:
+    """A forward hook (for `model.hooks`) that writes the clean run's `site` activation at
+    (`layer`, `position`): one cell of a `patch_table`."""
+    n_pos = clean_prompt.shape[1]
+    if not 0 <= layer < model.cfg.n_layers or not 0 <= position < n_pos:
+        raise ValueError(f"patch cell (layer {layer}, position {position}) is outside layers "
+                         f"0..{model.cfg.n_layers - 1} and prompt positions 0..{n_pos - 1}")
+    name = get_act_name(check_site(site), layer)
+    _, clean_cache = model.run_with_cache(clean_prompt.to(model.cfg.device), names_filter=name)
+
+    def hook(activation: Tensor, hook) -> Tensor:
+        activation[:, position] = clean_cache[name][:, position]
+        return activation
+
+    return name, hook
