@@ -14,6 +14,7 @@ from poslens.analyses.figures.probes import probe_accuracy_figure
 from poslens.analyses.measures.invariance import invariance_table
 from poslens.analyses.measures.probe_sweep import CONTROLS, probe_sweep
 from poslens.analyses.runs import load_models_by_variant, load_task
+from poslens.analyses.sweep import EXECUTORS
 from poslens.analyses.tables import EXPORT_SUFFIXES, check_writable, export_table, render_table, side_by_side
 from poslens.demos.panels import DEFAULT_MODEL_DIR, default_model, discover_models
 from poslens.demos.static import write_static_page
@@ -66,9 +67,15 @@ def _dynamics(args: argparse.Namespace) -> None:
           f"({len(result.steps)} snapshots in {args.out}/run/checkpoints/)")
 
 
+def _sweep_options(args: argparse.Namespace) -> dict:
+    """The `analyses.sweep.run_units` settings of a study subcommand."""
+    return {"executor": args.executor, "workers": args.workers, "threads": args.threads,
+            "ray_address": args.ray_address, "gpus_per_unit": args.gpus_per_unit}
+
+
 def _reproduce(args: argparse.Namespace) -> None:
     tables = reproduce(args.out, preset_name=args.preset, seeds=args.seeds, force=args.force, device=args.device,
-                       quiet=args.quiet)
+                       quiet=args.quiet, **_sweep_options(args))
     print(render_table(side_by_side(tables["probe"]), "md"), end="")
     print(f"wrote {args.out}/report.html, {args.out}/summary.md, {args.out}/tables/ and {args.out}/figures/")
 
@@ -90,6 +97,17 @@ def _demo(args: argparse.Namespace) -> None:
         serve(models, port=args.port, device=args.device, quiet=args.quiet)
 
 
+def _add_sweep_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="where the (variant, seed) units run: serial, local worker processes (default), or ray")
+    p.add_argument("--workers", type=int, help="worker processes (local; default: usable cores // --threads) or CPUs "
+                                               "of a Ray instance started here")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per unit (default 1; numbers depend on it)")
+    p.add_argument("--ray-address", help="a running Ray cluster (an address, or 'auto'); default: start one here")
+    p.add_argument("--gpus-per-unit", type=float, default=0.0,
+                   help="GPU share of each Ray unit (e.g. 0.25 packs four runs on one GPU; runs on cuda)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every `poslens` subcommand."""
     parser = argparse.ArgumentParser(prog="poslens", description="Where does a transformer keep token position?")
@@ -103,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute tables and figures (trained runs are kept)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_sweep_options(p)
     p.set_defaults(run=_reproduce)
 
     p = commands.add_parser("train", help="train a variant on a task (resumable)")

@@ -1,12 +1,20 @@
-"""Reading trained runs back: a run directory's task and its model, grouped by variant."""
+"""Reading trained runs back (a run directory's task, its models grouped by variant) and caching
+the measures of a run beside it, so a rerun of a study recomputes only what is missing."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
+from torch import Tensor
+
+from poslens.analyses.tables import export_table, read_table
 from poslens.tasks import make_task
 from poslens.variants import HookedTransformer, load, task_record
+from poslens.variants.storage import load_tensors, read_json, save_tensors, write_json
 
 
 def load_task(run_dir: str | Path):
@@ -21,3 +29,36 @@ def load_models_by_variant(directories: Sequence[str | Path], *, device: str = "
         model = load(directory, device=device)
         grouped.setdefault(model.cfg.name, []).append(model)
     return grouped
+
+
+Results = dict[str, pd.DataFrame | Tensor]
+STAMP = "stamp.json"
+TENSORS = "tensors.safetensors"
+
+
+def cached_results(directory: str | Path, stamp: dict[str, Any], compute: Callable[[], Results], *,
+                   force: bool = False) -> Results:
+    """`compute()`'s tables and tensors, kept in `directory` and reused while `stamp` (what they
+    were computed for: preset, sizes, version...) is unchanged, unless `force`.
+
+    Tables are stored as `.json` (`export_table`: exact floats and dtypes), tensors in one
+    safetensors file, and `stamp.json` is written last: a kill mid-write leaves no stamp, so the
+    results are computed again rather than read half-written.
+    """
+    directory = Path(directory)
+    record = {"stamp": stamp}
+    if not force and (directory / STAMP).is_file():
+        saved = read_json(directory / STAMP)
+        if saved.get("stamp") == json.loads(json.dumps(stamp)):
+            tensors = load_tensors(directory / TENSORS) if saved["tensors"] else {}
+            return {**{name: read_table(directory / f"{name}.json") for name in saved["tables"]}, **tensors}
+    results = compute()
+    tables = {name: value for name, value in results.items() if isinstance(value, pd.DataFrame)}
+    tensors = {name: value for name, value in results.items() if isinstance(value, Tensor)}
+    (directory / STAMP).unlink(missing_ok=True)
+    for name, table in tables.items():
+        export_table(table, directory / f"{name}.json", overwrite=True)
+    if tensors:
+        save_tensors(directory / TENSORS, tensors)
+    write_json(directory / STAMP, {**record, "tables": sorted(tables), "tensors": sorted(tensors)})
+    return results

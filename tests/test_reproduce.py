@@ -7,9 +7,9 @@ from poslens.analyses.tables import PROBE_COLUMNS, read_table, validate_probe_ta
 from poslens.cli import main
 
 TABLES = {
-    "training": ["variant", "seed", "steps", "exact_match", "test_loss", "this_session_s"],
-    "invariance": ["variant", "weights", "n_layers", "dtype", "n_sequences", "n_perms", "max_abs_delta",
-                   "mean_abs_delta", "tolerance", "invariant"],
+    "training": ["variant", "seed", "steps", "exact_match", "test_loss"],
+    "invariance": ["variant", "n_layers", "dtype", "n_sequences", "n_perms", "max_abs_delta", "mean_abs_delta",
+                   "tolerance", "invariant", "weights", "seed"],
     "probe": list(PROBE_COLUMNS),
     "correlation": ["variant", "seed", "site", "weights", "block_diagonality"],
     "residual_cuts": ["block", "sublayer", "exact_match", "answer_logprob", "probe_accuracy", "delta_exact_match",
@@ -30,9 +30,9 @@ def test_reproduce_tiny_writes_everything_and_resumes(tmp_path):
     validate_probe_table(read_table(out / "tables" / "probe.json"))
     training = read_table(out / "tables" / "training.csv")
     assert list(training["variant"]) == list(REPRODUCE_VARIANTS)
-    invariance = read_table(out / "tables" / "invariance.csv").set_index("weights")
-    assert invariance.loc[str(out / "runs" / "nope-bidirectional-seed0"), "invariant"]
-    assert not invariance.loc[str(out / "runs" / "nope-causal-seed0"), "invariant"]
+    invariance = read_table(out / "tables" / "invariance.csv").set_index(["variant", "weights"])["invariant"]
+    assert invariance["nope-bidirectional", "trained"] and invariance["nope-bidirectional", "random"]
+    assert not invariance["nope-causal", "trained"] and not invariance["learned-causal", "random"]
     figures = {path.name for path in (out / "figures").iterdir()}
     assert {"plotly.min.js", "probe_accuracy.html", "residual_cuts.html", "patching_nope-causal.html"} <= figures
     report = (out / "report.html").read_text()

@@ -1,121 +1,134 @@
-"""`poslens reproduce`: the paper's experiment set, end to end, resumable.
+"""`poslens reproduce`: the paper's experiment set, end to end, resumable and parallel.
 
 Trains NoPE-causal with residual cuts none / {0} / {0,1}, learned-PE causal and
-NoPE-bidirectional on 3-digit addition (several seeds), then runs the invariance check, the
-probe sweep with controls, correlation matrices, residual-cut and activation patching, and
-writes `tables/`, `figures/`, one offline `report.html` and `summary.md`. Finished training
-runs and tables are reused; `force=True` recomputes the analyses (delete a run directory to
-retrain it: trained weights are never deleted by poslens).
+NoPE-bidirectional on 3-digit addition (several seeds), runs on each the invariance check, the
+probe sweep with controls, correlation structure, residual cuts, activation patching and the
+position swap, then merges the runs into `tables/`, `figures/`, one offline `report.html` and
+`summary.md`. Each (variant, seed) is an independent unit of `analyses.sweep`; finished runs
+and their measures are reused, so a killed study, rerun, does only what is missing.
 """
 
 from __future__ import annotations
 
-import time
+import dataclasses
 from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.offline
-from tqdm.auto import tqdm
+import torch
+from torch import Tensor
 
-from poslens.analyses.experiments.presets import PRESETS, REPRODUCE_VARIANTS
+from poslens.analyses.experiments.presets import PRESETS, REPRODUCE_VARIANTS, ReproducePreset
 from poslens.analyses.figures import file_name, write_figure
 from poslens.analyses.figures.correlation import correlation_heatmap
 from poslens.analyses.figures.patching import patching_heatmap, residual_cut_delta_figure
 from poslens.analyses.figures.probes import probe_accuracy_figure
 from poslens.analyses.measures.correlation import block_diagonality, full_correlation, position_correlation
 from poslens.analyses.measures.interventions import position_swap, residual_cut_effects
-from poslens.analyses.measures.invariance import invariance_table
+from poslens.analyses.measures.invariance import permutation_test
 from poslens.analyses.measures.patching import activation_patching
 from poslens.analyses.measures.probe_sweep import probe_sweep
-from poslens.analyses.tables import export_tables, read_table, render_table, seed_summary, side_by_side, tables_complete
+from poslens.analyses.runs import cached_results
+from poslens.analyses.sweep import Unit, run_units
+from poslens.analyses.tables import export_tables, render_table, seed_summary, side_by_side
 from poslens.hooks import capture_residuals
 from poslens.tasks import Addition
-from poslens.variants import HookedTransformer, build, preset, train
-from poslens.variants.storage import atomic_write, read_json, write_json
+from poslens.variants import HookedTransformer, TrainResult, build, load, preset, train
+from poslens.variants.storage import atomic_write
+
+ANALYSIS_VERSION = 1
+"""Bumped whenever a per-run measure changes, so runs measured before are measured again."""
 
 
 def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = "quick", seeds: int = 1,
-              force: bool = False, device: str = "cpu", quiet: bool = False) -> dict[str, pd.DataFrame]:
-    """Run (or resume) the whole experiment into `out_dir`; returns the headline tables."""
+              force: bool = False, device: str = "cpu", quiet: bool = False, executor: str = "local",
+              workers: int | None = None, threads: int = 1, ray_address: str | None = None,
+              gpus_per_unit: float = 0.0) -> dict[str, pd.DataFrame]:
+    """Run (or resume) the whole experiment into `out_dir`; returns the merged tables.
+
+    Every (variant, seed) is one unit of `analyses.sweep`: it trains its run (resumably) into
+    `out_dir/runs/<variant>-seed<k>/` and measures it there (cached in `measures/`), on the
+    `executor` chosen (`serial`, `local` processes, or `ray`; see `run_units`). The merged
+    tables, figures, `summary.md` and `report.html` are written here, by this process alone.
+    `force` measures every run again (trained weights are never deleted).
+    """
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; allowed: {sorted(PRESETS)}")
-    if seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {seeds!r}")
-    settings, task = PRESETS[preset_name], Addition()
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
     out_dir = Path(out_dir)
-    tables_dir, figures_dir = out_dir / "tables", out_dir / "figures"
-
-    models: dict[str, list[HookedTransformer]] = {}
-    training_rows, run_dirs = [], []
-    for variant, seed in tqdm([(v, s) for v in REPRODUCE_VARIANTS for s in range(seeds)], desc="train", disable=quiet):
-        run_dirs.append(out_dir / "runs" / f"{variant}-seed{seed}")
-        started = time.perf_counter()
-        cfg = preset(variant, task=task, seed=seed, device=device, **settings.model)
-        result = train(cfg, task, out_dir=run_dirs[-1], resume=True, quiet=True, seed=seed, **settings.training)
-        models.setdefault(variant, []).append(result.model.eval())
-        final = result.history[-1]
-        training_rows.append({"variant": variant, "seed": seed, "steps": final["step"],
-                              "exact_match": final["exact_match"], "test_loss": final["test_loss"],
-                              "this_session_s": time.perf_counter() - started})
-
-    manifest = {"preset": preset_name, "seeds": seeds, "variants": list(REPRODUCE_VARIANTS)}
-    stale = (tables_dir / "manifest.json").exists() and read_json(tables_dir / "manifest.json") != manifest
-    if stale and not quiet:
-        tqdm.write(f"{tables_dir} was computed for {read_json(tables_dir / 'manifest.json')}; recomputing for {manifest}")
-
-    def stage(name: str, compute) -> pd.DataFrame:
-        if tables_complete(tables_dir, name) and not (force or stale):
-            return read_table(tables_dir / f"{name}.csv")
-        table = compute()
-        export_tables(table, tables_dir, name, overwrite=True)  # this run's own output, recomputed
-        return table
-
-    def every_seed(analysis, runs_per_variant: int | None = None) -> pd.DataFrame:
-        return pd.concat([analysis(model).assign(variant=variant, seed=model.cfg.seed)
-                          for variant, runs in models.items() for model in runs[:runs_per_variant]],
-                         ignore_index=True)
-
-    stages = tqdm(total=6, desc="analyses", disable=quiet)
-    tables = {"training": stage("training", lambda: pd.DataFrame(training_rows))}
-    stages.update()
-    tables["invariance"] = stage("invariance", lambda: invariance_table(
-        [v for v in REPRODUCE_VARIANTS if "+" not in v], run_dirs, n_layers=settings.n_layers, n_sequences=32, n_perms=10))
-    stages.update()
-    tables["probe"] = stage("probe", lambda: probe_sweep(models, task, n_sequences=settings.n_probe_sequences,
-                                                         quiet=True))
-    stages.update()
-    tables["correlation"] = stage("correlation", lambda: _correlations(models, task, settings.n_probe_sequences))
-    stages.update()
-    tables["residual_cuts"] = stage("residual_cuts", lambda: every_seed(
-        lambda model: residual_cut_effects(model, task, n_sequences=settings.n_probe_sequences)))
-    stages.update()
-    tables["activation_patching"] = stage("activation_patching", lambda: every_seed(
-        lambda model: activation_patching(model, task, n_sequences=settings.n_patch_sequences), runs_per_variant=1))
-    tables["position_swap"] = stage("position_swap", lambda: every_seed(
-        lambda model: position_swap(model, task, n_sequences=settings.n_patch_sequences * 2)))
-    stages.update()
-    stages.close()
-    write_json(tables_dir / "manifest.json", manifest)
-
-    figures = _figures(tables, models, task, settings.n_probe_sequences, figures_dir)
+    units = [Unit(f"{variant}-seed{seed}", measure_run,
+                  {"run_dir": str(out_dir / "runs" / f"{variant}-seed{seed}"), "variant": variant, "seed": seed,
+                   "preset_name": preset_name, "device": "cuda" if gpus_per_unit else device, "force": force})
+             for variant in REPRODUCE_VARIANTS for seed in range(seeds)]
+    sweep = run_units(units, executor=executor, workers=workers, threads=threads, ray_address=ray_address,
+                      gpus_per_unit=gpus_per_unit, desc="reproduce", quiet=quiet)
+    sweep.raise_failures()
+    runs = [sweep.results[unit.name] for unit in units]
+    tables = {name: pd.concat([run[name] for run in runs], ignore_index=True) for name in RUN_TABLES}
+    for name, table in tables.items():
+        export_tables(table, out_dir / "tables", name, overwrite=True)  # merged anew from the runs on every call
+    figures = _figures(tables, runs, out_dir / "figures")
     _write_report(out_dir, figures, tables, preset_name, seeds)
     return tables
 
 
-def _correlations(models: dict[str, list[HookedTransformer]], task: Addition, n_sequences: int) -> pd.DataFrame:
+RUN_TABLES = ("training", "invariance", "probe", "correlation", "residual_cuts", "activation_patching",
+              "position_swap")
+
+
+def measure_run(run_dir: str, variant: str, seed: int, preset_name: str, device: str = "cpu",
+                force: bool = False) -> dict[str, pd.DataFrame | Tensor]:
+    """One unit of `reproduce`: train (or resume) `variant` with `seed` into `run_dir`, then
+    measure it: every table of `RUN_TABLES` (each with `variant` and `seed` columns) and the
+    |corr| matrices the report draws (`corr:<site>`). Cached in `run_dir/measures/`."""
+    settings, task = PRESETS[preset_name], Addition()
+    cfg = preset(variant, task=task, seed=seed, device=device, **settings.model)
+    result = train(cfg, task, out_dir=run_dir, resume=True, quiet=True, seed=seed, **settings.training)
+    stamp = {"preset": preset_name, "version": ANALYSIS_VERSION}
+    return cached_results(Path(run_dir) / "measures", stamp, lambda: _measures(result, variant, seed, settings, task),
+                          force=force)
+
+
+def _measures(result: TrainResult, variant: str, seed: int, settings: ReproducePreset,
+              task: Addition) -> dict[str, pd.DataFrame | Tensor]:
+    model = result.model.eval()
+    labels = {"variant": variant, "seed": seed}
+    final = result.history[-1]
+    training = pd.DataFrame([{**labels, "steps": final["step"], "exact_match": final["exact_match"],
+                              "test_loss": final["test_loss"]}])
+    prompts = task.test_set()[:32, : task.prompt_len]
+    in_float64 = {"random": build(dataclasses.replace(model.cfg, dtype=torch.float64)),
+                  "trained": load(result.out_dir, dtype=torch.float64)}
+    invariance = pd.concat([permutation_test(candidate, prompts, n_perms=10).assign(weights=weights, seed=seed)
+                            for weights, candidate in in_float64.items()], ignore_index=True)
+    tables = {
+        "training": training,
+        "invariance": invariance,
+        "probe": probe_sweep({variant: [model]}, task, n_sequences=settings.n_probe_sequences, quiet=True),
+        "correlation": _correlations(model, task, settings.n_probe_sequences).assign(**labels),
+        "residual_cuts": residual_cut_effects(model, task, n_sequences=settings.n_probe_sequences).assign(**labels),
+        "activation_patching": activation_patching(model, task, n_sequences=settings.n_patch_sequences).assign(
+            **labels),
+        "position_swap": position_swap(model, task, n_sequences=settings.n_patch_sequences * 2).assign(**labels),
+    }
+    tokens = task.test_set()[: settings.n_probe_sequences]
+    sites = [f"blocks.{block}.hook_resid_post" for block in paper_blocks(model.cfg.n_layers)]
+    capture = capture_residuals(model, tokens, sites=sites)
+    return {**tables, **{f"corr:{site}": position_correlation(capture[site]).float() for site in sites}}
+
+
+def _correlations(model: HookedTransformer, task: Addition, n_sequences: int) -> pd.DataFrame:
     """Block-diagonality of every block output, trained and at random init (same seed)."""
     tokens = task.test_set()[:n_sequences]
+    sites = [f"blocks.{block}.hook_resid_post" for block in range(model.cfg.n_layers)]
     rows = []
-    for variant, runs in models.items():
-        for model in runs:
-            for weights, candidate in (("trained", model), ("random_init", build(model.cfg))):
-                sites = [f"blocks.{block}.hook_resid_post" for block in range(model.cfg.n_layers)]
-                capture = capture_residuals(candidate, tokens, sites=sites)
-                for site in sites:
-                    full = full_correlation(capture[site])
-                    rows.append({"variant": variant, "seed": model.cfg.seed, "site": site, "weights": weights,
-                                 "block_diagonality": block_diagonality(full, model.cfg.d_model)})
+    for weights, candidate in (("trained", model), ("random_init", build(model.cfg))):
+        capture = capture_residuals(candidate, tokens, sites=sites)
+        rows += [{"site": site, "weights": weights,
+                  "block_diagonality": block_diagonality(full_correlation(capture[site]), model.cfg.d_model)}
+                 for site in sites]
     return pd.DataFrame(rows)
 
 
@@ -130,25 +143,19 @@ def _write(figure: go.Figure, directory: Path, name: str) -> go.Figure:
     return figure
 
 
-def _figures(tables: dict[str, pd.DataFrame], models: dict[str, list[HookedTransformer]], task: Addition,
-             n_sequences: int, directory: Path) -> list[go.Figure]:
+def _figures(tables: dict[str, pd.DataFrame], runs: list[dict], directory: Path) -> list[go.Figure]:
     figures = [_write(probe_accuracy_figure(tables["probe"]), directory, "probe_accuracy")]
-    tokens = task.test_set()[:n_sequences]
-    for variant, runs in models.items():
-        model = runs[0]
-        sites = [f"blocks.{block}.hook_resid_post" for block in paper_blocks(model.cfg.n_layers)]
-        capture = capture_residuals(model, tokens, sites=sites)
-        for site in sites:
-            figures.append(_write(correlation_heatmap(
-                position_correlation(capture[site]), f"|corr| positions × positions, {variant}, {site}"),
-                directory, f"correlation_{variant}_{site}"))
-        patch = tables["activation_patching"]
-        figures.append(_write(patching_heatmap(patch[patch["variant"] == variant], "resid_pre",
-                                                      f"activation patching (resid_pre), {variant}"),
-                                     directory, f"patching_{variant}"))
+    first_runs = {run["training"]["variant"].iloc[0]: run for run in reversed(runs)}  # each variant's first seed
+    for variant, run in reversed(first_runs.items()):
+        for key in sorted(name for name in run if name.startswith("corr:")):
+            site = key.removeprefix("corr:")
+            figures.append(_write(correlation_heatmap(run[key], f"|corr| positions × positions, {variant}, {site}"),
+                                  directory, f"correlation_{variant}_{site}"))
+        patch = run["activation_patching"]
+        figures.append(_write(patching_heatmap(patch, "resid_pre", f"activation patching (resid_pre), {variant}"),
+                              directory, f"patching_{variant}"))
     cuts = seed_summary(tables["residual_cuts"], ["variant", "block", "sublayer"], ["delta_exact_match"])
-    cut_figure = residual_cut_delta_figure(cuts)
-    figures.append(_write(cut_figure, directory, "residual_cuts"))
+    figures.append(_write(residual_cut_delta_figure(cuts), directory, "residual_cuts"))
     return figures
 
 
