@@ -107,7 +107,7 @@ def _measures(result: TrainResult, variant: str, seed: int, settings: ReproduceP
         "training": training,
         "invariance": invariance,
         "probe": probe_sweep({variant: [model]}, task, n_sequences=settings.n_probe_sequences, quiet=True),
-        "correlation": _correlations(model, task, settings.n_probe_sequences).assign(**labels),
+        "correlation": _correlations(model, task, settings.n_probe_sequences, labels),
         "residual_cuts": residual_cut_effects(model, task, n_sequences=settings.n_probe_sequences).assign(**labels),
         "activation_patching": activation_patching(model, task, n_sequences=settings.n_patch_sequences).assign(
             **labels),
@@ -119,14 +119,14 @@ def _measures(result: TrainResult, variant: str, seed: int, settings: ReproduceP
     return {**tables, **{f"corr:{site}": position_correlation(capture[site]).float() for site in sites}}
 
 
-def _correlations(model: HookedTransformer, task: Addition, n_sequences: int) -> pd.DataFrame:
+def _correlations(model: HookedTransformer, task: Addition, n_sequences: int, labels: dict) -> pd.DataFrame:
     """Block-diagonality of every block output, trained and at random init (same seed)."""
     tokens = task.test_set()[:n_sequences]
     sites = [f"blocks.{block}.hook_resid_post" for block in range(model.cfg.n_layers)]
     rows = []
     for weights, candidate in (("trained", model), ("random_init", build(model.cfg))):
         capture = capture_residuals(candidate, tokens, sites=sites)
-        rows += [{"site": site, "weights": weights,
+        rows += [{**labels, "site": site, "weights": weights,
                   "block_diagonality": block_diagonality(full_correlation(capture[site]), model.cfg.d_model)}
                  for site in sites]
     return pd.DataFrame(rows)
