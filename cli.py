@@ -7,14 +7,15 @@ import sys
 from collections.abc import Sequence
 
 from poslens.analyses.experiments.dynamics import write_dynamics
-from poslens.analyses.experiments.presets import DYNAMICS_TASKS, PRESETS
+from poslens.analyses.experiments.induction import write_induction
+from poslens.analyses.experiments.presets import DYNAMICS_TASKS, MARKOV_VARIANT, PRESETS
 from poslens.analyses.experiments.reproduce import reproduce
 from poslens.analyses.figures import check_html_path, write_figure
 from poslens.analyses.figures.probes import probe_accuracy_figure
 from poslens.analyses.measures.invariance import invariance_table
 from poslens.analyses.measures.probe_sweep import CONTROLS, probe_sweep
 from poslens.analyses.runs import load_models_by_variant, load_task
-from poslens.analyses.sweep import EXECUTORS
+from poslens.analyses.sweep import EXECUTORS, UnitsFailed
 from poslens.analyses.tables import EXPORT_SUFFIXES, check_writable, export_table, render_table, side_by_side
 from poslens.demos.panels import DEFAULT_MODEL_DIR, default_model, discover_models
 from poslens.demos.static import write_static_page
@@ -59,12 +60,23 @@ def _probe(args: argparse.Namespace) -> None:
 
 
 def _dynamics(args: argparse.Namespace) -> None:
-    result = write_dynamics(args.out, variant=args.variant, task=args.task, checkpoints=args.checkpoints,
-                            steps=args.steps, n_layers=args.layers, d_model=args.d_model, seed=args.seed,
-                            n_sequences=args.sequences, device=args.device, quiet=args.quiet, force=args.force)
-    print(render_table(result.rebound, "md"), end="")
+    tables = write_dynamics(args.out, variants=args.variant, task=args.task,
+                            seeds=range(args.seed, args.seed + args.seeds), checkpoints=args.checkpoints,
+                            steps=args.steps, n_layers=args.layers, d_model=args.d_model, n_sequences=args.sequences,
+                            device=args.device, quiet=args.quiet, force=args.force, **_sweep_options(args))
+    print(render_table(tables["rebound"], "md"), end="")
+    n_steps = tables["metrics"]["step"].nunique()
     print(f"wrote {args.out}/summary.md, {args.out}/tables/ and {args.out}/figures/ "
-          f"({len(result.steps)} snapshots in {args.out}/run/checkpoints/)")
+          f"({n_steps} snapshots per run in {args.out}/runs/)")
+
+
+def _induction(args: argparse.Namespace) -> None:
+    tables = write_induction(args.out, variants=args.variant or [MARKOV_VARIANT],
+                             seeds=range(args.seed, args.seed + args.seeds), n_sequences=args.sequences,
+                             steps=args.steps, device=args.device, quiet=args.quiet, force=args.force,
+                             **_sweep_options(args))
+    print(render_table(tables["roles"], "md"), end="")
+    print(f"wrote {args.out}/summary.md, {args.out}/tables/ and {args.out}/figures/")
 
 
 def _sweep_options(args: argparse.Namespace) -> dict:
@@ -163,20 +175,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("dynamics", help="train with log-spaced snapshots; loss, probes and attention entropy "
                                              "over training")
-    p.add_argument("--variant", required=True, help="e.g. nope-causal, rotary-causal")
+    p.add_argument("--variant", required=True, action="append",
+                   help="e.g. nope-causal, rotary-causal (repeat for several variants)")
     p.add_argument("--task", required=True, choices=list(DYNAMICS_TASKS))
     p.add_argument("--checkpoints", type=int, default=12, help="log-spaced snapshots besides step 0 (default 12)")
-    p.add_argument("--out", required=True, help="output directory; the training run goes to OUT/run")
+    p.add_argument("--out", required=True, help="output directory; the training runs go to OUT/runs/VARIANT-seedK")
     p.add_argument("--steps", type=int, help="optimiser steps (default: the quick preset on addition, "
                                              "MARKOV_TRAINING on markov; analyses.experiments.presets)")
     p.add_argument("--layers", type=int, help="number of blocks (default: the task's)")
     p.add_argument("--d-model", type=int, help="residual width (default: the task's)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the data order")
+    p.add_argument("--seed", type=int, default=0, help="the first seed (initial weights and data order; default 0)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per variant: --seed, --seed + 1, ... (default 1)")
     p.add_argument("--sequences", type=int, help="held-out sequences measured (default 1000 addition, 200 markov)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--force", action="store_true", help="recompute existing outputs (the trained run is kept)")
+    p.add_argument("--force", action="store_true", help="recompute existing outputs (the trained runs are kept)")
+    _add_sweep_options(p)
     p.set_defaults(run=_dynamics)
+
+    p = commands.add_parser("induction", help="train on n-gram Markov in-context learning; copier and classifier "
+                                              "heads, head scores, loss against Bayes")
+    p.add_argument("--variant", action="append", help=f"repeatable (default {MARKOV_VARIANT})")
+    p.add_argument("--out", required=True, help="output directory; the training runs go to OUT/runs/VARIANT-seedK")
+    p.add_argument("--seed", type=int, default=0, help="the first seed (initial weights and data order; default 0)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per variant: --seed, --seed + 1, ... (default 1)")
+    p.add_argument("--steps", type=int, help="optimiser steps (default: MARKOV_TRAINING of analyses.experiments.presets)")
+    p.add_argument("--sequences", type=int, default=1000, help="fresh sequences analysed per model (default 1000)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--force", action="store_true", help="recompute existing outputs (the trained runs are kept)")
+    _add_sweep_options(p)
+    p.set_defaults(run=_induction)
 
     p = commands.add_parser("demo", help="interactive activation-patching app (local web page), or --static OUT.html")
     p.add_argument("--models", help="a reproduce output folder or a checkpoint folder (default: train or load "
@@ -194,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
+    except (ValueError, FileExistsError, FileNotFoundError, UnitsFailed) as error:
         print(f"poslens {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -44,6 +44,10 @@ class Unit:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
+class UnitsFailed(RuntimeError):
+    """Some units of a study failed; the message names each with its error."""
+
+
 @dataclass
 class SweepResult:
     """Each unit's return value by name, and the error text of each unit that failed."""
@@ -52,10 +56,10 @@ class SweepResult:
     failures: dict[str, str]
 
     def raise_failures(self) -> None:
-        """A `RuntimeError` naming every failed unit and its error, if any failed."""
+        """`UnitsFailed` naming every failed unit and its error, if any failed."""
         if self.failures:
             listed = "; ".join(f"{name}: {error}" for name, error in self.failures.items())
-            raise RuntimeError(f"{len(self.failures)} of {len(self.failures) + len(self.results)} units failed "
+            raise UnitsFailed(f"{len(self.failures)} of {len(self.failures) + len(self.results)} units failed "
                                f"({listed}); the others' results are kept, so a rerun does only the failed ones")
 
 

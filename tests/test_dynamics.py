@@ -168,14 +168,16 @@ def test_cli_writes_outputs_and_refuses_to_overwrite(run_cli, tmp_path):
             "--steps", "12", "--checkpoints", "3", "--sequences", "40", "--out", str(out), "--quiet")
     code, text, err = run_cli(*args)
     assert code == 0, err
-    assert "| variant | seed | layer | measure |" in text and "4 snapshots" in text
-    assert [step for step, _ in list_snapshots(out / "run")] == [0, 1, 3, 12]
+    assert "| variant | seed | layer | measure |" in text and "4 snapshots per run" in text
+    run = out / "runs" / "nope-causal-seed0"
+    assert [step for step, _ in list_snapshots(run)] == [0, 1, 3, 12]
     for name in ("metrics", "probes", "entropy", "rebound", "decodable"):
         assert {(out / "tables" / f"{name}{suffix}").is_file() for suffix in (".csv", ".md", ".json")} == {True}
-    assert read_table(out / "tables" / "entropy.json").equals(training_dynamics(out / "run", n_sequences=40,
+    assert read_table(out / "tables" / "entropy.json").equals(training_dynamics(run, n_sequences=40,
                                                                                 quiet=True).entropy)
-    assert {p.name for p in (out / "figures").iterdir()} >= {"training_curves.html", "probe_accuracy.html",
-                                                            "attention_entropy.html", "attention_patterns.html"}
+    assert {p.name for p in (out / "figures").iterdir()} >= {
+        f"{name}_nope-causal.html" for name in ("training_curves", "probe_accuracy", "attention_entropy",
+                                                "attention_patterns")}
     summary = (out / "summary.md").read_text()
     assert "nope-causal on addition" in summary and "uniform attention: 1.591 nats" in summary
     before = (out / "summary.md").read_bytes(), (out / "tables" / "metrics.csv").read_bytes()
@@ -185,6 +187,26 @@ def test_cli_writes_outputs_and_refuses_to_overwrite(run_cli, tmp_path):
     code, _, err = run_cli(*args, "--force")
     assert code == 0, err
     assert (out / "tables" / "metrics.csv").read_bytes() == before[1]  # same seed, same numbers
+
+
+def test_several_variants_and_seeds_in_one_study(run_cli, tmp_path):
+    out = tmp_path / "study"
+    code, text, err = run_cli("dynamics", "--variant", "nope-causal", "--variant", "learned-causal", "--task",
+                              "addition", "--layers", "1", "--d-model", "32", "--steps", "6", "--checkpoints", "2",
+                              "--seeds", "2", "--sequences", "24", "--out", str(out), "--executor", "serial", "--quiet")
+    assert code == 0, err
+    assert {p.name for p in (out / "runs").iterdir()} == {f"{v}-seed{s}" for v in ("nope-causal", "learned-causal")
+                                                          for s in (0, 1)}
+    metrics = read_table(out / "tables" / "metrics.json")
+    assert set(zip(metrics["variant"], metrics["seed"])) == {(v, s) for v in ("nope-causal", "learned-causal")
+                                                             for s in (0, 1)}
+    alone = training_dynamics(out / "runs" / "learned-causal-seed1", n_sequences=24, quiet=True)
+    pd.testing.assert_frame_equal(metrics[(metrics["variant"] == "learned-causal") & (metrics["seed"] == 1)]
+                                  .reset_index(drop=True), alone.metrics)
+    assert {"probe_accuracy_nope-causal.html", "probe_accuracy_learned-causal.html"} <= {
+        p.name for p in (out / "figures").iterdir()}
+    rebound = read_table(out / "tables" / "rebound.json")
+    assert len(rebound) == 2 * 2 * 1 * 2  # variants × seeds × layers × measures
 
 
 def test_cli_rejects_bad_schedules(run_cli, tmp_path):
@@ -204,13 +226,14 @@ def test_cli_on_markov_adds_the_induction_analysis(run_cli, tmp_path):
     code, _, err = run_cli("dynamics", "--variant", "nope-causal", "--task", "markov", "--layers", "1", "--d-model", "16",
                        "--steps", "2", "--checkpoints", "1", "--sequences", "8", "--out", str(out), "--quiet")
     assert code == 0, err
-    run_config = json.loads((out / "run" / "run.json").read_text())
+    run_config = json.loads((out / "runs" / "nope-causal-seed0" / "run.json").read_text())
     assert run_config["task"]["name"] == "markov" and run_config["snapshots"] == [0, 2]
     assert {key: run_config["task"][key] for key in MARKOV_TASK} == MARKOV_TASK  # loss on every token
     assert run_config["config"]["n_ctx"] == MarkovICL(**MARKOV_TASK).seq_len
     assert run_config["settings"]["batch_size"] == MARKOV_TRAINING["batch_size"]
     tables = {p.stem for p in (out / "tables").glob("induction_*.csv")}
-    assert tables and tables == {p.stem for p in (out / "figures").glob("induction_*.html")}
+    assert tables and {f"{name}_nope-causal" for name in tables} == {p.stem for p in (out / "figures").glob(
+        "induction_*.html")}
     entropy = read_table(out / "tables" / "entropy.csv")
     assert entropy["uniform_nats"].unique().tolist() == pytest.approx([uniform_entropy_reference(99, True)])
-    assert "## Induction analysis of the final model" in (out / "summary.md").read_text()
+    assert "## Induction analysis of the final models" in (out / "summary.md").read_text()

@@ -4,8 +4,9 @@ For every snapshot a run kept (`train(..., snapshots=K)`, see `variants.training
 measures, on the task's first `n_sequences` held-out sequences: task loss and accuracy
 (`variants.evaluate`); position-probe accuracy at every residual site with the token-identity
 and chance bars (`measures.probe_sweep`; the step-0 snapshot *is* the random-init model); and
-attention entropy per layer and head (`measures.entropy`). `write_dynamics` is the whole job:
-train with snapshots (resumably), measure, write tables, figures and a summary.
+attention entropy per layer and head (`measures.entropy`). `write_dynamics` is the whole job,
+for several variants and seeds at once (each run a unit of `analyses.sweep`): train with
+snapshots (resumably), measure, write tables, figures and a summary.
 
 Tables: `metrics` (figures.dynamics.METRIC_COLUMNS), `probes`, `entropy`, `rebound` and
 `decodable` (see `analyses.measures.entropy`).
@@ -13,8 +14,10 @@ Tables: `metrics` (figures.dynamics.METRIC_COLUMNS), `probes`, `entropy`, `rebou
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -31,7 +34,7 @@ from poslens.analyses.experiments.presets import (
     MARKOV_TRAINING,
     PRESETS,
 )
-from poslens.analyses.figures import write_figure
+from poslens.analyses.figures import file_name, write_figure
 from poslens.analyses.figures.dynamics import (
     METRIC_COLUMNS,
     attention_pattern_figure,
@@ -48,14 +51,15 @@ from poslens.analyses.measures.entropy import (
     entropy_rebound,
     uniform_entropy_reference,
 )
-from poslens.analyses.measures.induction import InductionReport, induction_analysis
+from poslens.analyses.measures.induction import induction_analysis
 from poslens.analyses.measures.probe_sweep import probe_sweep
-from poslens.analyses.runs import load_task
+from poslens.analyses.runs import cached_results, load_task
+from poslens.analyses.sweep import Unit, run_units
 from poslens.analyses.tables import export_tables, render_table
 from poslens.tasks import make_task
-from poslens.variants import VariantConfig, evaluate, load, preset, train
+from poslens.variants import TrainSettings, VariantConfig, evaluate, load, preset, train
 from poslens.variants.storage import atomic_write
-from poslens.variants.training import Task, list_snapshots
+from poslens.variants.training import Task, list_snapshots, snapshot_schedule
 
 TABLE_FORMATS = (".csv", ".md", ".json")
 
@@ -71,7 +75,6 @@ class DynamicsResult:
     entropy: pd.DataFrame
     patterns: Float[Tensor, "step layer head query key"]  # mean attention over the sequences
     uniform_nats: float
-    induction: InductionReport | None = field(default=None)  # on the final model (markov only)
 
     @property
     def rebound(self) -> pd.DataFrame:
@@ -129,6 +132,10 @@ def training_dynamics(run_dir: str | Path, *, n_sequences: int = 1000, device: s
         entropy=entropy_table[list(ENTROPY_COLUMNS)], patterns=torch.stack(patterns), uniform_nats=uniform)
 
 
+ANALYSIS_VERSION = 1
+"""Bumped whenever a per-run measure changes, so runs measured before are measured again."""
+
+
 def _run_config(variant: str, task: Task, *, steps: int | None, n_layers: int | None, d_model: int | None,
                 seed: int, device: str) -> tuple[VariantConfig, dict]:
     """The config and `train` settings of a dynamics run: the reproduce `quick` sizes on
@@ -144,71 +151,139 @@ def _run_config(variant: str, task: Task, *, steps: int | None, n_layers: int | 
     return cfg, {**settings, **({} if steps is None else {"steps": steps}), "seed": seed}
 
 
-def write_dynamics(out_dir: str | Path, *, variant: str, task: str, checkpoints: int = 12, steps: int | None = None,
-                   n_layers: int | None = None, d_model: int | None = None, seed: int = 0,
-                   n_sequences: int | None = None, device: str = "cpu", quiet: bool = False,
-                   force: bool = False) -> DynamicsResult:
-    """`poslens dynamics`: train `variant` on `task` into `out_dir/run` with step 0 and
-    `checkpoints` log-spaced snapshots (resuming a killed run), run `training_dynamics`, and
-    write `out_dir/tables/*.{csv,md,json}`, `out_dir/figures/*.html` and `out_dir/summary.md`.
+def _task(name: str) -> Task:
+    """The task of a dynamics run: addition as it is; markov with a loss on every drawn token
+    (`MARKOV_TASK`: with the last token alone the 2-layer model did not learn in budget)."""
+    if name not in DYNAMICS_TASKS:
+        raise ValueError(f"unknown task {name!r}; allowed: {list(DYNAMICS_TASKS)}")
+    return make_task(name, **(MARKOV_TASK if name == "markov" else {}))
 
-    On markov the task is `MarkovICL(**MARKOV_TASK)` (loss on every token drawn from the table:
-    with the last token alone the 2-layer model did not learn in budget, benchmarks/RESULTS.md), and
-    the final model also goes through `analyses.measures.induction.induction_analysis`
-    (on `n_sequences` sequences), whose tables and figures are written with an `induction_`
-    prefix. Finished outputs are never overwritten: if any exist, this refuses before training
-    unless `force=True`, which recomputes the analyses (the trained run is always kept and
-    resumed, never retrained).
+
+def dynamics_run(run_dir: str, variant: str, task: str, seed: int, checkpoints: int, steps: int | None,
+                 n_layers: int | None, d_model: int | None, n_sequences: int, device: str = "cpu",
+                 force: bool = False) -> dict[str, pd.DataFrame | Tensor]:
+    """One unit of `write_dynamics`: train `variant` on `task` into `run_dir` with step 0 and
+    `checkpoints` log-spaced snapshots (resuming a killed run), then `training_dynamics` it
+    (and, on markov, `induction_analysis` of the final model). Tables `metrics`, `probes`,
+    `entropy` (and `induction_*`, each with variant and seed) and the tensor `patterns`;
+    cached in `run_dir/measures/`."""
+    task_obj = _task(task)
+    cfg, settings = _run_config(variant, task_obj, steps=steps, n_layers=n_layers, d_model=d_model, seed=seed,
+                                device=device)
+    trained = train(cfg, task_obj, out_dir=run_dir, resume=True, quiet=True, snapshots=checkpoints, **settings)
+
+    def measure() -> dict[str, pd.DataFrame | Tensor]:
+        result = training_dynamics(run_dir, n_sequences=n_sequences, device=device, quiet=True)
+        found = {"metrics": result.metrics, "probes": result.probes, "entropy": result.entropy,
+                 "patterns": result.patterns}
+        if task == "markov":
+            report = induction_analysis(trained.model, task_obj, n_sequences=n_sequences)
+            found |= {f"induction_{name}": table.assign(variant=variant, seed=seed)
+                      for name, table in report.tables.items()}
+        return found
+
+    stamp = {"n_sequences": n_sequences, "version": ANALYSIS_VERSION}
+    return cached_results(Path(run_dir) / "measures", stamp, measure, force=force)
+
+
+def write_dynamics(out_dir: str | Path, *, variants: Sequence[str], task: str, seeds: Sequence[int] = (0,),
+                   checkpoints: int = 12, steps: int | None = None, n_layers: int | None = None,
+                   d_model: int | None = None, n_sequences: int | None = None, device: str = "cpu",
+                   quiet: bool = False, force: bool = False, **sweep: Any) -> dict[str, pd.DataFrame]:
+    """`poslens dynamics`: one `dynamics_run` per (variant, seed), each a unit of
+    `analyses.sweep.run_units` (`sweep` takes its executor settings), into
+    `out_dir/runs/<variant>-seed<k>/`; then the merged tables (`out_dir/tables/*.{csv,md,json}`:
+    metrics, probes, entropy, rebound, decodable, and induction_* on markov), one set of figures
+    per variant (`out_dir/figures/`, averaged over seeds; attention patterns of the first seed)
+    and `out_dir/summary.md`. Returns the merged tables.
+
+    Finished outputs are never overwritten: if any exist, this refuses before training unless
+    `force=True`, which measures the runs again (trained runs are always kept and resumed).
     """
-    if task not in DYNAMICS_TASKS:
-        raise ValueError(f"unknown task {task!r}; allowed: {list(DYNAMICS_TASKS)}")
+    _task(task)
     if isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 1:
         raise ValueError(f"checkpoints must be an integer >= 1 (log-spaced snapshots besides step 0), "
                          f"got {checkpoints!r}")
+    variants, seeds = list(variants), list(seeds)
+    if not variants or not seeds or len(set(variants)) != len(variants) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"need distinct variants and distinct seeds, at least one of each; got {variants}, {seeds}")
+    for variant in variants:  # bad settings are refused here, before any unit starts
+        _, train_settings = _run_config(variant, _task(task), steps=steps, n_layers=n_layers, d_model=d_model,
+                                        seed=seeds[0], device=device)
+        snapshot_schedule(checkpoints, TrainSettings(**train_settings).steps)
     out_dir = Path(out_dir)
-    outputs = [out_dir / name for name in ("summary.md", "tables", "figures")]
-    existing = [path.name for path in outputs if path.exists()]
+    existing = [name for name in ("summary.md", "tables", "figures") if (out_dir / name).exists()]
     if existing and not force:
         raise FileExistsError(f"{out_dir} already holds dynamics outputs ({', '.join(existing)}); "
-                              "pass force=True (--force) to recompute them (the trained run is kept)")
-    task_obj = make_task(task, **(MARKOV_TASK if task == "markov" else {}))
+                              "pass force=True (--force) to recompute them (the trained runs are kept)")
     n_sequences = DYNAMICS_SEQUENCES[task] if n_sequences is None else n_sequences
-    cfg, settings = _run_config(variant, task_obj, steps=steps, n_layers=n_layers, d_model=d_model, seed=seed,
-                                device=device)
-    trained = train(cfg, task_obj, out_dir=out_dir / "run", resume=True, quiet=quiet, snapshots=checkpoints,
-                    **settings)
-    result = training_dynamics(out_dir / "run", n_sequences=n_sequences, device=device, quiet=quiet)
-    tables, figures = result.tables(), result.figures()
-    if task == "markov":
-        result.induction = induction_analysis(trained.model, task_obj, n_sequences=n_sequences, quiet=quiet)
-        tables |= {f"induction_{name}": table for name, table in result.induction.tables.items()}
-        figures |= {f"induction_{name}": figure for name, figure in induction_figures(result.induction.tables).items()}
+    settings = {"task": task, "checkpoints": checkpoints, "steps": steps, "n_layers": n_layers, "d_model": d_model,
+                "n_sequences": n_sequences, "device": device, "force": force}
+    units = [Unit(f"{variant}-seed{seed}", dynamics_run,
+                  {"run_dir": str(out_dir / "runs" / f"{variant}-seed{seed}"), "variant": variant, "seed": seed,
+                   **settings}) for variant in variants for seed in seeds]
+    study = run_units(units, desc="dynamics", quiet=quiet, **sweep)
+    study.raise_failures()
+    runs = {unit.name: study.results[unit.name] for unit in units}
+    tables = _merged_tables(list(runs.values()))
     for name, table in tables.items():
         export_tables(table, out_dir / "tables", name, formats=TABLE_FORMATS, overwrite=force)
-    for name, figure in figures.items():
+    for name, figure in _figures(tables, runs, variants, seeds[0]).items():
         write_figure(figure, out_dir / "figures" / f"{name}.html", overwrite=force, standalone=False)
-    atomic_write(out_dir / "summary.md", _summary(result, cfg, settings, task), overwrite=force)
-    return result
+    first = _run_config(variants[0], _task(task), steps=steps, n_layers=n_layers, d_model=d_model, seed=seeds[0],
+                        device=device)
+    atomic_write(out_dir / "summary.md", _summary(tables, *first, task, variants, seeds), overwrite=force)
+    return tables
 
 
-def _summary(result: DynamicsResult, cfg: VariantConfig, settings: dict, task: str) -> str:
-    """A short Markdown summary: the run, the final metrics, the entropy rebound, decodability."""
-    final = result.metrics.iloc[-1]
-    rebound = result.rebound
-    decodable = result.decodable
+def _merged_tables(runs: list[dict]) -> dict[str, pd.DataFrame]:
+    merged = {name: pd.concat([run[name] for run in runs], ignore_index=True)
+              for name in runs[0] if isinstance(runs[0][name], pd.DataFrame)}
+    merged["rebound"] = entropy_rebound(merged["entropy"])
+    merged["decodable"] = decodable_steps(merged["probes"])
+    return merged
+
+
+def _figures(tables: dict[str, pd.DataFrame], runs: dict[str, dict], variants: list[str],
+             first_seed: int) -> dict[str, go.Figure]:
+    """Each variant's curves (the mean over its seeds) and its first seed's attention patterns."""
+    figures = {}
+    for variant in variants:
+        own = {name: table[table["variant"] == variant] for name, table in tables.items()}
+        run = runs[f"{variant}-seed{first_seed}"]
+        steps = sorted(own["metrics"]["step"].unique().tolist())
+        found = {"training_curves": training_curves_figure(own["metrics"]),
+                 "probe_accuracy": probe_dynamics_figure(own["probes"]),
+                 "attention_entropy": entropy_figure(own["entropy"]),
+                 "attention_patterns": attention_pattern_figure(run["patterns"], steps)}
+        if "induction_offset_profile" in run:
+            tables_of_run = {name.removeprefix("induction_"): table for name, table in run.items()
+                             if name.startswith("induction_")}
+            found |= {f"induction_{name}": figure for name, figure in induction_figures(tables_of_run).items()}
+        figures |= {f"{name}_{file_name(variant)}": figure for name, figure in found.items()}
+    return figures
+
+
+def _summary(tables: dict[str, pd.DataFrame], cfg: VariantConfig, settings: dict, task: str,
+             variants: list[str], seeds: list[int]) -> str:
+    """A short Markdown summary: the runs, the final metrics, the entropy rebound, decodability."""
+    metrics = tables["metrics"]
+    final = metrics[metrics["step"] == metrics["step"].max()]
+    uniform = tables["entropy"]["uniform_nats"].iloc[0]
     lines = [
-        f"# poslens dynamics: {cfg.name} on {task}\n",
+        f"# poslens dynamics: {', '.join(variants)} on {task}\n",
         f"{cfg.n_layers} blocks, d_model {cfg.d_model}, {cfg.n_heads} heads; {settings['steps']} steps, batch "
-        f"{settings['batch_size']}, seed {cfg.seed}; snapshots at steps {result.steps}.\n",
-        f"Final held-out loss {final['test_loss']:.4f}, exact match {final['exact_match']:.3f}, "
-        f"token accuracy {final['token_accuracy']:.3f}.\n",
+        f"{settings['batch_size']}; seeds {seeds}; snapshots at steps {sorted(metrics['step'].unique().tolist())}.\n",
+        "## Final held-out metrics\n",
+        render_table(final.drop(columns=["step"]), "md"),
         f"## Attention entropy: minimum and rebound per layer (mean over heads)\n\nJoMA's measure in nats "
-        f"(uniform attention: {result.uniform_nats:.3f} nats) and normalised by ln(visible keys) (uniform: 1).\n",
-        render_table(rebound.drop(columns=["variant", "seed"]), "md"),
+        f"(uniform attention: {uniform:.3f} nats) and normalised by ln(visible keys) (uniform: 1).\n",
+        render_table(tables["rebound"], "md"),
         "## First step at which position is decodable (probe ≥ token identity + margin; NaN: never)\n",
-        render_table(decodable.drop(columns=["variant", "seed"]), "md"),
+        render_table(tables["decodable"], "md"),
     ]
-    if result.induction is not None:
-        facts = "".join(f"- {key}: {value}\n" for key, value in result.induction.summary.items())
-        lines.append(f"## Induction analysis of the final model\n\n{facts}")
+    if "induction_icl_loss" in tables:
+        loss = tables["induction_icl_loss"]
+        lines += ["## Induction analysis of the final models\n",
+                  render_table(loss[loss["predictor"].isin(["model", "bayes_posterior"])], "md")]
     return "\n".join(lines)
