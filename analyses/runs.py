@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from poslens.tasks import make_task
+from poslens.tasks import from_record
 from poslens.variants import HookedTransformer, load, task_record
 
 
 def load_task(run_dir: str | Path):
-    """The task a run directory was trained on (an `Addition` or a `MarkovICL`)."""
-    return make_task(**task_record(run_dir))
+    """The task a run directory was trained on (an `Addition` or a `MarkovICL`); a run recorded
+    before a task field existed gets the field's legacy value (`tasks.from_record`)."""
+    return from_record(task_record(run_dir))
 
 
 def load_models_by_variant(directories: Sequence[str | Path], *, device: str = "cpu") -> dict[str, list[HookedTransformer]]:
