@@ -29,6 +29,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from poslens.analyses.stats import against_null
+
 BLOCK_SCORE_COLUMNS = ("score", "value", "null_mean", "null_sd", "excess", "z", "n_examples", "n_shuffles")
 
 
@@ -126,11 +128,6 @@ def block_scores(acts: Float[Tensor, "example pos d_model"], *, n_shuffles: int 
     observed = full_correlation(acts)
     generator = torch.Generator().manual_seed(seed)
     nulls = [full_correlation(_shuffle_examples(acts, generator)) for _ in range(n_shuffles)]
-    rows = []
-    for name, score in scores.items():
-        null = torch.tensor([score(matrix, d_model) for matrix in nulls], dtype=torch.float64)
-        value, mean, sd = score(observed, d_model), float(null.mean()), float(null.std())
-        rows.append({"score": name, "value": value, "null_mean": mean, "null_sd": sd, "excess": value - mean,
-                     "z": (value - mean) / sd if sd > 0 else float("nan"), "n_examples": acts.shape[0],
-                     "n_shuffles": n_shuffles})
+    rows = [{"score": name, **against_null(score(observed, d_model), [score(matrix, d_model) for matrix in nulls]),
+             "n_examples": acts.shape[0], "n_shuffles": n_shuffles} for name, score in scores.items()]
     return pd.DataFrame(rows, columns=list(BLOCK_SCORE_COLUMNS))
