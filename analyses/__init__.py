@@ -1,11 +1,12 @@
 """Analyses in two layers, plus what they share.
 
 - `measures`: pure functions from a model and tokens (or captured activations) to tidy tables:
-  invariance, the probe sweep, correlation structure, activation patching, position swaps and
-  residual cuts, attention entropy, induction scores.
+  invariance, the probe sweep, correlation structure, position geometry, activation patching,
+  position swaps and residual cuts (and which of their cells the architecture fixes), attention
+  entropy, induction scores.
 - `experiments`: the jobs that train, call measures and write `tables/`, `figures/`,
   `summary.md` and `report.html` (`reproduce`, `dynamics`), with their sizes in `presets`. No
   experiment imports another.
-- Shared: `tables` (the tidy schemas and the one multi-format export), `figures` (plotly
+- Shared: `stats` (tests over seeds and the verdict rule, on scipy), `tables` (the tidy schemas and the one multi-format export), `figures` (plotly
   figures drawn from tables, and the one way to write one), `runs` (reading trained runs back).
 """

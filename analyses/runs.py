@@ -12,14 +12,15 @@ import pandas as pd
 from torch import Tensor
 
 from poslens.analyses.tables import export_table, read_table
-from poslens.tasks import make_task
+from poslens.tasks import from_record
 from poslens.variants import HookedTransformer, load, task_record
 from poslens.variants.storage import load_tensors, read_json, save_tensors, write_json
 
 
 def load_task(run_dir: str | Path):
-    """The task a run directory was trained on (an `Addition` or a `MarkovICL`)."""
-    return make_task(**task_record(run_dir))
+    """The task a run directory was trained on (an `Addition` or a `MarkovICL`); a run recorded
+    before a task field existed gets the field's legacy value (`tasks.from_record`)."""
+    return from_record(task_record(run_dir))
 
 
 def load_models_by_variant(directories: Sequence[str | Path], *, device: str = "cpu") -> dict[str, list[HookedTransformer]]:

@@ -64,14 +64,14 @@ class DemoModel:
 
     @cached_property
     def probe(self) -> PositionProbe:
-        """Position probe at every residual site, fitted on the first `n_sequences` held-out prompts."""
-        prompts = self.task.test_set()[: self.n_sequences, : self.task.prompt_len]
+        """Position probe at every residual site, fitted on a seeded sample of `n_sequences` held-out prompts."""
+        prompts = self.task.sample_test(min(self.n_sequences, self.task.n_test), seed=0)[:, : self.task.prompt_len]
         activations = capture_residuals(self.model, prompts).activations.float()
         return PositionProbe().fit(*flatten_tokens(activations, torch.arange(len(prompts))))
 
     @cached_property
     def cut_effects(self) -> pd.DataFrame:
-        """`analyses.patching.residual_cut_effects` on the first `n_sequences` held-out sums."""
+        """`analyses.measures.interventions.residual_cut_effects` on a seeded sample of `n_sequences` held-out sums."""
         return residual_cut_effects(self.model, self.task, n_sequences=self.n_sequences)
 
     def prepare(self) -> DemoModel:

@@ -2,9 +2,12 @@
 
 Every task exposes the same small surface, which is all training and analysis rely on:
 `name`, `alphabet` (token characters; token id = index), `seq_len`, `prompt_len` (the answer
-is the rest), `roles` (a name per position), `train_batch(batch_size, seed)` and `test_set()`.
+is the rest), `roles` (a name per position, where positions have fixed roles), `role_names` and
+`role_labels(tokens)` (the role id of every token), `train_batch(batch_size, seed)`,
+`test_set()` and `sample_test(n, seed)` (an unbiased draw of held-out sequences for analyses).
 Tasks are frozen dataclasses, so a run can record one as `{"name": ..., **fields}` and
-`make_task(**record)` rebuilds it.
+`from_record(record)` rebuilds it, giving fields added since the record was written the value
+that reproduces the old behaviour.
 """
 
 from __future__ import annotations
@@ -24,4 +27,14 @@ def make_task(name: str, **fields: Any) -> Addition | MarkovICL:
     return TASKS[name](**fields)
 
 
-__all__ = ["Addition", "MarkovICL", "TASKS", "make_task"]
+def from_record(record: dict[str, Any]) -> Addition | MarkovICL:
+    """The task a run recorded as `{"name": ..., **fields}`. A field the record lacks (it was
+    written before the field existed) takes the value in the task's `LEGACY_FIELDS`, which
+    reproduces what the run was trained on (e.g. `exclude_twins=False`), not today's default."""
+    if "name" not in record:
+        raise ValueError(f"a task record needs a 'name' (one of {sorted(TASKS)}), got keys {sorted(record)}")
+    legacy = getattr(TASKS.get(record["name"]), "LEGACY_FIELDS", {})
+    return make_task(**{**legacy, **record})
+
+
+__all__ = ["Addition", "MarkovICL", "TASKS", "from_record", "make_task"]

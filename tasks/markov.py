@@ -13,13 +13,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from jaxtyping import Int
 from torch import Tensor
+
+from poslens.tasks.heldout import HeldOutSample
 
 TARGETS = ("last", "all")
 
 
 @dataclass(frozen=True)
-class MarkovICL:
+class MarkovICL(HeldOutSample):
     """Sequences over `vocab` symbols; predict the last of `length` tokens."""
 
     vocab: int = 3
@@ -61,6 +64,17 @@ class MarkovICL:
     @property
     def roles(self) -> list[str]:
         return ["context"] * self.prompt_len + ["answer"] * (self.length - self.prompt_len)
+
+    @property
+    def role_names(self) -> list[str]:
+        """Every role, indexed by role id: `context` (0) and `answer` (1, a position the loss is on)."""
+        return ["context", "answer"]
+
+    def role_labels(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
+        """Role id (an index into `role_names`) of every token: 1 from `prompt_len` on, else 0."""
+        if tokens.ndim != 2 or tokens.shape[1] > self.seq_len:
+            raise ValueError(f"tokens must be [batch, pos] with pos <= {self.seq_len}, got shape {tuple(tokens.shape)}")
+        return (torch.arange(tokens.shape[1]) >= self.prompt_len).long().expand(tokens.shape[0], -1).clone()
 
     def sample(self, batch_size: int, seed: int) -> tuple[Tensor, Tensor]:
         """Sequences `[batch, length]` and their transition tables `[batch, context, vocab]`.

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from poslens.analyses.figures.correlation import correlation_heatmap
-from poslens.analyses.measures.correlation import block_diagonality, full_correlation, position_correlation
+from poslens.analyses.measures.correlation import (
+    block_contrast,
+    block_diagonality,
+    block_means,
+    block_scores,
+    full_correlation,
+    position_correlation,
+)
 
 
 def randn(*shape, seed=0, dtype=torch.float32):
@@ -124,3 +131,66 @@ def test_correlation_heatmap():
     assert figure.layout.title.text == "embed"
     assert list(figure.layout.xaxis.tickvals) == [0, 4, 8] and list(figure.layout.xaxis.ticktext) == ["0", "1", "2"]
     assert figure.layout.yaxis.autorange == "reversed"
+
+
+# block scores against their null ---------------------------------------------------------------------------------------
+
+def planted(n_examples, rho=0.2, n_pos=6, d_model=8, seed=0):
+    """A block-diagonal truth: each position's dims share a latent with correlation `rho`, positions independent."""
+    latent = randn(n_examples, n_pos, 1, seed=seed, dtype=torch.float64)
+    return rho**0.5 * latent + (1 - rho) ** 0.5 * randn(n_examples, n_pos, d_model, seed=seed + 1, dtype=torch.float64)
+
+
+def test_block_means_are_the_block_averages_of_full():
+    acts = randn(300, 3, 4, seed=9)
+    full = full_correlation(acts)
+    means = block_means(full, 4)
+    assert means.shape == (3, 3)
+    for p in range(3):
+        for q in range(3):
+            block = full[p * 4 : (p + 1) * 4, q * 4 : (q + 1) * 4]
+            expected = (block.sum() - block.diagonal().sum()) / 12 if p == q else block.mean()
+            assert means[p, q] == pytest.approx(float(expected), abs=1e-12)
+    assert block_contrast(full, 4) == pytest.approx(float(means.diagonal().mean() - means[~torch.eye(3).bool()].mean()))
+
+
+def test_block_scores_of_pure_noise_are_zero_after_the_null():
+    for n in (500, 4000):
+        scores = block_scores(randn(n, 6, 8, seed=n, dtype=torch.float64), seed=1).set_index("score")
+        for score in ("contrast", "share"):
+            assert abs(scores.loc[score, "z"]) < 3, (n, score)
+            assert abs(scores.loc[score, "excess"]) < 4 * scores.loc[score, "null_sd"], (n, score)
+        assert abs(scores.loc["contrast", "value"]) < 0.01  # the contrast itself is ~0: noise lifts both kinds alike
+        assert scores.loc["share", "null_mean"] == pytest.approx(7 / 47, abs=0.01)  # (d-1)/(P d - 1)
+
+
+def test_a_planted_block_structure_scores_clearly_and_its_contrast_hardly_depends_on_n():
+    small, large = (block_scores(planted(n)).set_index("score") for n in (1000, 8000))
+    for scores in (small, large):
+        assert scores.loc["contrast", "z"] > 20 and scores.loc["share", "z"] > 20
+        assert scores.loc["contrast", "excess"] > 0.15
+    # the contrast is rho - sqrt(2 / (pi n)): 0.175 at n = 1,000 and 0.191 at n = 8,000; the share moves far more
+    for scores, n in ((small, 1000), (large, 8000)):
+        assert scores.loc["contrast", "value"] == pytest.approx(0.2 - (2 / (np.pi * n)) ** 0.5, abs=0.01)
+    assert abs(large.loc["contrast", "excess"] - small.loc["contrast", "excess"]) < 0.03
+    assert large.loc["share", "excess"] - small.loc["share", "excess"] > 0.1
+
+
+def test_block_scores_are_blind_to_per_position_offsets_and_scales():
+    # the documented limit: correlation across examples cannot see anything constant across examples
+    acts = planted(500)
+    shifted = acts * torch.linspace(0.5, 3, 6)[None, :, None] + torch.arange(6.0)[None, :, None] * 10
+    before, after = block_scores(acts, n_shuffles=3), block_scores(shifted, n_shuffles=3)
+    assert np.allclose(before["value"], after["value"], atol=1e-12)
+
+
+def test_block_scores_need_a_null_with_a_spread():
+    with pytest.raises(ValueError, match="n_shuffles must be an integer >= 2"):
+        block_scores(randn(10, 2, 3), n_shuffles=1)
+
+
+def test_heatmap_of_the_scored_matrix_can_scale_to_its_maximum():
+    means = block_means(full_correlation(planted(200)), 8)
+    figure = correlation_heatmap(means, "blocks", zmax=None)
+    assert figure.data[0].zmax == pytest.approx(float(means.max())) and figure.data[0].zmin == 0
+    assert figure.layout.xaxis.title.text == "position"

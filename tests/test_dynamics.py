@@ -13,11 +13,13 @@ from poslens.analyses.experiments.presets import MARKOV_TASK, MARKOV_TRAINING
 from poslens.analyses.figures.dynamics import METRIC_COLUMNS
 from poslens.analyses.measures.entropy import (
     ENTROPY_COLUMNS,
+    ENTROPY_SPLIT_COLUMNS,
     PROBE_STEP_COLUMNS,
     attention_entropy,
     attention_summary,
     decodable_steps,
     entropy_rebound,
+    loss_queries,
     uniform_entropy_reference,
 )
 from poslens.analyses.tables import read_table, validate_probe_table
@@ -82,6 +84,51 @@ def test_a_model_with_blank_queries_attends_uniformly_and_meets_the_reference(ti
     assert heads["entropy_normalised"].to_numpy() == pytest.approx(1.0, abs=1e-5)
     assert patterns.shape == (2, model.cfg.n_heads, 11, 11)
     assert torch.allclose(patterns[1, 0, 3], torch.tensor([0.25] * 4 + [0.0] * 7))
+
+
+def test_entropy_of_loss_bearing_queries_is_kept_apart_from_the_rest(addition):
+    assert loss_queries(addition) == [7, 8, 9, 10]  # `=` and the first three answer digits predict the answer
+    n = addition.seq_len - 1
+    # uniform attention on the loss-bearing queries, one-hot (previous token) on the others
+    pattern = uniform_pattern(2, 1, n, causal=True).clone()
+    rest = [q for q in range(n) if q not in loss_queries(addition)]
+    pattern[:, :, rest] = 0
+    pattern[:, :, rest, [max(q - 1, 0) for q in rest]] = 1
+    loss = attention_entropy(pattern, causal=True, queries=loss_queries(addition))
+    other = attention_entropy(pattern, causal=True, queries=rest)
+    everything = attention_entropy(pattern, causal=True)
+    reference = uniform_entropy_reference(n, causal=True, queries=loss_queries(addition))
+    assert reference == pytest.approx(sum(math.log(q + 1) for q in range(7, 11)) / 4)
+    assert loss.nats.item() == pytest.approx(reference, abs=1e-6) and loss.normalised.item() == pytest.approx(1, abs=1e-6)
+    assert other.nats.item() == pytest.approx(0, abs=1e-6) and other.normalised.item() == pytest.approx(0, abs=1e-6)
+    assert everything.nats.item() == pytest.approx(reference * 4 / n, abs=1e-6)  # JoMA's mean dilutes it 4 / 11
+    assert math.isnan(attention_entropy(pattern, causal=True, queries=[]).nats.item())
+    assert uniform_entropy_reference(n, causal=False, queries=[0, 3]) == pytest.approx(math.log(n))
+    with pytest.raises(ValueError, match=r"queries must be positions in 0..10, got \[11\]"):
+        attention_entropy(pattern, causal=True, queries=[3, 11])
+
+
+def test_attention_summary_splits_loss_bearing_queries(tiny, addition):
+    model = build(tiny("nope-causal"))
+    tokens = addition.sample_test(20, seed=0)[:, :-1]
+    heads, _ = attention_summary(model, tokens, batch_size=7, loss_queries=loss_queries(addition))
+    assert list(heads.columns) == ["layer", "head", "entropy_nats", "entropy_normalised", *ENTROPY_SPLIT_COLUMNS]
+    n, n_loss = tokens.shape[1], len(loss_queries(addition))
+    # JoMA's all-query mean is the query-weighted mean of the two parts
+    combined = (n_loss * heads["entropy_nats_loss"] + (n - n_loss) * heads["entropy_nats_rest"]) / n
+    assert heads["entropy_nats"].to_numpy() == pytest.approx(combined.to_numpy(), abs=1e-9)
+    plain, _ = attention_summary(model, tokens, batch_size=7)
+    assert plain["entropy_nats"].to_numpy() == pytest.approx(heads["entropy_nats"].to_numpy(), abs=1e-12)
+
+
+def test_entropy_rebound_reads_the_split_measures_when_present():
+    table = entropy_table({0: [2.0, 1.0, 1.5]}, steps=[0, 10, 100]).assign(
+        entropy_nats_loss=lambda t: t["entropy_nats"] / 2, entropy_nats_rest=lambda t: t["entropy_nats"],
+        entropy_normalised_loss=0.5, entropy_normalised_rest=0.25)
+    rebound = entropy_rebound(table).set_index("measure")
+    assert list(rebound.index) == ["nats", "normalised", "nats_loss", "nats_rest", "normalised_loss",
+                                   "normalised_rest"]
+    assert rebound.loc["nats_loss", ["min", "rebound"]].tolist() == pytest.approx([0.5, 0.25])
 
 
 def entropy_table(curves: dict[int, list[float]], steps: list[int]) -> pd.DataFrame:

@@ -7,7 +7,7 @@ from poslens.analyses.measures.invariance import TOLERANCE, invariance_table, pe
 from poslens.tasks import Addition
 from poslens.variants import build, load
 
-PROMPTS = Addition().test_set()[:32, :8]
+PROMPTS = Addition().sample_test(32, seed=0)[:, :8]
 
 
 def max_delta(model):

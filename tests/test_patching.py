@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from poslens.analyses.figures.patching import patching_heatmap
-from poslens.analyses.measures.interventions import position_swap, residual_cut_effects
-from poslens.analyses.measures.patching import activation_patching, corrupt
+from poslens.analyses.measures.interventions import position_swap, residual_cut_effects, swap_readout
+from poslens.analyses.measures.patching import activation_patching, corrupt, patching_sample
 from poslens.hooks import capture_residuals, residual_sites
 from poslens.probes import PositionProbe, flatten_tokens, split_by_sequence
 from poslens.tasks import Addition
@@ -94,7 +94,7 @@ def patched(model, addition):
 
 
 def test_activation_patching_table(patched, model, addition):
-    assert list(patched.columns) == ["site", "layer", "position", "role", "value"]
+    assert list(patched.columns) == ["site", "layer", "position", "role", "value", "fixed_by_construction"]
     assert sorted(patched["site"].unique()) == sorted(SITES)
     n_layers, n_pos = model.cfg.n_layers, addition.prompt_len
     for site in SITES:
@@ -137,13 +137,29 @@ def test_activation_patching_exact_values(patched, model, addition):
     assert max(abs(value(patched, "resid_pre", 0, p)) for p in (4, 6)) > 0.01
 
 
+def test_activation_patching_marks_the_cells_the_architecture_fixes(patched, model, addition):
+    fixed, free = patched[patched["fixed_by_construction"]], patched[~patched["fixed_by_construction"]]
+    # a fixed cell is 0 or 1 whatever the weights, up to float32 rounding (summing attention's keys in another
+    # order), which the normalised metric divides by a small clean - corrupted difference (float64: test_construction)
+    assert ((fixed["value"].abs() < 1e-3) | ((fixed["value"] - 1).abs() < 1e-3)).all()
+    assert len(free) and (free["value"].abs() > 1e-2).any()
+    marked = set(zip(fixed["site"], fixed["layer"], fixed["position"]))
+    last_layer, last = model.cfg.n_layers - 1, addition.prompt_len - 1
+    assert ("resid_pre", 0, 0) in marked and ("resid_post", last_layer, last) in marked  # causal prefix; the output
+    assert ("mlp_out", last_layer, 2) in marked  # after the last attention layer, nothing reads position 2
+    assert ("resid_pre", 1, last) in marked  # NoPE causal: after one attention layer, position 7 saw a permuted set
+    assert ("resid_pre", 0, 4) not in marked and ("resid_pre", 1, 5) not in marked
+
+
 @torch.no_grad()
 def test_activation_patching_matches_a_hand_made_patch(patched, model, addition):
-    # the examples activation_patching uses: the first 16 of its 4 * 16 candidates whose first answer digit changes
-    clean = addition.test_set()[:64]
+    # the examples activation_patching uses: the first 16 of a seeded sample of 4 * 16 whose first answer digit changes
+    clean = addition.sample_test(64, 0)
     corrupted = corrupt(addition, clean, "swap", positions=(4, 6))
     changed = clean[:, addition.prompt_len] != corrupted[:, addition.prompt_len]
     clean, corrupted = clean[changed][:16], corrupted[changed][:16]
+    assert all(torch.equal(x, y) for x, y in zip((clean, corrupted), patching_sample(addition, positions=(4, 6),
+                                                                                     n_sequences=16)))
     prompt_len, rows = addition.prompt_len, torch.arange(16)
     good, bad = clean[:, prompt_len], corrupted[:, prompt_len]
 
@@ -198,7 +214,7 @@ def swapped(model, addition):
 
 def test_position_swap_table(swapped, model):
     assert list(swapped["site"]) == residual_sites(model)
-    assert set(swapped.columns) >= {"site", "follows_swap", "keeps_original", "n_sequences"}
+    assert list(swapped.columns) == ["site", "follows_swap", "keeps_original", "n_sequences", "fixed_by_construction"]
     assert swapped["n_sequences"].nunique() == 1 and 0 < swapped["n_sequences"].iloc[0] <= 32
     assert swapped[["follows_swap", "keeps_original"]].apply(lambda c: c.between(0, 1)).all().all()
 
@@ -206,7 +222,34 @@ def test_position_swap_table(swapped, model):
 def test_position_swap_at_embed_is_swapping_the_tokens_in_nope(swapped):
     # NoPE has no positional embedding: exchanging two positions' embeddings is exchanging the tokens
     embed = swapped[swapped["site"] == "embed"].iloc[0]
-    assert embed["follows_swap"] == 1.0
+    assert embed["follows_swap"] == 1.0 and not embed["fixed_by_construction"]
+
+
+def test_position_swap_cells_fixed_by_construction_keep_every_answer(swapped, model):
+    # 2-block NoPE causal: after block 0's attention one attention layer is left, which sees the swap as a set
+    fixed = swapped.set_index("site")["fixed_by_construction"]
+    assert list(fixed[fixed].index) == residual_sites(model)[1:]
+    assert (swapped[swapped["fixed_by_construction"]]["keeps_original"] == 1.0).all()
+
+
+def test_swap_readout(model, addition):
+    table = swap_readout(model, addition, positions=(0, 2), n_sequences=48, seed=1)
+    sites = residual_sites(model)
+    assert list(table.columns) == ["swap_site", "site", "column", "origin", "reads_origin", "reads_index",
+                                   "reads_other", "accuracy_unswapped", "fixed_by_construction", "n_sequences"]
+    assert len(table) == 2 * sum(len(sites) - index for index in range(len(sites)))
+    shares = table[["reads_origin", "reads_index", "reads_other"]].sum(axis=1)
+    assert shares.to_numpy() == pytest.approx(1.0)
+    assert set(zip(table["column"], table["origin"])) == {(0, 2), (2, 0)}
+    # at the swap site itself the column *is* the origin's unswapped vector: the probe reads what it read there
+    at_swap = table[table["swap_site"] == table["site"]]
+    assert at_swap["fixed_by_construction"].all()
+    for row in at_swap.itertuples():
+        origin_row = at_swap[(at_swap["site"] == row.site) & (at_swap["column"] == row.origin)].iloc[0]
+        assert row.reads_origin >= origin_row.accuracy_unswapped - 1e-12  # predicts the origin wherever it did
+    assert not table["fixed_by_construction"].all()
+    with pytest.raises(ValueError, match=r"two distinct prompt positions in 0..7, got \(0, 8\)"):
+        swap_readout(model, addition, positions=(0, 8))
 
 
 # residual cuts ---------------------------------------------------------------------------------------------------------
@@ -231,7 +274,7 @@ def test_residual_cut_table(cut_table, model):
 
 
 def test_residual_cut_none_row_is_the_intact_model(cut_table, model, addition):
-    tokens = addition.test_set()[:N_CUT]
+    tokens = addition.sample_test(N_CUT, 0)
     scores = evaluate(model, addition, tokens)
     intact = cut_table.iloc[0]
     assert intact["exact_match"] == scores["exact_match"]
@@ -250,7 +293,7 @@ def expected_row(model, task, tokens):
 
 
 def test_residual_cut_rows_equal_models_built_with_the_cut(cut_table, model, addition):
-    tokens = addition.test_set()[:N_CUT]
+    tokens = addition.sample_test(N_CUT, 0)
     for row in cut_table.iloc[1:].itertuples():
         built = build(dataclasses.replace(model.cfg, residual_cuts={row.block: row.sublayer}))
         built.load_state_dict(model.state_dict())

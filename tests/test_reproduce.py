@@ -14,8 +14,9 @@ TABLES = {
     "correlation": ["variant", "seed", "site", "weights", "block_diagonality"],
     "residual_cuts": ["block", "sublayer", "exact_match", "answer_logprob", "probe_accuracy", "delta_exact_match",
                       "delta_answer_logprob", "delta_probe_accuracy", "variant", "seed"],
-    "activation_patching": ["site", "layer", "position", "role", "value", "variant", "seed"],
-    "position_swap": ["site", "follows_swap", "keeps_original", "n_sequences", "variant", "seed"],
+    "activation_patching": ["site", "layer", "position", "role", "value", "fixed_by_construction", "variant", "seed"],
+    "position_swap": ["site", "follows_swap", "keeps_original", "n_sequences", "fixed_by_construction", "variant",
+                      "seed"],
 }
 
 

@@ -4,7 +4,11 @@
   in the JoMA paper's code (Tian et al. 2023): `-(p * log(p + 1e-8))` summed over keys,
   averaged over queries and sequences, *not* normalised; beside it, labelled as such, the same
   entropy divided by the log of the number of keys the query can see (1 for uniform
-  attention, 0 for attention on one key).
+  attention, 0 for attention on one key). Either can be averaged over a subset of queries:
+  JoMA averages every query, but the loss of an answer-only task falls on a few of them
+  (`loss_queries`: the queries that predict answer tokens), and a query no loss reaches gets
+  gradient only through what later layers read from it, so `attention_summary` also reports
+  the entropy of loss-bearing queries and of the rest separately.
 - `uniform_entropy_reference(T, causal)`: JoMA's entropy of uniform attention over T
   positions: the mean over queries t = 1..T of ln t causally (2.632 nats for T = 35), ln T
   bidirectionally.
@@ -18,29 +22,34 @@ Tables (tidy, one measurement per row; `variant` and `seed` columns let runs be 
 - `probes`: step, then the probe schema of `analyses.tables.PROBE_COLUMNS`.
 - `entropy`: variant, seed, step, layer, head, entropy_nats (JoMA's definition),
   entropy_normalised (divided by ln(visible keys)), uniform_nats (the uniform-attention
-  reference in nats; the normalised reference is 1).
+  reference in nats; the normalised reference is 1); with `loss_queries` also the
+  `ENTROPY_SPLIT_COLUMNS` (entropy_nats_loss, entropy_nats_rest, entropy_normalised_loss,
+  entropy_normalised_rest), which `entropy_rebound` reads when present.
 - `rebound` (`entropy_rebound`) and `decodable` (`decodable_steps`): see those functions.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import einops
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from poslens.analyses.tables import PROBE_COLUMNS, check_columns
 from poslens.hooks import capture_patterns
 from poslens.variants import HookedTransformer
+from poslens.variants.training import Task
 
 ENTROPY_EPS = 1e-8  # inside the log, as in JoMA's code
 DECODABLE_MARGINS = (0.05, 0.5)
 PROBE_STEP_COLUMNS = ("step", *PROBE_COLUMNS)
 ENTROPY_COLUMNS = ("variant", "seed", "step", "layer", "head", "entropy_nats", "entropy_normalised", "uniform_nats")
+ENTROPY_SPLIT_COLUMNS = ("entropy_nats_loss", "entropy_nats_rest", "entropy_normalised_loss", "entropy_normalised_rest")
 REBOUND_COLUMNS = ("variant", "seed", "layer", "measure", "initial", "min_step", "min", "final_step", "final",
                    "rebound", "rebound_fraction")
 DECODABLE_COLUMNS = ("variant", "seed", "site", "layer", "margin", "token_identity", "step", "accuracy_at_step",
@@ -55,64 +64,104 @@ class AttentionEntropy(NamedTuple):
     normalised: Float[Tensor, " head"]
 
 
-def attention_entropy(pattern: Float[Tensor, "batch head query key"], *, causal: bool) -> AttentionEntropy:
-    """Entropy of attention patterns, per head, averaged over queries and the batch.
+def attention_entropy(pattern: Float[Tensor, "batch head query key"], *, causal: bool,
+                      queries: Sequence[int] | None = None) -> AttentionEntropy:
+    """Entropy of attention patterns, per head, averaged over `queries` (default: every query)
+    and the batch.
 
     `nats` is JoMA's measure: `-(p * log(p + 1e-8)).sum(key)` per query row, then the mean
-    over every query and sequence, not normalised. `normalised` divides each row's entropy by
+    over the queries and sequences, not normalised. `normalised` divides each row's entropy by
     ln of the number of keys that query can see (query q sees q + 1 keys when `causal`, all of
     them otherwise) before averaging, so uniform attention scores 1 at every query. A query
     that sees a single key (the first one, causally) has entropy exactly 0 whatever the
     weights, and 0/ln 1 is undefined, so those rows are left out of the normalised mean
-    (they stay in `nats`, as in JoMA); with no query seeing two keys it is NaN.
+    (they stay in `nats`, as in JoMA); with no query seeing two keys it is NaN, and both are
+    NaN for an empty `queries`.
     """
     if pattern.ndim != 4:
         raise ValueError(f"pattern must be [batch, head, query, key], got shape {tuple(pattern.shape)}")
     n_query, n_key = pattern.shape[-2:]
     if causal and n_query != n_key:
         raise ValueError(f"a causal pattern must be square (query = key positions), got {n_query} × {n_key}")
+    chosen = _query_mask(n_query, queries)
     p = pattern.double()
     rows: Float[Tensor, "batch head query"] = -(p * torch.log(p + ENTROPY_EPS)).sum(-1)
     visible = torch.arange(1, n_query + 1, dtype=torch.float64) if causal else torch.full((n_query,), float(n_key))
-    informative = visible > 1
+    informative = chosen & (visible > 1)
     normalised = rows[..., informative] / visible[informative].log()
-    return AttentionEntropy(nats=einops.reduce(rows, "batch head query -> head", "mean"),
+    return AttentionEntropy(nats=einops.reduce(rows[..., chosen], "batch head query -> head", "mean"),
                             normalised=einops.reduce(normalised, "batch head query -> head", "mean"))
 
 
-def uniform_entropy_reference(n_ctx: int, causal: bool) -> float:
-    """JoMA's entropy (nats) of uniform attention over `n_ctx` positions: the mean over queries
-    t = 1..T of ln t when causal (query t sees t keys), ln T when bidirectional."""
+def _query_mask(n_query: int, queries: Sequence[int] | None) -> Bool[Tensor, " query"]:
+    """A mask of `queries` (all when None) among `n_query` query positions."""
+    mask = torch.zeros(n_query, dtype=torch.bool)
+    chosen = list(range(n_query)) if queries is None else list(queries)
+    outside = [query for query in chosen if not (isinstance(query, int) and 0 <= query < n_query)]
+    if outside:
+        raise ValueError(f"queries must be positions in 0..{n_query - 1}, got {outside}")
+    mask[chosen] = True
+    return mask
+
+
+def loss_queries(task: Task) -> list[int]:
+    """The query positions of a training input (`tokens[:, :-1]`) whose predictions the loss is
+    on: `prompt_len − 1` .. `seq_len − 2`, each predicting the next (answer) token."""
+    return list(range(task.prompt_len - 1, task.seq_len - 1))
+
+
+def uniform_entropy_reference(n_ctx: int, causal: bool, queries: Sequence[int] | None = None) -> float:
+    """JoMA's entropy (nats) of uniform attention over `n_ctx` positions, averaged over
+    `queries` (default: all): ln(q + 1) at query q when causal (it sees q + 1 keys), ln T
+    bidirectionally. Over all queries causally it is the mean of ln t for t = 1..T."""
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
         raise ValueError(f"n_ctx must be an integer >= 1, got {n_ctx!r}")
-    return math.lgamma(n_ctx + 1) / n_ctx if causal else math.log(n_ctx)
+    if queries is None:
+        return math.lgamma(n_ctx + 1) / n_ctx if causal else math.log(n_ctx)
+    chosen = _query_mask(n_ctx, queries).nonzero().flatten()
+    visible = (chosen + 1).double() if causal else torch.full((len(chosen),), float(n_ctx), dtype=torch.float64)
+    return float(visible.log().mean())
 
 
 @torch.no_grad()
-def attention_summary(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], *, batch_size: int = 256
+def attention_summary(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], *, batch_size: int = 256,
+                      loss_queries: Sequence[int] | None = None
                       ) -> tuple[pd.DataFrame, Float[Tensor, "layer head query key"]]:
     """Per layer and head: `attention_entropy` over `tokens` (rows layer, head, entropy_nats,
-    entropy_normalised), and the mean attention pattern over the sequences."""
+    entropy_normalised; with `loss_queries`, e.g. `loss_queries(task)` for training inputs
+    `tokens[:, :-1]`, also the `ENTROPY_SPLIT_COLUMNS`: the same over those queries and over
+    the rest), and the mean attention pattern over the sequences."""
     causal = model.cfg.attention_dir == "causal"
-    nats = normalised = patterns = 0.0
+    n_query = tokens.shape[1]
+    groups = {"": None}
+    if loss_queries is not None:
+        loss = _query_mask(n_query, loss_queries)
+        groups |= {"_loss": loss.nonzero().flatten().tolist(), "_rest": (~loss).nonzero().flatten().tolist()}
+    totals: dict[str, Tensor] = {}
+    patterns = 0.0
     for chunk in tokens.split(batch_size):
         stacked = capture_patterns(model, chunk)[1].cpu()  # [layer, batch, head, query, key]
-        entropies = [attention_entropy(pattern, causal=causal) for pattern in stacked]
-        nats = nats + torch.stack([e.nats for e in entropies]) * len(chunk)
-        normalised = normalised + torch.stack([e.normalised for e in entropies]) * len(chunk)
+        for suffix, queries in groups.items():
+            entropies = [attention_entropy(pattern, causal=causal, queries=queries) for pattern in stacked]
+            for measure in AttentionEntropy._fields:
+                per_head = torch.stack([getattr(entropy, measure) for entropy in entropies]) * len(chunk)
+                totals[f"entropy_{measure}{suffix}"] = totals.get(f"entropy_{measure}{suffix}", 0.0) + per_head
         patterns = patterns + einops.reduce(stacked.double(), "layer batch head query key -> layer head query key",
                                             "sum")
-    nats, normalised, patterns = nats / len(tokens), normalised / len(tokens), patterns / len(tokens)
-    rows = [{"layer": layer, "head": head, "entropy_nats": float(nats[layer, head]),
-             "entropy_normalised": float(normalised[layer, head])}
+    rows = [{"layer": layer, "head": head,
+             **{name: float(total[layer, head] / len(tokens)) for name, total in totals.items()}}
             for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
-    return pd.DataFrame(rows), patterns.float()
+    columns = ["layer", "head", "entropy_nats", "entropy_normalised"] + (
+        list(ENTROPY_SPLIT_COLUMNS) if loss_queries is not None else [])
+    return pd.DataFrame(rows)[columns], (patterns / len(tokens)).float()
 
 
 def entropy_rebound(entropy: pd.DataFrame, *, per_head: bool = False) -> pd.DataFrame:
     """Each layer's lowest-entropy step and the rebound after it ("sparse, then dense").
 
-    Per run (variant, seed), layer and measure (`nats`, JoMA's, and `normalised`), on the
+    Per run (variant, seed), layer and measure (`nats`, JoMA's, and `normalised`, then
+    `nats_loss`, `nats_rest`, `normalised_loss` and `normalised_rest` where the table has the
+    `ENTROPY_SPLIT_COLUMNS`), on the
     layer's entropy averaged over heads (or, with `per_head`, for each head: a `head` column
     follows `layer`): `initial` (at the first step), `min_step` and `min`, `final_step` and
     `final`, `rebound` = final − min, and `rebound_fraction` = rebound / (initial − min), the
@@ -121,12 +170,14 @@ def entropy_rebound(entropy: pd.DataFrame, *, per_head: bool = False) -> pd.Data
     """
     check_columns(entropy, ENTROPY_COLUMNS, "entropy")
     unit = ["layer", "head"] if per_head else ["layer"]
+    measures = ["nats", "normalised"] + [column.removeprefix("entropy_") for column in ENTROPY_SPLIT_COLUMNS
+                                         if column in entropy]
     curves = entropy.groupby(["variant", "seed", *unit, "step"], sort=True)[
-        ["entropy_nats", "entropy_normalised"]].mean().reset_index()
+        [f"entropy_{measure}" for measure in measures]].mean().reset_index()
     rows = []
     for keys, curve in curves.groupby(["variant", "seed", *unit], sort=True):
         curve = curve.sort_values("step")
-        for measure in ("nats", "normalised"):
+        for measure in measures:
             values = curve[f"entropy_{measure}"].to_numpy()
             lowest = int(values.argmin())
             drop = values[0] - values[lowest]

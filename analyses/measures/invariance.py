@@ -55,10 +55,11 @@ def permutation_test(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
 def invariance_table(variants: list[str] = (), checkpoints: list[str | Path] = (), *, n_layers: int | None = None,
                      dtype: torch.dtype = torch.float64, task: Task | None = None, n_sequences: int = 64,
                      n_perms: int = 20, seed: int = 0) -> pd.DataFrame:
-    """`permutation_test` for fresh random-weight `variants` and trained `checkpoints`, on the
-    prompts of `task` (addition by default: `a+b=`, so the last position predicts the first answer digit)."""
+    """`permutation_test` for fresh random-weight `variants` and trained `checkpoints`, on a
+    seeded sample (`seed`, which also draws the permutations) of `n_sequences` held-out prompts of
+    `task` (addition by default: `a+b=`, so the last position predicts the first answer digit)."""
     task = task or make_task("addition")
-    prompts = task.test_set()[:n_sequences, : task.prompt_len]
+    prompts = task.sample_test(min(n_sequences, task.n_test), seed)[:, : task.prompt_len]
     sizes = {} if n_layers is None else {"n_layers": n_layers}
     models = [build(preset(name, task=task, dtype=dtype, **sizes)) for name in variants]
     models += [load(path, dtype=dtype) for path in checkpoints]

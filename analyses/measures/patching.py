@@ -4,7 +4,10 @@ A corruption swaps two operand digits (or permutes all of them), so the clean an
 prompts differ only in *where* digits are. Each (layer, position) activation of the clean run
 is copied into the corrupted run in turn, and a restoration metric says how much of the clean
 first answer digit comes back: 0 = the corrupted run, 1 = the clean run. `poslens reproduce`
-and the demo compute every patching number with the functions here.
+and the demo compute every patching number with the functions here. `activation_patching`
+draws its prompts with `task.sample_test` (an unbiased sample; the first rows of the sorted
+test set all have a small first operand) and marks the cells whose value the architecture
+fixes (`analyses.measures.construction.patch_fixed`): they are not evidence.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from torch import Tensor
 from transformer_lens import patching
 from transformer_lens.utilities import get_act_name
 
+from poslens.analyses.measures.construction import patch_fixed
 from poslens.tasks import Addition
 from poslens.variants import HookedTransformer
+from poslens.variants.config import VariantConfig
 
 Metric = Callable[[Float[Tensor, "batch pos vocab"]], Tensor]
 
@@ -37,6 +42,7 @@ SITES: dict[str, Callable] = {
 RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post")
 LOGIT_DIFF, KL_RESTORED = "normalised logit diff", "fraction of KL restored"
 PATCHING_COLUMNS = ("site", "layer", "position", "role", "value")
+ACTIVATION_PATCHING_COLUMNS = (*PATCHING_COLUMNS, "fixed_by_construction")
 
 
 class NothingToRestore(ValueError):
@@ -157,25 +163,52 @@ def patch_table(model: HookedTransformer, task: Addition, clean: Int[Tensor, "ba
     return pd.DataFrame(rows, columns=list(PATCHING_COLUMNS)), name
 
 
+def patching_sample(task: Addition, *, kind: str = "swap", positions: tuple[int, int] = (0, 2),
+                    n_sequences: int = 64, seed: int = 0, permutation_seed: int = 0
+                    ) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:
+    """The clean and corrupted sequences `activation_patching` uses: up to `n_sequences` of a
+    seeded sample of 4 × `n_sequences` held-out sequences (`task.sample_test(..., seed)`),
+    those whose first answer digit the corruption changes. `permutation_seed` fixes the
+    `permute` corruption (the same for every `seed`, so samples stay comparable)."""
+    clean = task.sample_test(min(4 * n_sequences, task.n_test), seed)
+    corrupted = corrupt(task, clean, kind, positions=positions, seed=permutation_seed)
+    changed = clean[:, task.prompt_len] != corrupted[:, task.prompt_len]
+    if not changed.any():
+        raise ValueError(f"corruption {kind!r} {positions} changes no first answer digit in the test set")
+    return clean[changed][:n_sequences], corrupted[changed][:n_sequences]
+
+
+def fixed_by_construction(cfg: VariantConfig, table: pd.DataFrame, clean: Int[Tensor, "batch seq"],
+                          corrupted: Int[Tensor, "batch seq"], prompt_len: int) -> list[bool]:
+    """For each row (site, layer, position) of a patching table: whether its value is fixed by
+    the architecture (`construction.patch_fixed`), given which prompt positions the corruption
+    changes and whether it only permutes tokens among them."""
+    prompts = slice(0, prompt_len)
+    changed = (clean[:, prompts] != corrupted[:, prompts]).any(0).nonzero().flatten()
+    permutation = torch.equal(clean[:, changed].sort(-1).values, corrupted[:, changed].sort(-1).values)
+    changed = changed.tolist()
+    return [patch_fixed(cfg, row.site, row.layer, row.position, prompt_len, changed, permutation)
+            for row in table.itertuples()]
+
+
 def activation_patching(model: HookedTransformer, task: Addition, *, kind: str = "swap",
                         positions: tuple[int, int] = (0, 2), n_sequences: int = 64, seed: int = 0,
-                        quiet: bool = True) -> pd.DataFrame:
-    """`patch_table` over every site on held-out prompts whose first answer digit changes under
-    the corruption (the first `n_sequences` of them). Where the model answers both prompts alike
-    (a NoPE-bidirectional model cannot tell them apart) every value is NaN: there is nothing to restore."""
-    clean = task.test_set()[: n_sequences * 4]
-    corrupted = corrupt(task, clean, kind, positions=positions, seed=seed)
-    changed = clean[:, task.prompt_len] != corrupted[:, task.prompt_len]
-    clean, corrupted = clean[changed][:n_sequences], corrupted[changed][:n_sequences]
-    if len(clean) == 0:
-        raise ValueError(f"corruption {kind!r} {positions} changes no first answer digit in the test set")
+                        permutation_seed: int = 0, quiet: bool = True) -> pd.DataFrame:
+    """`patch_table` over every site on the `patching_sample` prompts, with a
+    `fixed_by_construction` column (columns `ACTIVATION_PATCHING_COLUMNS`). Where the model
+    answers both prompts alike (a NoPE-bidirectional model cannot tell them apart) every value
+    is NaN: there is nothing to restore."""
+    clean, corrupted = patching_sample(task, kind=kind, positions=positions, n_sequences=n_sequences, seed=seed,
+                                       permutation_seed=permutation_seed)
     try:
-        return patch_table(model, task, clean, corrupted, quiet=quiet)[0]
+        table = patch_table(model, task, clean, corrupted, quiet=quiet)[0]
     except NothingToRestore:
         rows = [{"site": site, "layer": layer, "position": position, "role": task.roles[position],
                  "value": float("nan")}
                 for site in SITES for layer in range(model.cfg.n_layers) for position in range(task.prompt_len)]
-        return pd.DataFrame(rows, columns=list(PATCHING_COLUMNS))
+        table = pd.DataFrame(rows, columns=list(PATCHING_COLUMNS))
+    return table.assign(fixed_by_construction=fixed_by_construction(model.cfg, table, clean, corrupted,
+                                                                    task.prompt_len))
 
 
 def patch_cell_hook(model: HookedTransformer, clean_prompt: Int[Tensor, "batch pos"], site: str, layer: int,
