@@ -184,7 +184,10 @@ def test_training_dynamics_walks_every_snapshot(snapshot_run):
     assert result.steps == steps == [0, 1, 5, 30]
     assert list(result.metrics.columns) == list(METRIC_COLUMNS) and result.metrics["step"].tolist() == steps
     assert result.metrics["test_loss"].iloc[-1] < result.metrics["test_loss"].iloc[0]
-    assert list(result.entropy.columns) == list(ENTROPY_COLUMNS)
+    assert list(result.entropy.columns) == [*ENTROPY_COLUMNS, *ENTROPY_SPLIT_COLUMNS]
+    # the loss-bearing queries (predicting the 4 answer digits) and the rest partition every query
+    split = result.entropy
+    assert (split["entropy_nats"] - (4 * split["entropy_nats_loss"] + 7 * split["entropy_nats_rest"]) / 11).abs().max() < 1e-9
     assert len(result.entropy) == len(steps) * 2 * 4  # steps × layers × heads
     assert (result.entropy["entropy_nats"] <= result.entropy["uniform_nats"] + 1e-6).all()
     assert result.entropy["uniform_nats"].unique().tolist() == pytest.approx([uniform_entropy_reference(11, True)])
@@ -253,7 +256,7 @@ def test_several_variants_and_seeds_in_one_study(run_cli, tmp_path):
     assert {"probe_accuracy_nope-causal.html", "probe_accuracy_learned-causal.html"} <= {
         p.name for p in (out / "figures").iterdir()}
     rebound = read_table(out / "tables" / "rebound.json")
-    assert len(rebound) == 2 * 2 * 1 * 2  # variants × seeds × layers × measures
+    assert len(rebound) == 2 * 2 * 1 * 6  # variants × seeds × layers × measures (all, loss-bearing, rest; raw, normalised)
 
 
 def test_cli_rejects_bad_schedules(run_cli, tmp_path):

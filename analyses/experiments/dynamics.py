@@ -45,10 +45,12 @@ from poslens.analyses.figures.dynamics import (
 from poslens.analyses.figures.induction import induction_figures
 from poslens.analyses.measures.entropy import (
     ENTROPY_COLUMNS,
+    ENTROPY_SPLIT_COLUMNS,
     PROBE_STEP_COLUMNS,
     attention_summary,
     decodable_steps,
     entropy_rebound,
+    loss_queries,
     uniform_entropy_reference,
 )
 from poslens.analyses.measures.induction import induction_analysis
@@ -99,8 +101,9 @@ def training_dynamics(run_dir: str | Path, *, n_sequences: int = 1000, device: s
                       quiet: bool = False) -> DynamicsResult:
     """Measure every snapshot of the run in `run_dir` (loss, accuracy, probes, attention entropy).
 
-    All measures use the task's first `n_sequences` held-out sequences; probes are trained on
-    three quarters of them and tested on the rest, split by sequence.
+    All measures use one seeded, unbiased sample of `n_sequences` held-out sequences
+    (`task.sample_test`); probes are trained on three quarters of them and tested on the rest,
+    split by sequence. Entropy is also split into loss-bearing queries and the rest.
     """
     run_dir = Path(run_dir)
     snapshots = list_snapshots(run_dir)
@@ -110,7 +113,7 @@ def training_dynamics(run_dir: str | Path, *, n_sequences: int = 1000, device: s
     if isinstance(n_sequences, bool) or not isinstance(n_sequences, int) or n_sequences < 4:
         raise ValueError(f"n_sequences must be an integer >= 4 (probes split by sequence), got {n_sequences!r}")
     task = load_task(run_dir)
-    tokens = task.test_set()[:n_sequences]
+    tokens = task.sample_test(n_sequences, seed=0)  # one unbiased draw, the same at every snapshot
     metrics, probes, entropy, patterns = [], [], [], []
     for step, path in tqdm(snapshots, desc="dynamics", disable=quiet):
         model = load(path, device=device)
@@ -119,7 +122,7 @@ def training_dynamics(run_dir: str | Path, *, n_sequences: int = 1000, device: s
         table = probe_sweep({model.cfg.name: [model]}, task, n_sequences=n_sequences,
                             controls=("token_identity", "chance"), quiet=True)
         probes.append(table.assign(step=step))
-        heads, pattern = attention_summary(model, tokens[:, :-1])
+        heads, pattern = attention_summary(model, tokens[:, :-1], loss_queries=loss_queries(task))
         entropy.append(heads.assign(**common))
         patterns.append(pattern)
     causal = model.cfg.attention_dir == "causal"
@@ -129,7 +132,8 @@ def training_dynamics(run_dir: str | Path, *, n_sequences: int = 1000, device: s
         run_dir=run_dir, steps=[step for step, _ in snapshots],
         metrics=pd.DataFrame(metrics, columns=list(METRIC_COLUMNS)),
         probes=pd.concat(probes, ignore_index=True)[list(PROBE_STEP_COLUMNS)],
-        entropy=entropy_table[list(ENTROPY_COLUMNS)], patterns=torch.stack(patterns), uniform_nats=uniform)
+        entropy=entropy_table[[*ENTROPY_COLUMNS, *ENTROPY_SPLIT_COLUMNS]], patterns=torch.stack(patterns),
+        uniform_nats=uniform)
 
 
 ANALYSIS_VERSION = 1
