@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from poslens.analyses.experiments.dynamics import write_dynamics
 from poslens.analyses.experiments.presets import DYNAMICS_TASKS, PRESETS
@@ -19,7 +20,10 @@ from poslens.demos.panels import DEFAULT_MODEL_DIR, default_model, discover_mode
 from poslens.demos.static import write_static_page
 from poslens.tasks import TASKS, make_task
 from poslens.variants import TrainSettings, preset, train
-from poslens.variants.config import DTYPES
+from poslens.variants.checkpoint import restamp
+from poslens.variants.config import DTYPES, check_device
+from poslens.variants.locking import DirectoryLocked
+from poslens.variants.training import restamp_run
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -90,6 +94,13 @@ def _demo(args: argparse.Namespace) -> None:
         serve(models, port=args.port, device=args.device, quiet=args.quiet)
 
 
+def _restamp(args: argparse.Namespace) -> None:
+    for directory in args.directories:
+        done = restamp_run(directory) if (Path(directory) / "run.json").is_file() else (
+            [f"recorded the weights digest in {Path(directory) / 'config.json'}"] if restamp(directory) else [])
+        print(f"{directory}: " + ("; ".join(done) if done else "already current, verified"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every `poslens` subcommand."""
     parser = argparse.ArgumentParser(prog="poslens", description="Where does a transformer keep token position?")
@@ -101,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="training seeds per variant (default 1)")
     p.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
     p.add_argument("--force", action="store_true", help="recompute tables and figures (trained runs are kept)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_reproduce)
 
@@ -116,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (refused if it already holds a run, unless --resume)")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the data order")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_train)
 
@@ -154,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d-model", type=int, help="residual width (default: the task's)")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the data order")
     p.add_argument("--sequences", type=int, help="held-out sequences measured (default 1000 addition, 200 markov)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--force", action="store_true", help="recompute existing outputs (the trained run is kept)")
     p.set_defaults(run=_dynamics)
@@ -165,18 +176,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8050, help="port on 127.0.0.1 (default 8050; 0 = any free port)")
     p.add_argument("--static", metavar="OUT.html", help="write one self-contained HTML page instead of serving")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --static file")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or request log")
     p.set_defaults(run=_demo)
+
+    p = commands.add_parser("restamp", help="record the weights digest of checkpoints written without one, and "
+                                            "upgrade finished runs written by an older poslens (after checking them)")
+    p.add_argument("directories", nargs="+", metavar="DIR", help="run or checkpoint directories")
+    p.set_defaults(run=_restamp)
     return parser
 
 
+def describe(error: BaseException) -> str:
+    """One line for a user error: an `OSError` about a path names the path and the problem."""
+    if isinstance(error, OSError) and error.filename is not None:
+        paths = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 is not None else "")
+        return f"{paths}: {error.strerror or error}"
+    return str(error) or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `poslens` subcommand; a user error (bad value, path problem, locked directory,
+    diverged training) is one line on stderr and exit code 2, never a traceback."""
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None) is not None:
+            check_device(args.device)
         args.run(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
-        print(f"poslens {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError, DirectoryLocked, FloatingPointError) as error:
+        print(f"poslens {args.command}: error: {describe(error)}", file=sys.stderr)
         return 2
     return 0
 

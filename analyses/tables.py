@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 from pandas.io.json import build_table_schema
 
-from poslens.variants.storage import atomic_write
+from poslens.variants.storage import atomic_write, check_output_file
 
 PROBE_COLUMNS: tuple[str, ...] = ("variant", "seed", "site", "layer", "probe", "metric", "value", "baseline")
 PROBE_DTYPES: dict[str, str] = {
@@ -288,12 +288,13 @@ def check_columns(df: pd.DataFrame, columns: tuple[str, ...] | list[str], name: 
 
 
 def check_writable(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Fail early, before any work, if `export_table(..., path, overwrite=overwrite)` would refuse."""
+    """Fail early, before any work, if `export_table(..., path, overwrite=overwrite)` would refuse or
+    could not write there (a directory at `path`, a folder that is read-only or is a file)."""
     path = Path(path)
     _checked_suffix(path, EXPORT_SUFFIXES)
-    if path.exists() and not overwrite:
+    if path.exists() and not path.is_dir() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    return path
+    return check_output_file(path)
 
 
 def _checked_suffix(path: Path, allowed: tuple[str, ...]) -> str:

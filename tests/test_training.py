@@ -104,7 +104,7 @@ def test_train_rejects_bad_input(tiny, tmp_path, addition):
         train(tiny("nope-causal", n_ctx=8), addition, out_dir=tmp_path / "b", **SHORT)
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
         TrainSettings(steps=0)
-    with pytest.raises(ValueError, match="lr=-1"):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got -1"):
         TrainSettings(lr=-1)
     with pytest.raises(TypeError, match="bogus"):
         train(tiny("nope-causal"), addition, out_dir=tmp_path / "c", bogus=1)

@@ -54,6 +54,7 @@ from poslens.analyses.runs import load_task
 from poslens.analyses.tables import export_tables, render_table
 from poslens.tasks import make_task
 from poslens.variants import VariantConfig, evaluate, load, preset, train
+from poslens.variants.locking import holds_lock
 from poslens.variants.storage import atomic_write
 from poslens.variants.training import Task, list_snapshots
 
@@ -144,6 +145,7 @@ def _run_config(variant: str, task: Task, *, steps: int | None, n_layers: int | 
     return cfg, {**settings, **({} if steps is None else {"steps": steps}), "seed": seed}
 
 
+@holds_lock("out_dir", clean=(".", "tables", "figures"))  # one writer; a killed one's temporaries removed
 def write_dynamics(out_dir: str | Path, *, variant: str, task: str, checkpoints: int = 12, steps: int | None = None,
                    n_layers: int | None = None, d_model: int | None = None, seed: int = 0,
                    n_sequences: int | None = None, device: str = "cpu", quiet: bool = False,

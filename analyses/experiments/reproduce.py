@@ -32,9 +32,11 @@ from poslens.analyses.tables import export_tables, read_table, render_table, see
 from poslens.hooks import capture_residuals
 from poslens.tasks import Addition
 from poslens.variants import HookedTransformer, build, preset, train
+from poslens.variants.locking import holds_lock
 from poslens.variants.storage import atomic_write, read_json, write_json
 
 
+@holds_lock("out_dir", clean=(".", "tables", "figures"))  # one writer; a killed one's temporaries removed
 def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = "quick", seeds: int = 1,
               force: bool = False, device: str = "cpu", quiet: bool = False) -> dict[str, pd.DataFrame]:
     """Run (or resume) the whole experiment into `out_dir`; returns the headline tables."""
