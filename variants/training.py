@@ -218,7 +218,7 @@ def _save_state(out_dir: Path, model: HookedTransformer, optimizer: torch.optim.
     bad = [name for name, param in model.named_parameters() if not torch.isfinite(param).all()]
     if bad:
         raise FloatingPointError(f"training diverged: parameter {bad[0]} is not finite after step {progress.step}; "
-                                 f"{out_dir} keeps its last checkpoint (lower lr)")
+                                 f"{out_dir} keeps its last checkpoint; try a smaller lr")
     names = {id(param): name for name, param in model.named_parameters()}
     tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
     for param, state in optimizer.state.items():
@@ -489,7 +489,8 @@ def _train(cfg: VariantConfig, task: Task, out_dir: Path, record: dict, settings
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"training diverged: the loss is {loss_value} at step {step + 1}; {out_dir} "
-                                     f"keeps its last checkpoint (step {progress.step}); lower lr (now {settings.lr})")
+                                     f"keeps its last checkpoint (step {progress.step}); try a smaller lr (now "
+                                     f"{settings.lr}) or init_std (now {cfg.init_std})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
@@ -501,7 +502,7 @@ def _train(cfg: VariantConfig, task: Task, out_dir: Path, record: dict, settings
                    **evaluate(model, task, test_tokens), "elapsed_s": time.perf_counter() - started}
             if not all(math.isfinite(value) for value in row.values()):
                 raise FloatingPointError(f"training diverged: the evaluation at step {done} is not finite ({row}); "
-                                         f"{out_dir} keeps its last checkpoint (step {progress.step}); lower lr")
+                                         f"{out_dir} keeps its last checkpoint (step {progress.step}); try a smaller lr")
             progress.history.append(row)
             progress.loss_sum, progress.loss_count = 0.0, 0
             write_json(out_dir / "history.json", progress.history)  # a view, for whoever watches the run
