@@ -82,7 +82,8 @@ def _demo(args: argparse.Namespace) -> None:
         check_html_path(args.static, overwrite=args.overwrite)
     else:
         try:  # the server needs the optional `demo` extra (dash); the static page does not
-            from poslens.demos.app import check_port, serve
+            from poslens.demos.app import serve
+            from poslens.demos.server import check_port
         except ImportError as error:
             raise ValueError(f"the demo server needs dash: pip install 'poslens[demo]' ({error})") from error
         check_port(args.port)
