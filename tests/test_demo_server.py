@@ -203,5 +203,6 @@ def test_the_state_the_app_keeps_parses_back_to_the_same_sequences(server, train
                                                              n_ctx=task.seq_len)), task)):
         clean = parse_prompt(demo, "123+456=")
         for kind in ("swap", "operands", "prompt"):
-            corrupted = corrupt_prompt(demo, clean, kind, positions=(4, 6), second_prompt="124+456=")
+            positions = tuple(demo.task.operand_positions[i] for i in (3, 5))
+            corrupted = corrupt_prompt(demo, clean, kind, positions=positions, second_prompt="124+456=")
             assert torch.equal(parse_prompt(demo, prompt_text(demo, corrupted)), corrupted), (demo.name, kind)
