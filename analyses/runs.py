@@ -10,8 +10,15 @@ from poslens.variants import HookedTransformer, load, task_record
 
 
 def load_task(run_dir: str | Path):
-    """The task a run directory was trained on (an `Addition` or a `MarkovICL`)."""
-    return make_task(**task_record(run_dir))
+    """The task a run directory was trained on (an `Addition` or a `MarkovICL`); a clear error if
+    `run.json`'s task record does not describe one."""
+    record = task_record(run_dir)
+    if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+        raise ValueError(f"{Path(run_dir) / 'run.json'} records no task name: {record!r}")
+    try:
+        return make_task(**record)
+    except TypeError as error:  # a field the task does not have
+        raise ValueError(f"{Path(run_dir) / 'run.json'} has a task record that is not a task: {error}") from None
 
 
 def load_models_by_variant(directories: Sequence[str | Path], *, device: str = "cpu") -> dict[str, list[HookedTransformer]]:

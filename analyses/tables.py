@@ -318,14 +318,24 @@ def _render_csv(df: pd.DataFrame) -> str:
 
 
 def _render_json(df: pd.DataFrame) -> str:
-    """pandas' ``orient="table"`` layout, written with Python's exact float repr.
+    """pandas' ``orient="table"`` layout, written as strict JSON with Python's exact float repr.
 
     ``DataFrame.to_json`` rounds floats to at most 15 significant digits,
     which breaks exact round-trips; Python's `json` does not. NaN becomes
-    ``null``; infinities are written as ``Infinity``, which pandas reads.
+    ``null``; infinities, which strict JSON has no number for, become the
+    strings ``"Infinity"`` / ``"-Infinity"``, which `read_table` turns back
+    into floats through the schema's dtype.
     """
-    records = [{k: None if _is_missing(v) else v for k, v in row.items()} for row in df.to_dict(orient="records")]
-    return json.dumps({"schema": build_table_schema(df, index=False), "data": records}) + "\n"
+    records = [{k: _json_cell(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
+    return json.dumps({"schema": build_table_schema(df, index=False), "data": records}, allow_nan=False) + "\n"
+
+
+def _json_cell(value: object) -> object:
+    if _is_missing(value):
+        return None
+    if isinstance(value, float | np.floating) and np.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
 
 
 def _is_missing(value: object) -> bool:

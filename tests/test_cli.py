@@ -142,3 +142,6 @@ def test_a_run_record_with_an_unexpected_field_is_named(run_cli, tmp_path, train
     (run / "run.json").write_text(json.dumps({**record, "bogus": 1}))
     code, _, err = run_cli("probe", str(run), "--out", str(tmp_path / "p.csv"), "--quiet")
     assert code == 2 and f"{run / 'run.json'} has unexpected fields ['bogus']; allowed: [" in err
+    (run / "run.json").write_text(json.dumps({**record, "task": {**record["task"], "bogus": 1}}))
+    code, _, err = run_cli("probe", str(run), "--out", str(tmp_path / "p.csv"), "--quiet")
+    assert code == 2 and "has a task record that is not a task: " in err and "'bogus'" in err
