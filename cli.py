@@ -96,9 +96,11 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _restamp(args: argparse.Namespace) -> None:
-    for directory in args.directories:
-        done = restamp_run(directory) if (Path(directory) / "run.json").is_file() else (
-            [f"recorded the weights digest in {Path(directory) / 'config.json'}"] if restamp(directory) else [])
+    for directory in map(Path, args.directories):
+        if (directory / "run.json").is_file():  # a run: its model, snapshots and training state
+            done = restamp_run(directory)
+        else:  # a bare checkpoint
+            done = [f"recorded the weights digest in {directory / 'config.json'}"] if restamp(directory) else []
         print(f"{directory}: " + ("; ".join(done) if done else "already current, verified"))
 
 

@@ -224,8 +224,14 @@ def _save_state(out_dir: Path, model: HookedTransformer, optimizer: torch.optim.
     for param, state in optimizer.state.items():
         for key, value in state.items():
             tensors[f"optim.{key}.{names[id(param)]}"] = value
-    metadata = {"format": STATE_FORMAT, "identity": dumps_json(identity), "progress": dumps_json(
-        dataclasses.asdict(progress))}
+    _write_state(out_dir, tensors, identity, progress)
+
+
+def _write_state(out_dir: Path, tensors: dict[str, Tensor], identity: dict, progress: Progress) -> None:
+    """`train_state.safetensors`: the tensors, and in its metadata the identity, the progress and
+    the sha256 of all of them (`storage.content_digest`)."""
+    metadata = {"format": STATE_FORMAT, "identity": dumps_json(identity),
+                "progress": dumps_json(dataclasses.asdict(progress))}
     save_tensors(out_dir / STATE_FILE, tensors, {**metadata, "sha256": content_digest(tensors, metadata)})
 
 
@@ -299,8 +305,13 @@ def restamp_run(run_dir: str | Path) -> list[str]:
     was done. Records the weights digest of its model and snapshots where missing
     (`checkpoint.restamp`), and rewrites an old-format `train_state.safetensors` of a *finished*
     run in the current format, after checking that it holds the final weights and that
-    `run.json` says it finished (an unfinished old run cannot be verified: train it again)."""
-    run_dir = Path(run_dir)
+    `run.json` says it finished (an unfinished old run cannot be verified: train it again).
+    Holds the run directory's lock while it works."""
+    with locked_directory(run_dir, clean=()) as run_dir:
+        return _restamp_run(run_dir)
+
+
+def _restamp_run(run_dir: Path) -> list[str]:
     done = [f"recorded the weights digest in {path / 'config.json'}"
             for path in [run_dir, *(path for _, path in list_snapshots(run_dir))]
             if (path / "config.json").is_file() and restamp(path)]
@@ -321,10 +332,7 @@ def restamp_run(run_dir: str | Path) -> list[str]:
     if not all(torch.equal(tensor, tensors[f"model.{name}"]) for name, tensor in model.state_dict().items()):
         raise ValueError(f"{run_dir / STATE_FILE} does not hold the weights of {run_dir / 'model.safetensors'}; "
                          "it cannot be restamped")
-    identity = _identity(record)
-    metadata = {"format": STATE_FORMAT, "identity": dumps_json(identity),
-                "progress": dumps_json(dataclasses.asdict(Progress(steps, read_json(run_dir / "history.json"))))}
-    save_tensors(run_dir / STATE_FILE, tensors, {**metadata, "sha256": content_digest(tensors, metadata)})
+    _write_state(run_dir, tensors, _identity(record), Progress(steps, read_json(run_dir / "history.json")))
     return [*done, f"rewrote {run_dir / STATE_FILE} in the current format"]
 
 
