@@ -46,7 +46,7 @@ def locked_directory(directory: str | os.PathLike, *, clean: Sequence[str] = (".
             remove_temporaries(directory / folder)
         yield directory
     finally:
-        path.unlink(missing_ok=True)  # before the unlock: a waiter then finds the file gone and retries
+        path.unlink(missing_ok=True)  # before the unlock: whoever opened this file meanwhile sees it gone
         os.close(fd)
         if created:  # e.g. the call was refused: leave no empty directory behind
             with contextlib.suppress(OSError):
