@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,13 +152,12 @@ def check_number(name: str, value: Any, *, above: float | None = None, at_least:
                  below: float | None = None) -> float:
     """`value` if it is a finite real number in the given open (`above`, `below`) or closed
     (`at_least`) bounds, else a `ValueError` naming it and the allowed range."""
-    bounds = [f"> {above}" if above is not None else f">= {at_least}" if at_least is not None else "",
-              f"< {below}" if below is not None else ""]
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-            or (above is not None and value <= above) or (at_least is not None and value < at_least)
-            or (below is not None and value >= below)):
-        allowed = " and ".join(bound for bound in bounds if bound)
-        raise ValueError(f"{name} must be a finite number{' ' + allowed if allowed else ''}, got {value!r}")
+    bounds = [(symbol, test, limit) for symbol, test, limit in
+              ((">", operator.gt, above), (">=", operator.ge, at_least), ("<", operator.lt, below)) if limit is not None]
+    number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not number or not all(test(value, limit) for _, test, limit in bounds):
+        allowed = "".join(f" {'and ' if i else ''}{symbol} {limit}" for i, (symbol, _, limit) in enumerate(bounds))
+        raise ValueError(f"{name} must be a finite number{allowed}, got {value!r}")
     return value
 
 
