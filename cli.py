@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from poslens.analyses.experiments.dynamics import write_dynamics
 from poslens.analyses.experiments.induction import write_induction
@@ -21,7 +22,10 @@ from poslens.demos.panels import DEFAULT_MODEL_DIR, default_model, discover_mode
 from poslens.demos.static import write_static_page
 from poslens.tasks import TASKS, make_task
 from poslens.variants import TrainSettings, preset, train
-from poslens.variants.config import DTYPES
+from poslens.variants.checkpoint import restamp
+from poslens.variants.config import DTYPES, check_device
+from poslens.variants.locking import DirectoryLocked
+from poslens.variants.training import restamp_run
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -97,7 +101,8 @@ def _demo(args: argparse.Namespace) -> None:
         check_html_path(args.static, overwrite=args.overwrite)
     else:
         try:  # the server needs the optional `demo` extra (dash); the static page does not
-            from poslens.demos.app import check_port, serve
+            from poslens.demos.app import serve
+            from poslens.demos.server import check_port
         except ImportError as error:
             raise ValueError(f"the demo server needs dash: pip install 'poslens[demo]' ({error})") from error
         check_port(args.port)
@@ -120,6 +125,15 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
                    help="GPU share of each Ray unit (e.g. 0.25 packs four runs on one GPU; runs on cuda)")
 
 
+def _restamp(args: argparse.Namespace) -> None:
+    for directory in map(Path, args.directories):
+        if (directory / "run.json").is_file():  # a run: its model, snapshots and training state
+            done = restamp_run(directory)
+        else:  # a bare checkpoint
+            done = [f"recorded the weights digest in {directory / 'config.json'}"] if restamp(directory) else []
+        print(f"{directory}: " + ("; ".join(done) if done else "already current, verified"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every `poslens` subcommand."""
     parser = argparse.ArgumentParser(prog="poslens", description="Where does a transformer keep token position?")
@@ -131,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="training seeds per variant (default 1)")
     p.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
     p.add_argument("--force", action="store_true", help="recompute tables and figures (trained runs are kept)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_sweep_options(p)
     p.set_defaults(run=_reproduce)
@@ -147,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (refused if it already holds a run, unless --resume)")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the data order")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_train)
 
@@ -187,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the first seed (initial weights and data order; default 0)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per variant: --seed, --seed + 1, ... (default 1)")
     p.add_argument("--sequences", type=int, help="held-out sequences measured (default 1000 addition, 200 markov)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--force", action="store_true", help="recompute existing outputs (the trained runs are kept)")
     _add_sweep_options(p)
@@ -213,18 +227,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8050, help="port on 127.0.0.1 (default 8050; 0 = any free port)")
     p.add_argument("--static", metavar="OUT.html", help="write one self-contained HTML page instead of serving")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --static file")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or request log")
     p.set_defaults(run=_demo)
+
+    p = commands.add_parser("restamp", help="record the weights digest of checkpoints written without one, and "
+                                            "upgrade finished runs written by an older poslens (after checking them)")
+    p.add_argument("directories", nargs="+", metavar="DIR", help="run or checkpoint directories")
+    p.set_defaults(run=_restamp)
     return parser
 
 
+def describe(error: BaseException) -> str:
+    """One line for a user error: an `OSError` about a path names the path and the problem."""
+    if isinstance(error, OSError) and error.filename is not None:
+        paths = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 is not None else "")
+        return f"{paths}: {error.strerror or error}"
+    return str(error) or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `poslens` subcommand; a user error (bad value, path problem, locked directory,
+    diverged training) is one line on stderr and exit code 2, never a traceback."""
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None) is not None:
+            check_device(args.device)
         args.run(args)
-    except (ValueError, FileExistsError, FileNotFoundError, UnitsFailed) as error:
-        print(f"poslens {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError, DirectoryLocked, FloatingPointError, UnitsFailed) as error:
+        print(f"poslens {args.command}: error: {describe(error)}", file=sys.stderr)
         return 2
     return 0
 

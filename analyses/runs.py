@@ -14,13 +14,20 @@ from torch import Tensor
 from poslens.analyses.tables import export_table, read_table
 from poslens.tasks import from_record
 from poslens.variants import HookedTransformer, load, task_record
-from poslens.variants.storage import load_tensors, read_json, save_tensors, write_json
+from poslens.variants.storage import load_tensors, read_json, remove_temporaries, save_tensors, write_json
 
 
 def load_task(run_dir: str | Path):
     """The task a run directory was trained on (an `Addition` or a `MarkovICL`); a run recorded
-    before a task field existed gets the field's legacy value (`tasks.from_record`)."""
-    return from_record(task_record(run_dir))
+    before a task field existed gets the field's legacy value (`tasks.from_record`); a clear
+    error if `run.json`'s task record does not describe a task."""
+    record = task_record(run_dir)
+    if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+        raise ValueError(f"{Path(run_dir) / 'run.json'} records no task name: {record!r}")
+    try:
+        return from_record(record)
+    except TypeError as error:  # a field the task does not have
+        raise ValueError(f"{Path(run_dir) / 'run.json'} has a task record that is not a task: {error}") from None
 
 
 def load_models_by_variant(directories: Sequence[str | Path], *, device: str = "cpu") -> dict[str, list[HookedTransformer]]:
@@ -53,6 +60,7 @@ def cached_results(directory: str | Path, stamp: dict[str, Any], compute: Callab
         if saved.get("stamp") == json.loads(json.dumps(stamp)):
             tensors = load_tensors(directory / TENSORS) if saved["tensors"] else {}
             return {**{name: read_table(directory / f"{name}.json") for name in saved["tables"]}, **tensors}
+    remove_temporaries(directory)  # what a killed unit left; this unit is its directory's only writer
     results = compute()
     tables = {name: value for name, value in results.items() if isinstance(value, pd.DataFrame)}
     tensors = {name: value for name, value in results.items() if isinstance(value, Tensor)}

@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 from pandas.io.json import build_table_schema
 
-from poslens.variants.storage import atomic_write
+from poslens.variants.storage import atomic_write, check_output_file
 
 PROBE_COLUMNS: tuple[str, ...] = ("variant", "seed", "site", "layer", "probe", "metric", "value", "baseline")
 PROBE_DTYPES: dict[str, str] = {
@@ -288,12 +288,13 @@ def check_columns(df: pd.DataFrame, columns: tuple[str, ...] | list[str], name: 
 
 
 def check_writable(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Fail early, before any work, if `export_table(..., path, overwrite=overwrite)` would refuse."""
+    """Fail early, before any work, if `export_table(..., path, overwrite=overwrite)` would refuse or
+    could not write there (a directory at `path`, a folder that is read-only or is a file)."""
     path = Path(path)
     _checked_suffix(path, EXPORT_SUFFIXES)
-    if path.exists() and not overwrite:
+    if path.exists() and not path.is_dir() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    return path
+    return check_output_file(path)
 
 
 def _checked_suffix(path: Path, allowed: tuple[str, ...]) -> str:
@@ -317,14 +318,24 @@ def _render_csv(df: pd.DataFrame) -> str:
 
 
 def _render_json(df: pd.DataFrame) -> str:
-    """pandas' ``orient="table"`` layout, written with Python's exact float repr.
+    """pandas' ``orient="table"`` layout, written as strict JSON with Python's exact float repr.
 
     ``DataFrame.to_json`` rounds floats to at most 15 significant digits,
     which breaks exact round-trips; Python's `json` does not. NaN becomes
-    ``null``; infinities are written as ``Infinity``, which pandas reads.
+    ``null``; infinities, which strict JSON has no number for, become the
+    strings ``"Infinity"`` / ``"-Infinity"``, which `read_table` turns back
+    into floats through the schema's dtype.
     """
-    records = [{k: None if _is_missing(v) else v for k, v in row.items()} for row in df.to_dict(orient="records")]
-    return json.dumps({"schema": build_table_schema(df, index=False), "data": records}) + "\n"
+    records = [{k: _json_cell(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
+    return json.dumps({"schema": build_table_schema(df, index=False), "data": records}, allow_nan=False) + "\n"
+
+
+def _json_cell(value: object) -> object:
+    if _is_missing(value):
+        return None
+    if isinstance(value, float | np.floating) and np.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
 
 
 def _is_missing(value: object) -> bool:

@@ -7,8 +7,9 @@ residual-cut view; one head's attention pattern; and the position probe's predic
 layer. Every number comes from `demos.panels`; this module only lays them out and wires the
 callbacks. Bad input shows an inline message and leaves the last good panels in place.
 
-`make_app(models)` builds the app, `make_server(app, port)` binds it to 127.0.0.1 (port 0 picks
-a free one) and `serve(models, port=...)` runs it until interrupted.
+`make_app(models)` builds the app, `demos.server.make_server(app, port)` binds it to 127.0.0.1
+(port 0 picks a free one; requests addressed to another host are refused) and
+`serve(models, port=...)` runs it until interrupted.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import logging
 import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import dash
 import pandas as pd
 import torch
 from dash import Input, Output, dcc, html
-from werkzeug.serving import BaseWSGIServer
-from werkzeug.serving import make_server as make_wsgi_server
+from dash.exceptions import PreventUpdate
+from torch import Tensor
 
 from poslens.analyses.figures.patching import patching_heatmap
 from poslens.analyses.measures.patching import SITES
@@ -45,8 +47,10 @@ from poslens.demos.panels import (
     residual_cut_answers,
     residual_cut_figure,
 )
+from poslens.demos.server import HOST, choice, inline_errors, integer, make_server, text
+from poslens.variants.tokens import excerpt
 
-HOST = "127.0.0.1"
+MAX_PROMPT_CHARS = 100  # a prompt is a few tokens; anything longer is refused before it is parsed
 DEFAULT_PROMPT = "123+456="
 CLICK_HINT = "click a heatmap cell to see the first answer digit before and after that patch"
 ROW = {"display": "flex", "gap": "1.5em", "alignItems": "center", "flexWrap": "wrap", "margin": "0.5em 0"}
@@ -114,20 +118,32 @@ def make_app(models: Mapping[str, str | Path] | ModelStore, *, device: str = "cp
     or a `ModelStore` whose models are already loaded).
 
     Models are loaded on first use and kept; callbacks run one at a time (the models' hooks are
-    shared state), so concurrent requests never see each other's patches.
+    shared state), so concurrent requests never see each other's patches. Every callback value
+    is checked (`demos.server`) before the lock is taken, and a bad one becomes the inline
+    message. The client-side `state` holds only the model name and the two prompts as typed
+    (at most `MAX_PROMPT_CHARS` each); every callback parses them again, so a forged state is
+    refused like a typed prompt and can never make a request slower than a typed one.
     """
     store = models if isinstance(models, ModelStore) else ModelStore(models, device=device)
     lock = threading.Lock()
     app = dash.Dash(__name__, title="poslens demo")
     app.layout = _layout(store)
 
-    def restore(state: dict):
-        demo = store[state["model"]]
-        return demo, torch.tensor(state["clean"]), torch.tensor(state["corrupted"])
+    def restore(state: Any) -> tuple[DemoModel, Tensor, Tensor]:
+        """The model and the clean and corrupted sequences a client `state` names, checked."""
+        if not isinstance(state, dict) or sorted(state) != ["clean", "corrupted", "model"]:
+            raise ValueError(f"state must be {{'model', 'clean', 'corrupted'}}, got {excerpt(state)}")
+        demo = store[choice(state["model"], store.names, "model")]
+        clean, corrupted = (parse_prompt(demo, text(state[key], key, MAX_PROMPT_CHARS)) for key in ("clean", "corrupted"))
+        if torch.equal(clean, corrupted):
+            raise ValueError("state names the same clean and corrupted prompt: there is nothing to patch")
+        return demo, clean, corrupted
 
     @app.callback(Output("swap-i", "options"), Output("swap-j", "options"), Output("attn-layer", "options"),
                   Output("attn-head", "options"), Input("model", "value"), prevent_initial_call=True)
     def model_options(name):
+        if not isinstance(name, str) or name not in store.names:
+            raise PreventUpdate  # the update callback names the bad model
         with lock:
             swap, layers, heads = _model_options(store[name])
         return swap, swap, layers, heads
@@ -136,78 +152,74 @@ def make_app(models: Mapping[str, str | Path] | ModelStore, *, device: str = "cp
                   Output("cuts", "figure"), Output("probe", "figure"),
                   Input("model", "value"), Input("prompt", "value"), Input("corruption", "value"),
                   Input("swap-i", "value"), Input("swap-j", "value"), Input("second-prompt", "value"))
+    @inline_errors(lambda message: (message, dash.no_update, dash.no_update, dash.no_update, dash.no_update))
     def update(name, prompt, kind, swap_i, swap_j, second_prompt):
+        name = choice(name, store.names, "model")
+        prompt = text(prompt, "prompt", MAX_PROMPT_CHARS)
+        kind = choice(kind, list(CORRUPTIONS), "corruption")
+        positions = (integer(swap_i, "swap position"), integer(swap_j, "swap position"))
+        second_prompt = text(second_prompt, "second prompt", MAX_PROMPT_CHARS)
         with lock:
-            try:
-                demo = store[name]
-                clean = parse_prompt(demo, prompt or "")
-                corrupted = corrupt_prompt(demo, clean, kind, positions=(swap_i, swap_j),
-                                           second_prompt=second_prompt or "")
-                answer_table = answers(demo, clean, corrupted)
-                cuts = residual_cut_figure(residual_cut_answers(demo, clean))
-                probe = probe_figure(probe_predictions(demo, clean))
-            except ValueError as error:
-                return str(error), dash.no_update, dash.no_update, dash.no_update, dash.no_update
-        state = {"model": name, "clean": clean.tolist(), "corrupted": corrupted.tolist()}
+            demo = store[name]
+            clean = parse_prompt(demo, prompt)
+            corrupted = corrupt_prompt(demo, clean, kind, positions=positions, second_prompt=second_prompt)
+            answer_table = answers(demo, clean, corrupted)
+            cuts = residual_cut_figure(residual_cut_answers(demo, clean))
+            probe = probe_figure(probe_predictions(demo, clean))
+            state = {"model": name, "clean": prompt_text(demo, clean), "corrupted": prompt_text(demo, corrupted)}
         return "", _answers_view(answer_table), state, cuts, probe
 
     @app.callback(Output("heatmap", "figure"), Input("state", "data"), Input("site", "value"))
+    @inline_errors(message_figure)
     def heatmap(state, site):
         if not state:
             return message_figure("type a prompt")
+        site = choice(site, SITES, "patching site")
         with lock:
             demo, clean, corrupted = restore(state)
-            try:
-                table, metric = patch_effects(demo, clean, corrupted, site)
-            except ValueError as error:
-                return message_figure(str(error))
-        figure = patching_heatmap(table, site, title=f"{site}: {metric}, patching {prompt_text(demo, clean)} "
-                                                     f"into {prompt_text(demo, corrupted)}")
+            table, metric = patch_effects(demo, clean, corrupted, site)
+            title = f"{site}: {metric}, patching {prompt_text(demo, clean)} into {prompt_text(demo, corrupted)}"
+        figure = patching_heatmap(table, site, title=title)
         return figure.update_traces(colorbar_title=metric.replace(" ", "<br>", 1))
 
     @app.callback(Output("distribution", "figure"), Input("heatmap", "clickData"), Input("state", "data"),
                   Input("site", "value"))
+    @inline_errors(message_figure)
     def distribution(click, state, site):
         if dash.ctx.triggered_id != "heatmap" or not click or not state:
             return message_figure(CLICK_HINT)
-        point = click["points"][0]
-        layer, position = int(point["y"]), int(str(point["x"]).split(":")[0])
+        layer, position = _clicked_cell(click)
+        site = choice(site, SITES, "patching site")
         with lock:
             demo, clean, corrupted = restore(state)
-            try:
-                table = answer_distribution(demo, clean, corrupted, site, layer, position)
-            except ValueError as error:
-                return message_figure(str(error))
+            table = answer_distribution(demo, clean, corrupted, site, layer, position)
         return distribution_figure(table, title=f"first answer digit, {site} layer {layer} position {position} patched")
 
     @app.callback(Output("attention", "figure"), Input("state", "data"), Input("attn-layer", "value"),
                   Input("attn-head", "value"))
+    @inline_errors(message_figure)
     def attention(state, layer, head):
         if not state:
             return message_figure("type a prompt")
+        layer, head = integer(layer, "layer"), integer(head, "head")
         with lock:
             demo, clean, corrupted = restore(state)
-            try:
-                return attention_figure(demo, clean, corrupted, int(layer), int(head))
-            except ValueError as error:
-                return message_figure(str(error))
+            return attention_figure(demo, clean, corrupted, layer, head)
 
     return app
 
 
-def check_port(port: int) -> int:
-    if not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ValueError(f"port must be an integer in 0..65535 (0 = any free port), got {port!r}")
-    return port
-
-
-def make_server(app: dash.Dash, port: int = 8050) -> BaseWSGIServer:
-    """A threaded WSGI server for `app` on 127.0.0.1:`port`; port 0 binds a free port (`.server_port`)."""
-    check_port(port)
+def _clicked_cell(click: Any) -> tuple[int, int]:
+    """(layer, position) of a heatmap click: plotly sends `{"points": [{"y": layer, "x": "position:token"}]}`."""
     try:
-        return make_wsgi_server(HOST, port, app.server, threaded=True)
-    except OSError as error:
-        raise ValueError(f"cannot listen on {HOST}:{port} ({error}); choose another port") from error
+        point = click["points"][0]
+        layer, label = point["y"], str(point["x"])
+    except (TypeError, KeyError, IndexError):
+        raise ValueError(f"a heatmap click must hold points[0] with x and y, got {excerpt(click)}") from None
+    position = label.split(":")[0]
+    if isinstance(layer, bool) or not isinstance(layer, int) or not position.isdecimal() or len(position) > 6:
+        raise ValueError(f"a heatmap click must name a layer and a position, got {excerpt(point)}")
+    return layer, int(position)
 
 
 def serve(models: Mapping[str, str | Path], *, port: int = 8050, device: str = "cpu", quiet: bool = False) -> None:

@@ -2,8 +2,17 @@
 
 import io
 import json
+import os
+import shutil
+import tempfile
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 
 import pandas as pd
+import pytest
+import torch
+
+from poslens.cli import describe, main
 
 
 def test_train_then_invariance_on_the_checkpoint(run_cli, tmp_path):
@@ -52,3 +61,94 @@ def test_probe_writes_the_table_and_never_overwrites(run_cli, tmp_path):
     assert code == 2 and "already exists" in err and table_path.read_bytes() == before
     code, _, err = run_cli("probe", *runs, "--out", str(tmp_path / "probe.xlsx"), "--sequences", "40", "--quiet")
     assert code == 2 and "'.xlsx'" in err
+
+
+def run_cli_unprivileged(*argv: str) -> tuple[int, str]:
+    """`poslens ARGV...` in a forked child that runs as `nobody` when we are root (so that a
+    read-only directory is read-only to it, as to any user); (exit code, stderr)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            err = io.StringIO()
+            with redirect_stderr(err), redirect_stdout(io.StringIO()):
+                code = main(list(argv))
+            os.write(write, err.getvalue().encode())
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        err = pipe.read()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), err
+
+
+@pytest.fixture
+def read_only_dir():
+    """A directory nobody but root may write (world-readable, so `nobody` can reach it)."""
+    directory = Path(tempfile.mkdtemp())
+    directory.chmod(0o555)
+    yield directory
+    directory.chmod(0o755)
+    shutil.rmtree(directory)
+
+
+@pytest.mark.parametrize("argv", [
+    ("train", "--variant", "nope-causal", "--out"),
+    ("reproduce", "--preset", "tiny", "--out"),
+    ("dynamics", "--variant", "nope-causal", "--task", "addition", "--out"),
+    ("demo", "--models", "unused", "--static"),
+])
+def test_a_read_only_output_is_one_line_before_any_work(argv, read_only_dir):
+    target = read_only_dir / ("page.html" if argv[0] == "demo" else "out")
+    code, err = run_cli_unprivileged(*argv, str(target), "--quiet")
+    assert code == 2 and err == f"poslens {argv[0]}: error: cannot write into {read_only_dir}: Permission denied\n"
+    assert list(read_only_dir.iterdir()) == []
+
+
+def test_path_errors_device_and_settings_are_one_line(run_cli, tmp_path, trained_runs):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "table.csv").mkdir()
+    run = str(trained_runs[("nope-causal", 1)])
+    for argv, message in (
+        (("train", "--variant", "nope-causal", "--out", str(tmp_path / "file")),
+         f"{tmp_path / 'file'} is a file; a directory is expected here"),
+        (("reproduce", "--out", str(tmp_path / "file" / "sub")), f"{tmp_path / 'file'} is a file, so "),
+        (("probe", run, "--out", str(tmp_path / "table.csv")), "table.csv is a directory; a file name is expected"),
+        (("probe", run, "--out", str(tmp_path / "file" / "p.csv")), f"{tmp_path / 'file'} is a file; a directory is"),
+        (("probe", run, "--out", str(tmp_path / "p.csv"), "--figure", str(tmp_path / "p.png")),
+         "p.png must end in one of ['.html', '.htm']"),
+        (("train", "--variant", "nope-causal", "--lr", "inf", "--out", str(tmp_path / "r")),
+         "lr must be a finite number > 0, got inf"),
+        (("invariance", "--checkpoint", str(tmp_path / "missing")), "has no config.json"),
+    ):
+        code, _, err = run_cli(*argv, "--quiet") if argv[0] != "invariance" else run_cli(*argv)
+        assert code == 2 and err.startswith(f"poslens {argv[0]}: error: ") and message in err, (argv, err)
+        assert err.count("\n") == 1
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "r").exists()
+    for command in (("train", "--variant", "nope-causal", "--out", "x"), ("reproduce",),
+                    ("dynamics", "--variant", "nope-causal", "--task", "addition", "--out", "x"), ("demo",)):
+        for device in ("tpu", f"cuda:{torch.cuda.device_count()}"):
+            code, _, err = run_cli(*command, "--device", device)
+            assert code == 2 and f"device '{device}' is not available here; allowed: ['cpu'" in err, command
+
+
+def test_a_run_record_with_an_unexpected_field_is_named(run_cli, tmp_path, trained_runs):
+    run = shutil.copytree(trained_runs[("nope-causal", 1)], tmp_path / "run")
+    record = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**record, "bogus": 1}))
+    code, _, err = run_cli("probe", str(run), "--out", str(tmp_path / "p.csv"), "--quiet")
+    assert code == 2 and f"{run / 'run.json'} has unexpected fields ['bogus']; allowed: [" in err
+    (run / "run.json").write_text(json.dumps({**record, "task": {**record["task"], "bogus": 1}}))
+    code, _, err = run_cli("probe", str(run), "--out", str(tmp_path / "p.csv"), "--quiet")
+    assert code == 2 and "has a task record that is not a task: " in err and "'bogus'" in err
+
+
+def test_os_errors_become_one_line_naming_the_path():
+    assert describe(PermissionError(13, "Permission denied", "/data/run")) == "/data/run: Permission denied"
+    assert describe(OSError(30, "Read-only file system", "/ro/x", None, "/ro/y")) == "/ro/x -> /ro/y: Read-only file system"
+    assert describe(NotADirectoryError("runs/x is a file; a directory is expected here")) == (
+        "runs/x is a file; a directory is expected here")

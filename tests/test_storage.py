@@ -1,11 +1,25 @@
-"""atomic_write: modes like any new file, refuses to overwrite when asked, leaves nothing half-written."""
+"""atomic_write: modes like any new file, refuses to overwrite when asked, leaves nothing half-written;
+kill points, strict JSON, tensor metadata and early output checks."""
 
 import os
+import signal
 import stat
 
 import pytest
+import torch
 
-from poslens.variants.storage import atomic_write
+from poslens.variants.storage import (
+    KILL_AT_ENV,
+    atomic_write,
+    check_output_dir,
+    check_output_file,
+    content_digest,
+    is_temporary,
+    read_tensors,
+    remove_temporaries,
+    save_tensors,
+    write_json,
+)
 
 
 def test_new_files_get_the_mode_open_would_give(tmp_path):
@@ -24,3 +38,50 @@ def test_overwrite_refused_and_failed_write_leaves_old_file(tmp_path):
         atomic_write(path, 123)  # fails mid-write: the old file and no temporary file remain
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["b.txt"]
+
+
+def test_kill_at_a_write_point_leaves_old_file_or_new_and_temporaries_are_removable(tmp_path):
+    """`POSLENS_KILL_AT=N` SIGKILLs the process at its N-th durable write point: at the first
+    (temporary complete, not renamed) the old file and a temporary remain; at the second the new file."""
+    path = atomic_write(tmp_path / "c.txt", b"old")
+    for point, content in ((1, b"old"), (2, b"new")):
+        pid = os.fork()
+        if pid == 0:
+            os.environ[KILL_AT_ENV] = str(point)
+            atomic_write(path, b"new")
+            os._exit(0)  # not reached
+        status = os.waitpid(pid, 0)[1]
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        assert path.read_bytes() == content
+        leftovers = [p.name for p in tmp_path.iterdir() if p.name != "c.txt"]
+        assert len(leftovers) == (point == 1) and all(is_temporary(name) for name in leftovers)
+        assert remove_temporaries(tmp_path) == leftovers
+        atomic_write(path, b"old")
+    (tmp_path / ".mine.txt").write_text("not ours")  # only poslens's own pattern is removed
+    assert remove_temporaries(tmp_path) == [] and (tmp_path / ".mine.txt").exists()
+
+
+def test_json_is_strict_and_tensor_files_carry_metadata(tmp_path):
+    with pytest.raises(ValueError, match="refusing to write non-finite numbers"):
+        write_json(tmp_path / "h.json", [{"loss": float("nan")}])
+    assert not (tmp_path / "h.json").exists()
+    tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "step": torch.tensor(3.0)}
+    save_tensors(tmp_path / "t.safetensors", tensors, {"note": "x"})
+    loaded, metadata = read_tensors(tmp_path / "t.safetensors")
+    assert metadata == {"note": "x"} and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    digest = content_digest(tensors, metadata)
+    assert content_digest({**tensors, "a": tensors["a"] + 1}, metadata) != digest
+    assert content_digest(tensors, {"note": "y"}) != digest
+    assert content_digest({"a": tensors["a"].reshape(3, 2), "step": tensors["step"]}, metadata) != digest
+
+
+def test_output_checks_name_the_path_and_the_problem(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"file is a file; a directory is expected here"):
+        check_output_dir(tmp_path / "file")
+    with pytest.raises(NotADirectoryError, match=r"file is a file, so .*file/run cannot be a directory"):
+        check_output_dir(tmp_path / "file" / "run")
+    with pytest.raises(IsADirectoryError, match=r"is a directory; a file name is expected here"):
+        check_output_file(tmp_path)
+    assert check_output_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["file"]

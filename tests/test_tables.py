@@ -304,3 +304,11 @@ def test_probe_accuracy_figure_other_metric_has_free_y_range(two_variants):
     figure = probe_accuracy_figure(two_variants, metric="mad")
     assert figure.layout.yaxis.range is None
     assert [t.name for t in figure.data] == ["zeta", "alpha"]
+
+
+def test_json_tables_are_strict_json_and_keep_infinities(tmp_path):
+    table = pd.DataFrame({"name": ["a", "b", "c", "d"], "value": [1.5, float("inf"), float("-inf"), float("nan")]})
+    path = export_table(table, tmp_path / "t.json")
+    rows = json.loads(path.read_text(), parse_constant=lambda constant: pytest.fail(f"non-strict {constant}"))["data"]
+    assert [row["value"] for row in rows] == [1.5, "Infinity", "-Infinity", None]
+    pd.testing.assert_frame_equal(read_table(path), table)

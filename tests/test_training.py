@@ -1,6 +1,7 @@
 """Training: resumable bitwise, checkpoints verified, nothing overwritten, bad input named."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -8,7 +9,16 @@ import torch
 from poslens.analyses.runs import load_task
 from poslens.tasks import MarkovICL
 from poslens.variants import build, load, train
-from poslens.variants.training import TrainSettings, list_snapshots, log_spaced_steps, snapshot_path, snapshot_schedule
+from poslens.variants.config import available_devices
+from poslens.variants.storage import read_tensors, save_tensors
+from poslens.variants.training import (
+    TrainSettings,
+    list_snapshots,
+    log_spaced_steps,
+    restamp_run,
+    snapshot_path,
+    snapshot_schedule,
+)
 
 SHORT = {"steps": 24, "batch_size": 32, "warmup_steps": 4, "eval_every": 8, "checkpoint_every": 5, "quiet": True}
 
@@ -104,7 +114,7 @@ def test_train_rejects_bad_input(tiny, tmp_path, addition):
         train(tiny("nope-causal", n_ctx=8), addition, out_dir=tmp_path / "b", **SHORT)
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
         TrainSettings(steps=0)
-    with pytest.raises(ValueError, match="lr=-1"):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got -1"):
         TrainSettings(lr=-1)
     with pytest.raises(TypeError, match="bogus"):
         train(tiny("nope-causal"), addition, out_dir=tmp_path / "c", bogus=1)
@@ -179,3 +189,121 @@ def test_log_spaced_snapshots_and_no_snapshots(tiny, tmp_path, addition):
     with pytest.raises(ValueError, match=r"snapshot step 30 is out of range; allowed: integers in 0..24"):
         train(tiny("nope-causal"), addition, out_dir=tmp_path / "bad", snapshots=[0, 30], **SHORT)
     assert not (tmp_path / "bad").exists()
+
+
+def test_settings_and_configs_are_finite_and_in_range(tiny):
+    for bad, message in (
+        ({"lr": float("inf")}, r"lr must be a finite number > 0, got inf"),
+        ({"lr": float("nan")}, r"lr must be a finite number > 0, got nan"),
+        ({"betas": (0.9, 1.0)}, r"betas\[1\] must be a finite number >= 0 and < 1, got 1.0"),
+        ({"betas": (0.9,)}, r"betas must be a pair \(beta1, beta2\), got \(0.9,\)"),
+        ({"grad_clip": float("nan")}, r"grad_clip must be a finite number > 0, got nan"),
+        ({"weight_decay": -0.1}, r"weight_decay must be a finite number >= 0, got -0.1"),
+        ({"warmup_steps": 1.5}, r"warmup_steps must be an integer, got 1.5"),
+        ({"steps": True}, r"steps must be an integer, got True"),
+        ({"seed": -1}, r"seed must be >= 0, got -1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            TrainSettings(**bad)
+    assert TrainSettings(betas=[0.0, 0.5]).betas == (0.0, 0.5)
+    for bad, message in (
+        ({"init_std": float("nan")}, r"init_std must be a finite number > 0, got nan"),
+        ({"init_std": 0.0}, r"init_std must be a finite number > 0, got 0.0"),
+        ({"rotary_base": -1.0}, r"rotary_base must be a finite number > 1, got -1.0"),
+        ({"rotary_base": float("inf")}, r"rotary_base must be a finite number > 1, got inf"),
+        ({"eps": 0.0}, r"eps must be a finite number > 0, got 0.0"),
+        ({"d_mlp": 0}, r"d_mlp must be >= 1, got 0"),
+        ({"uses_rms_norm": True}, r"uses_rms_norm=True is not supported by poslens models"),
+        ({"device": "tpu"}, r"device 'tpu' is not available here; allowed: \['cpu'"),
+        ({"device": f"cuda:{torch.cuda.device_count()}"}, r"device 'cuda:\d+' is not available here"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            tiny("rotary-causal", **bad)
+    assert available_devices()[0] == "cpu" and ("cuda" in available_devices()) == torch.cuda.is_available()
+
+
+def strict_json(path):
+    """The JSON at `path`, failing on NaN or infinities (which Python's reader would accept)."""
+    return json.loads(path.read_text(), parse_constant=lambda constant: pytest.fail(f"{path} holds {constant}"))
+
+
+def test_a_diverging_run_stops_naming_the_step_and_stays_resumable(tiny, addition, tmp_path):
+    settings = {**SHORT, "lr": 1e12, "warmup_steps": 0, "checkpoint_every": 1}
+    for resume in (False, True):  # resuming reaches the same step again: nothing was committed past it
+        with pytest.raises(FloatingPointError, match=r"training diverged: the loss is nan at step 2; .* keeps its last "
+                                                     r"checkpoint \(step 1\); try a smaller lr \(now 1000000000000.0\)"):
+            train(tiny("nope-causal"), addition, out_dir=tmp_path, resume=resume, **settings)
+        assert strict_json(tmp_path / "run.json")["step"] == 1 and strict_json(tmp_path / "history.json") == []
+
+
+def test_a_finished_state_is_never_trained_again(tiny, addition, tmp_path):
+    cfg = tiny("nope-causal")
+    train(cfg, addition, out_dir=tmp_path, **SHORT)
+    files = {name: (tmp_path / name).read_bytes() for name in ("model.safetensors", "config.json", "run.json")}
+    (tmp_path / "model.safetensors").unlink()  # as a kill after the final commit could leave the views
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "run.json").write_text(json.dumps({**json.loads(files["run.json"]), "step": 20, "finished": False}))
+    steps = []
+    train(cfg, addition, out_dir=tmp_path, resume=True, on_step=steps.append, **SHORT)
+    assert steps == [] and {name: (tmp_path / name).read_bytes() for name in files} == files
+
+
+def test_resume_refuses_another_runs_state_and_a_corrupted_one(tiny, addition, tmp_path):
+    cfg = tiny("nope-causal")
+    for name, lr in (("a", 3e-3), ("b", 1e-3)):
+        with pytest.raises(Killed):
+            train(cfg, addition, out_dir=tmp_path / name, on_step=kill_at(7), **{**SHORT, "lr": lr})
+    state = tmp_path / "a" / "train_state.safetensors"
+    good = state.read_bytes()
+    shutil.copy(tmp_path / "b" / "train_state.safetensors", state)
+    with pytest.raises(ValueError, match=r"belongs to another run: its settings differ from this run's; it is not"):
+        train(cfg, addition, out_dir=tmp_path / "a", resume=True, **SHORT)
+    tensors, metadata = read_tensors(tmp_path / "a" / "train_state.safetensors")
+    save_tensors(state, tensors, {**metadata, "progress": metadata["progress"].replace('"step": 5', '"step": 10')})
+    for damaged, message in ((None, r"its contents do not match the sha256 recorded inside it"),  # edited step
+                             (good[:-1] + bytes([good[-1] ^ 1]), r"its contents do not match the sha256"),  # a bit
+                             (good[: len(good) // 2], r"is not a valid safetensors file")):  # truncated
+        if damaged is not None:
+            state.write_bytes(damaged)
+        with pytest.raises(ValueError, match=message):
+            train(cfg, addition, out_dir=tmp_path / "a", resume=True, **SHORT)
+    state.write_bytes(good)
+    resumed = train(cfg, addition, out_dir=tmp_path / "a", resume=True, **SHORT)
+    full = train(cfg, addition, out_dir=tmp_path / "full", **SHORT)
+    assert all(torch.equal(t, resumed.model.state_dict()[n]) for n, t in full.model.state_dict().items())
+
+
+def test_load_requires_the_weights_digest_and_restamp_records_it(tiny, addition, tmp_path, run_cli):
+    train(tiny("nope-causal"), addition, out_dir=tmp_path, **SHORT)
+    record = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in record.items() if k != "weights_sha256"}))
+    with pytest.raises(ValueError, match=r"records no weights_sha256, so .*model.safetensors cannot be verified; .*"
+                                         r"`poslens restamp "):
+        load(tmp_path)
+    code, text, _ = run_cli("restamp", str(tmp_path))
+    assert code == 0 and "recorded the weights digest" in text
+    assert json.loads((tmp_path / "config.json").read_text()) == record and load(tmp_path) is not None
+    code, text, _ = run_cli("restamp", str(tmp_path))
+    assert code == 0 and text == f"{tmp_path}: already current, verified\n"
+    record["config"]["n_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in record.items() if k != "weights_sha256"}))
+    code, _, err = run_cli("restamp", str(tmp_path))
+    assert code == 2 and "do not match the config: missing blocks.2" in err
+
+
+def test_restamp_upgrades_an_old_finished_run_and_refuses_an_unfinished_one(tiny, addition, tmp_path):
+    cfg = tiny("nope-causal")
+    first = train(cfg, addition, out_dir=tmp_path / "done", **SHORT)
+    with pytest.raises(Killed):
+        train(cfg, addition, out_dir=tmp_path / "killed", on_step=kill_at(7), **SHORT)
+    for run, step in ((tmp_path / "done", 24), (tmp_path / "killed", 5)):  # the format before this one
+        tensors, _ = read_tensors(run / "train_state.safetensors")
+        save_tensors(run / "train_state.safetensors", tensors, {"step": str(step)})
+        with pytest.raises(ValueError, match=r"written by an older poslens .* `poslens restamp "):
+            train(cfg, addition, out_dir=run, resume=True, **SHORT)
+    with pytest.raises(ValueError, match=r"unfinished run written by an older poslens"):
+        restamp_run(tmp_path / "killed")
+    assert restamp_run(tmp_path / "done") == [f"rewrote {tmp_path / 'done' / 'train_state.safetensors'} in the "
+                                              "current format"]
+    assert train(cfg, addition, out_dir=tmp_path / "done", resume=True, **SHORT).history == first.history
+    assert restamp_run(tmp_path / "done") == []

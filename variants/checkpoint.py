@@ -1,11 +1,14 @@
 """Model checkpoints: `config.json` + `model.safetensors`, verified on load.
 
 `config.json` records the variant config and the sha256 of the weights file, so `load`
-refuses a truncated or altered file and a config that does not describe the weights.
+refuses a truncated or altered file and a config that does not describe the weights. A
+checkpoint whose `config.json` records no digest (made by hand or by another tool) is refused
+too; `restamp` records the digest of the weights as they are, once you trust them.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -35,18 +38,48 @@ def load(directory: str | Path, *, device: str = "cpu", dtype: torch.dtype | Non
     `dtype` (e.g. `torch.float64`) loads the weights into a model of that precision.
     """
     directory = Path(directory)
+    record = _read_config(directory)
+    if not isinstance(record.get("weights_sha256"), str):
+        raise ValueError(f"{directory / 'config.json'} records no weights_sha256, so {directory / 'model.safetensors'} "
+                         f"cannot be verified; if you trust the weights, record their digest with "
+                         f"`poslens restamp {directory}` (poslens.variants.checkpoint.restamp)")
+    overrides = {"device": device} if dtype is None else {"device": device, "dtype": dtype}
+    cfg = VariantConfig.from_json(record["config"], **overrides)
+    weights = load_tensors(directory / "model.safetensors", sha256=record["weights_sha256"])
+    model = build(cfg)
+    check_state_matches(model, weights, directory)
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+def restamp(directory: str | Path) -> bool:
+    """Record the sha256 of `directory/model.safetensors` in its `config.json` (for checkpoints
+    written without one), after checking that the file is valid safetensors holding exactly the
+    tensors the config describes. Returns whether anything was written; a digest already
+    recorded is checked, never replaced."""
+    directory = Path(directory)
+    record = _read_config(directory)
+    if isinstance(record.get("weights_sha256"), str):
+        load(directory)  # verifies the recorded digest
+        return False
+    cfg = VariantConfig.from_json(record["config"])
+    digest = hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
+    check_state_matches(build(cfg), load_tensors(directory / "model.safetensors", sha256=digest), directory)
+    write_json(directory / "config.json", {**record, "weights_sha256": digest})
+    return True
+
+
+def _read_config(directory: Path) -> dict:
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} is not a poslens checkpoint: it has no config.json")
     record = read_json(directory / "config.json")
     if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION or "config" not in record:
         raise ValueError(f"{directory / 'config.json'} is not a poslens checkpoint config (format {FORMAT_VERSION})")
-    overrides = {"device": device} if dtype is None else {"device": device, "dtype": dtype}
-    cfg = VariantConfig.from_json(record["config"], **overrides)
-    weights = load_tensors(directory / "model.safetensors", sha256=record.get("weights_sha256"))
-    model = build(cfg)
-    check_state_matches(model, weights, directory)
-    model.load_state_dict(weights)
-    return model.eval()
+    unknown = sorted(set(record) - {"format", "config", "weights_sha256"})
+    if unknown:
+        raise ValueError(f"{directory / 'config.json'} has unexpected fields {unknown}; "
+                         "allowed: ['config', 'format', 'weights_sha256']")
+    return record
 
 
 def check_state_matches(module: nn.Module, weights: dict, source: str | Path) -> None:

@@ -8,6 +8,8 @@ validated fields, so a NoPE bidirectional model with its block-0 residual cut is
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,8 +63,13 @@ class VariantConfig(TransformerLensConfig):
                              f"or preset(name, task=task); got alphabet={self.alphabet!r}, n_ctx={self.n_ctx!r}")
         for name in ("d_model", "d_head", "n_layers", "n_ctx"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_heads != -1:
+            check_integer("n_heads", self.n_heads, minimum=1)
+        if self.d_mlp is not None:
+            check_integer("d_mlp", self.d_mlp, minimum=1)
+        check_integer("seed", self.seed, minimum=0)
         if self.n_heads != -1 and self.n_heads * self.d_head != self.d_model:
             raise ValueError(
                 f"d_model ({self.d_model}) must equal n_heads ({self.n_heads}) × d_head ({self.d_head})"
@@ -70,15 +77,20 @@ class VariantConfig(TransformerLensConfig):
         if self.d_model % self.d_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by d_head ({self.d_head})")
         super().__post_init__()
+        self.device = check_device(self.device)
         _check_choice("positional_embedding_type", self.positional_embedding_type, tuple(POSITIONAL_EMBEDDINGS))
         _check_choice("attention_dir", self.attention_dir, ATTENTION_DIRS)
         _check_choice("act_fn", self.act_fn, ACT_FNS)
         _check_choice("normalization_type", self.normalization_type, ("LN",))
         _check_choice("dtype", _dtype_name(self.dtype), tuple(DTYPES))
         self.dtype = DTYPES[_dtype_name(self.dtype)]
-        for flag in ("attn_only", "gated_mlp", "use_attn_result", "use_split_qkv_input"):
+        for flag in ("attn_only", "gated_mlp", "use_attn_result", "use_split_qkv_input", "uses_rms_norm", "final_rms",
+                     "layer_norm_folding"):
             if getattr(self, flag):
                 raise ValueError(f"{flag}=True is not supported by poslens models; allowed: False")
+        for option in ("n_key_value_heads", "num_experts", "experts_per_token"):
+            if getattr(self, option) is not None:
+                raise ValueError(f"{option}={getattr(self, option)!r} is not supported by poslens models; allowed: None")
         if self.positional_embedding_type == "rotary" and self.d_head % 2:
             raise ValueError(f"rotary embeddings need an even d_head, got {self.d_head}")
         if len(set(self.alphabet)) != len(self.alphabet) or not self.alphabet:
@@ -89,8 +101,9 @@ class VariantConfig(TransformerLensConfig):
         self.residual_cuts = _normalise_cuts(self.residual_cuts, self.n_layers)
         if self.init_std is None:
             self.init_std = 0.8 / self.d_model**0.5
-        if self.init_std <= 0:
-            raise ValueError(f"init_std must be > 0, got {self.init_std!r}")
+        check_number("init_std", self.init_std, above=0)
+        check_number("eps", self.eps, above=0)
+        check_number("rotary_base", self.rotary_base, above=1)
 
     @property
     def name(self) -> str:
@@ -124,6 +137,47 @@ class VariantConfig(TransformerLensConfig):
         if unknown:
             raise ValueError(f"unknown config fields {unknown}; allowed: {sorted(known)}")
         return cls(**{**fields, **overrides})
+
+
+def check_integer(name: str, value: Any, *, minimum: int) -> int:
+    """`value` if it is an integer (not a bool) >= `minimum`, else a `ValueError` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+def check_number(name: str, value: Any, *, above: float | None = None, at_least: float | None = None,
+                 below: float | None = None) -> float:
+    """`value` if it is a finite real number in the given open (`above`, `below`) or closed
+    (`at_least`) bounds, else a `ValueError` naming it and the allowed range."""
+    bounds = [(symbol, test, limit) for symbol, test, limit in
+              ((">", operator.gt, above), (">=", operator.ge, at_least), ("<", operator.lt, below)) if limit is not None]
+    number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not number or not all(test(value, limit) for _, test, limit in bounds):
+        allowed = "".join(f" {'and ' if i else ''}{symbol} {limit}" for i, (symbol, _, limit) in enumerate(bounds))
+        raise ValueError(f"{name} must be a finite number{allowed}, got {value!r}")
+    return value
+
+
+def available_devices() -> list[str]:
+    """The devices this torch can run on: cpu, cuda and cuda:N (N < device_count) when CUDA is
+    available, mps when Apple's backend is."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda", *(f"cuda:{index}" for index in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def check_device(device: Any) -> str:
+    """`device` if this machine's torch offers it (see `available_devices`), else a `ValueError`."""
+    allowed = available_devices()
+    if str(device) not in allowed:
+        raise ValueError(f"device {device!r} is not available here; allowed: {allowed}")
+    return str(device)
 
 
 def _dtype_name(dtype: torch.dtype | str) -> str:

@@ -2,8 +2,24 @@
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
 import torch
 from torch import Tensor
+
+
+def excerpt(value: Any, limit: int = 40) -> str:
+    """`repr(value)`, cut after about `limit` characters (a string's length is then given), so that
+    an error message never echoes a huge input back; a huge list or dict is not even rendered
+    whole (`reprlib` stops after a few items)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}… ({len(value)} characters)"
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 3, limit, limit
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 4
+    text = short.repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def tokenize(text: str | list[str], alphabet: str) -> Tensor:
@@ -17,7 +33,7 @@ def tokenize(text: str | list[str], alphabet: str) -> Tensor:
         for position, char in enumerate(text):
             if char not in lookup:
                 raise ValueError(
-                    f"character {char!r} at index {position} of {text!r} is not in the vocabulary; "
+                    f"character {char!r} at index {position} of {excerpt(text)} is not in the vocabulary; "
                     f"allowed characters: {alphabet!r}"
                 )
         return torch.tensor([lookup[char] for char in text], dtype=torch.long)

@@ -1,12 +1,22 @@
 """Training on a task: AdamW, linear warm-up then cosine decay, loss on answer tokens only.
 
 A run directory holds `config.json` + `model.safetensors` (the model, see `checkpoint`),
-`train_state.safetensors` (weights and optimiser moments of the last checkpoint, in one file
-so they can never disagree), `run.json` (task, settings, progress) and `history.json` (the
+`train_state.safetensors`, `run.json` (task, settings, progress) and `history.json` (the
 evaluations). With a snapshot schedule it also holds `checkpoints/step-000123/`, one model
-checkpoint per scheduled step, so analyses can walk through training. Batches are a pure
-function of (seed, step) and the learning rate a pure function of step, so a killed run
-resumed from its last checkpoint ends bitwise-identical to one that was never interrupted.
+checkpoint per scheduled step, so analyses can walk through training.
+
+**One commit point per checkpoint.** `train_state.safetensors` is the run's only source of
+truth: one atomically replaced file holding the weights, the optimiser moments, the step, the
+evaluation history, the running train-loss window, the run's identity (config, task, settings,
+snapshot schedule) and the sha256 of all of it. A checkpoint is committed when that file is
+renamed into place; `run.json`, `history.json` and the final `config.json` + `model.safetensors`
+are views derived from it afterwards, and resume rewrites any view a kill left behind. Resume
+refuses a state whose digest or identity does not match, and a finished state (step = steps) is
+never trained again: its model files are rewritten from it if a kill interrupted them. Batches
+are a pure function of (seed, step) and the learning rate a pure function of step, so a run
+killed at any point and resumed ends bitwise-identical to one that was never interrupted
+(`tests/test_crash_consistency.py` kills one at every durable write point). A run directory is
+locked while it is trained (`variants.locking`): a second writer is refused.
 """
 
 from __future__ import annotations
@@ -14,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -30,10 +39,20 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from poslens.variants.checkpoint import check_state_matches, load, save
-from poslens.variants.config import VariantConfig
+from poslens.variants.checkpoint import check_state_matches, load, restamp, save
+from poslens.variants.config import VariantConfig, check_integer, check_number
+from poslens.variants.locking import LOCK_FILE, locked_directory
 from poslens.variants.model import HookedTransformer, build
-from poslens.variants.storage import load_tensors, read_json, save_tensors, write_json
+from poslens.variants.storage import (
+    atomic_rename,
+    content_digest,
+    dumps_json,
+    read_json,
+    read_tensors,
+    save_tensors,
+    temporary_name,
+    write_json,
+)
 
 SNAPSHOT_DIR = "checkpoints"
 _SNAPSHOT_NAME = re.compile(r"step-(\d{6,})")
@@ -69,14 +88,19 @@ class TrainSettings:
     checkpoint_every: int = 250
 
     def __post_init__(self) -> None:
+        """Every setting an integer or a finite number in its range, named with the range if not."""
         for name in ("steps", "batch_size", "eval_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip <= 0 or self.weight_decay < 0:
-            raise ValueError(
-                f"need lr > 0, warmup_steps >= 0, grad_clip > 0, weight_decay >= 0; got lr={self.lr!r}, "
-                f"warmup_steps={self.warmup_steps!r}, grad_clip={self.grad_clip!r}, weight_decay={self.weight_decay!r}"
-            )
+            check_integer(name, getattr(self, name), minimum=1)
+        check_integer("warmup_steps", self.warmup_steps, minimum=0)
+        check_integer("seed", self.seed, minimum=0)
+        check_number("lr", self.lr, above=0)
+        check_number("weight_decay", self.weight_decay, at_least=0)
+        check_number("grad_clip", self.grad_clip, above=0)
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {self.betas!r}")
+        for index, beta in enumerate(self.betas):
+            check_number(f"betas[{index}]", beta, at_least=0, below=1)
+        object.__setattr__(self, "betas", tuple(self.betas))
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up to `lr`, then cosine decay to zero at `steps`."""
@@ -134,19 +158,108 @@ def make_optimizer(model: HookedTransformer, settings: TrainSettings) -> torch.o
     return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, foreach=False)
 
 
-def _save_train_state(out_dir: Path, model: HookedTransformer, optimizer: torch.optim.AdamW, step: int) -> None:
+STATE_FILE = "train_state.safetensors"
+STATE_FORMAT = "2"
+RUN_FIELDS = ("variant", "config", "task", "settings", "step", "finished", "snapshots")
+IDENTITY = ("config", "task", "settings", "snapshots")
+
+
+@dataclass
+class Progress:
+    """Where a run stands at a checkpoint, besides its tensors: the step, the evaluations so far,
+    and the train losses summed since the last evaluation (so the next row's `train_loss`
+    averages the same steps whether or not the run was interrupted in between)."""
+
+    step: int = 0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    loss_sum: float = 0.0
+    loss_count: int = 0
+
+
+def _run_record(cfg: VariantConfig, task: Task, settings: TrainSettings, snapshots: list[int]) -> dict:
+    """What `run.json` holds at step 0, JSON-normalised (tuples as lists). The snapshot schedule
+    is recorded (under `snapshots`, not under `settings`: it does not change the weights) only
+    when there is one, so runs without snapshots keep exactly the record they always had."""
+    record = {
+        "variant": cfg.name,
+        "config": cfg.to_json(),
+        "task": {"name": task.name, **dataclasses.asdict(task)},
+        "settings": dataclasses.asdict(settings),
+        "step": 0,
+        "finished": False,
+    }
+    return json.loads(dumps_json({**record, "snapshots": snapshots} if snapshots else record))
+
+
+def _identity(record: dict) -> dict:
+    """What makes a run this run: config, task, settings and snapshot schedule."""
+    return {key: record.get(key, []) for key in IDENTITY}
+
+
+def read_run_record(out_dir: str | Path) -> dict[str, Any]:
+    """`out_dir/run.json`, checked: a JSON object with the fields `train` writes and no others.
+    (Runs written before snapshot schedules were recorded lack `snapshots`: none were kept.)"""
+    path = Path(out_dir) / "run.json"
+    record = read_json(path)
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is not a poslens run record (a JSON object expected)")
+    unknown = sorted(set(record) - set(RUN_FIELDS))
+    if unknown:
+        raise ValueError(f"{path} has unexpected fields {unknown}; allowed: {list(RUN_FIELDS)}")
+    missing = sorted(set(RUN_FIELDS) - {"snapshots"} - set(record))
+    if missing:
+        raise ValueError(f"{path} lacks the fields {missing} of a poslens run record")
+    return record
+
+
+def _save_state(out_dir: Path, model: HookedTransformer, optimizer: torch.optim.AdamW, identity: dict,
+                progress: Progress) -> None:
+    """Commit a checkpoint: everything resume needs, with its own digest, in one atomic file."""
+    bad = [name for name, param in model.named_parameters() if not torch.isfinite(param).all()]
+    if bad:
+        raise FloatingPointError(f"training diverged: parameter {bad[0]} is not finite after step {progress.step}; "
+                                 f"{out_dir} keeps its last checkpoint; try a smaller lr")
     names = {id(param): name for name, param in model.named_parameters()}
     tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
     for param, state in optimizer.state.items():
         for key, value in state.items():
             tensors[f"optim.{key}.{names[id(param)]}"] = value
-    save_tensors(out_dir / "train_state.safetensors", tensors, metadata={"step": str(step)})
+    _write_state(out_dir, tensors, identity, progress)
 
 
-def _load_train_state(out_dir: Path, model: HookedTransformer, optimizer: torch.optim.AdamW) -> None:
-    tensors = load_tensors(out_dir / "train_state.safetensors")
+def _write_state(out_dir: Path, tensors: dict[str, Tensor], identity: dict, progress: Progress) -> None:
+    """`train_state.safetensors`: the tensors, and in its metadata the identity, the progress and
+    the sha256 of all of them (`storage.content_digest`)."""
+    metadata = {"format": STATE_FORMAT, "identity": dumps_json(identity),
+                "progress": dumps_json(dataclasses.asdict(progress))}
+    save_tensors(out_dir / STATE_FILE, tensors, {**metadata, "sha256": content_digest(tensors, metadata)})
+
+
+def _read_state(out_dir: Path, identity: dict | None) -> tuple[dict[str, Tensor], Progress]:
+    """The tensors and progress of `out_dir`'s committed checkpoint, refused if its digest does not
+    match its contents or, when `identity` is given, it belongs to another run."""
+    path = out_dir / STATE_FILE
+    tensors, metadata = read_tensors(path)
+    if metadata.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} was written by an older poslens (no step, history or digest inside), so it cannot "
+                         f"be verified; a finished run is upgraded by `poslens restamp {out_dir}`, an unfinished one "
+                         "must be trained again in a new directory")
+    recorded = metadata.pop("sha256", None)
+    if recorded != content_digest(tensors, metadata):
+        raise ValueError(f"{path} is corrupted: its contents do not match the sha256 recorded inside it")
+    saved = json.loads(metadata["identity"])
+    if identity is not None and saved != identity:
+        differ = [key for key in IDENTITY if saved.get(key) != identity.get(key)]
+        raise ValueError(f"{path} belongs to another run: its {', '.join(differ)} differ from this run's; "
+                         "it is not resumed")
+    return tensors, Progress(**json.loads(metadata["progress"]))
+
+
+def _restore(tensors: dict[str, Tensor], model: HookedTransformer, optimizer: torch.optim.AdamW,
+             source: Path) -> None:
+    """Load a checkpoint's weights into `model` and its moments into `optimizer`."""
     weights = {name.removeprefix("model."): t for name, t in tensors.items() if name.startswith("model.")}
-    check_state_matches(model, weights, out_dir / "train_state.safetensors")
+    check_state_matches(model, weights, source)
     model.load_state_dict(weights)
     device = model.cfg.device
     for name, param in model.named_parameters():
@@ -157,20 +270,70 @@ def _load_train_state(out_dir: Path, model: HookedTransformer, optimizer: torch.
             optimizer.state[param] = state
 
 
-def _run_record(cfg: VariantConfig, task: Task, settings: TrainSettings, step: int, finished: bool,
-                snapshots: list[int]) -> dict:
-    """What `run.json` holds. The snapshot schedule is recorded (under `snapshots`, not under
-    `settings`: it does not change the weights) only when there is one, so runs without
-    snapshots keep exactly the record they always had."""
-    record = {
-        "variant": cfg.name,
-        "config": cfg.to_json(),
-        "task": {"name": task.name, **dataclasses.asdict(task)},
-        "settings": dataclasses.asdict(settings),
-        "step": step,
-        "finished": finished,
-    }
-    return {**record, "snapshots": snapshots} if snapshots else record
+def _write_view(path: Path, obj: Any) -> None:
+    """Write a JSON view of the committed state unless it already says exactly that."""
+    try:
+        if read_json(path) == json.loads(dumps_json(obj)):
+            return
+    except (FileNotFoundError, ValueError):
+        pass
+    write_json(path, obj)
+
+
+def _write_views(out_dir: Path, record: dict, progress: Progress, finished: bool) -> None:
+    """`run.json` (first: in a new directory it is what marks it as a run's) and `history.json`."""
+    _write_view(out_dir / "run.json", {**record, "step": progress.step, "finished": finished})
+    _write_view(out_dir / "history.json", progress.history)
+
+
+def _publish(out_dir: Path, model: HookedTransformer, record: dict, progress: Progress) -> None:
+    """Derive a finished run's views from its committed final state: `config.json` +
+    `model.safetensors` (rewritten only if missing or different, e.g. after a kill during them),
+    `history.json` and `run.json`."""
+    try:
+        saved = load(out_dir, device=model.cfg.device).state_dict()
+        same = all(torch.equal(tensor, saved[name]) for name, tensor in model.state_dict().items())
+    except (FileNotFoundError, ValueError, KeyError):
+        same = False
+    if not same:
+        save(model, out_dir)
+    _write_views(out_dir, record, progress, finished=True)
+
+
+def restamp_run(run_dir: str | Path) -> list[str]:
+    """Bring a run directory written by an older poslens up to the current checks; returns what
+    was done. Records the weights digest of its model and snapshots where missing
+    (`checkpoint.restamp`), and rewrites an old-format `train_state.safetensors` of a *finished*
+    run in the current format, after checking that it holds the final weights and that
+    `run.json` says it finished (an unfinished old run cannot be verified: train it again).
+    Holds the run directory's lock while it works."""
+    with locked_directory(run_dir, clean=()) as run_dir:
+        return _restamp_run(run_dir)
+
+
+def _restamp_run(run_dir: Path) -> list[str]:
+    done = [f"recorded the weights digest in {path / 'config.json'}"
+            for path in [run_dir, *(path for _, path in list_snapshots(run_dir))]
+            if (path / "config.json").is_file() and restamp(path)]
+    if not (run_dir / STATE_FILE).is_file():
+        return done
+    tensors, metadata = read_tensors(run_dir / STATE_FILE)
+    if metadata.get("format") == STATE_FORMAT:
+        _read_state(run_dir, None)  # verifies its digest
+        return done
+    record = read_run_record(run_dir)
+    steps = record["settings"]["steps"]
+    if not record["finished"] or metadata.get("step") != str(steps):
+        raise ValueError(f"{run_dir} is an unfinished run written by an older poslens; its progress cannot be "
+                         "verified, so it cannot be restamped: train it again in a new directory")
+    model = load(run_dir)
+    check_state_matches(model, {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
+                        run_dir / STATE_FILE)
+    if not all(torch.equal(tensor, tensors[f"model.{name}"]) for name, tensor in model.state_dict().items()):
+        raise ValueError(f"{run_dir / STATE_FILE} does not hold the weights of {run_dir / 'model.safetensors'}; "
+                         "it cannot be restamped")
+    _write_state(run_dir, tensors, _identity(record), Progress(steps, read_json(run_dir / "history.json")))
+    return [*done, f"rewrote {run_dir / STATE_FILE} in the current format"]
 
 
 def log_spaced_steps(total: int, k: int) -> list[int]:
@@ -239,11 +402,11 @@ def _save_snapshot(model: HookedTransformer, out_dir: Path, step: int) -> None:
     if final.exists():
         return
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=temporary_name(final), suffix=".tmp"))
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would make the snapshot private to its writer
         save(model, tmp)
-        os.replace(tmp, final)
+        atomic_rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -252,7 +415,7 @@ def _save_snapshot(model: HookedTransformer, out_dir: Path, step: int) -> None:
 def task_record(out_dir: str | Path) -> dict[str, Any]:
     """The record of the task a run was trained on (`name` and fields; `poslens.tasks.make_task(**record)`
     rebuilds it)."""
-    return dict(read_json(Path(out_dir) / "run.json")["task"])
+    return dict(read_run_record(out_dir)["task"])
 
 
 def train(
@@ -269,10 +432,12 @@ def train(
     """Train `build(cfg)` on `task`, checkpointing into `out_dir`; see `TrainSettings` for the knobs.
 
     With `resume=False` an `out_dir` holding a run is refused (nothing is overwritten);
-    with `resume=True` training continues from its last checkpoint (or starts, if it has
-    none), and a finished run is returned as it is. `on_step(step)` is called after every
+    with `resume=True` training continues from its last committed checkpoint (or starts, if it
+    has none), and a finished run is returned as it is. `on_step(step)` is called after every
     optimiser step. The settings' `seed` fixes the batches; `cfg.seed` fixes the initial
-    weights (`poslens train --seed S` sets both).
+    weights (`poslens train --seed S` sets both). `out_dir` is locked for the whole call
+    (`locking.DirectoryLocked` if another process holds it). A loss that stops being finite
+    raises `FloatingPointError` naming the step; the run keeps its last checkpoint.
 
     `snapshots` keeps model checkpoints during training (see `snapshot_schedule`): an int K
     saves step 0 and K log-spaced steps up to `steps`, a sequence saves exactly those steps;
@@ -285,71 +450,80 @@ def train(
         raise ValueError(f"config alphabet {cfg.alphabet!r} does not match task {task.name!r} alphabet {task.alphabet!r}")
     if cfg.n_ctx < task.seq_len:
         raise ValueError(f"n_ctx = {cfg.n_ctx} is shorter than the task's sequences ({task.seq_len} tokens)")
-    out_dir = Path(out_dir)
-    record = _run_record(cfg, task, settings_obj, step=0, finished=False, snapshots=schedule)
-    if (out_dir / "run.json").exists():
-        if not resume:
-            raise FileExistsError(f"{out_dir} already holds a training run; pass resume=True to continue it "
-                                  "or choose another directory")
-        saved = read_json(out_dir / "run.json")
-        for key in ("config", "task", "settings"):
-            if json.loads(json.dumps(record[key])) != saved[key]:
-                raise ValueError(f"cannot resume {out_dir}: its {key} differs from the one given "
-                                 f"(saved {saved[key]}, given {record[key]})")
-        if saved.get("snapshots", []) != schedule:
-            raise ValueError(f"cannot resume {out_dir}: its snapshot schedule differs from the one given "
-                             f"(saved {saved.get('snapshots', [])}, given {schedule})")
-        if saved["finished"]:
-            return TrainResult(load(out_dir, device=cfg.device), read_json(out_dir / "history.json"), out_dir)
-    elif out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory for a training run")
+    record = _run_record(cfg, task, settings_obj, schedule)
+    with locked_directory(out_dir, clean=(".", SNAPSHOT_DIR)) as out_dir:
+        if (out_dir / "run.json").exists():
+            if not resume:
+                raise FileExistsError(f"{out_dir} already holds a training run; pass resume=True to continue it "
+                                      "or choose another directory")
+            saved, given = _identity(read_run_record(out_dir)), _identity(record)
+            for key in IDENTITY:
+                if saved[key] != given[key]:
+                    what = "snapshot schedule" if key == "snapshots" else key
+                    raise ValueError(f"cannot resume {out_dir}: its {what} differs from the one given "
+                                     f"(saved {saved[key]}, given {given[key]})")
+        elif any(path.name != LOCK_FILE for path in out_dir.iterdir()):
+            raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory for a training run")
+        return _train(cfg, task, out_dir, record, settings_obj, schedule, quiet=quiet, on_step=on_step)
 
+
+def _train(cfg: VariantConfig, task: Task, out_dir: Path, record: dict, settings: TrainSettings, schedule: list[int],
+           *, quiet: bool, on_step: Callable[[int], None] | None) -> TrainResult:
+    """`train` in its locked, checked `out_dir`: resume from the committed state, if any, and commit
+    a checkpoint every `checkpoint_every` steps and at the end."""
+    identity = _identity(record)
     model = build(cfg).train()
-    optimizer = make_optimizer(model, settings_obj)
-    start, history = 0, []
-    if (out_dir / "train_state.safetensors").exists():
-        _load_train_state(out_dir, model, optimizer)
-        start = read_json(out_dir / "run.json")["step"]
-        history = [row for row in read_json(out_dir / "history.json") if row["step"] <= start]
-    else:
-        write_json(out_dir / "run.json", record)
-        write_json(out_dir / "history.json", history)
-        if 0 in schedule:
-            _save_snapshot(model, out_dir, 0)
+    optimizer = make_optimizer(model, settings)
+    progress = Progress()
+    if (out_dir / STATE_FILE).exists():
+        tensors, progress = _read_state(out_dir, identity)
+        _restore(tensors, model, optimizer, out_dir / STATE_FILE)
+    if progress.step == settings.steps:
+        _publish(out_dir, model.eval(), record, progress)
+        return TrainResult(model, progress.history, out_dir)
+    _write_views(out_dir, record, progress, finished=False)
+    if progress.step == 0 and 0 in schedule:
+        _save_snapshot(model, out_dir, 0)
 
     test_tokens = task.test_set()
-    started, loss_sum, loss_count = time.perf_counter(), 0.0, 0
-    progress = tqdm(range(start, settings_obj.steps), initial=start, total=settings_obj.steps,
-                    desc=f"train {cfg.name}", disable=quiet, leave=False)
-    for step in progress:
+    started = time.perf_counter()
+    bar = tqdm(range(progress.step, settings.steps), initial=progress.step, total=settings.steps,
+               desc=f"train {cfg.name}", disable=quiet, leave=False)
+    for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = settings_obj.lr_at(step)
-        tokens = task.train_batch(settings_obj.batch_size, settings_obj.batch_seed(step)).to(cfg.device)
+            group["lr"] = settings.lr_at(step)
+        tokens = task.train_batch(settings.batch_size, settings.batch_seed(step)).to(cfg.device)
         loss = answer_loss(model(tokens[:, :-1]), tokens, task.prompt_len)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"training diverged: the loss is {loss_value} at step {step + 1}; {out_dir} "
+                                     f"keeps its last checkpoint (step {progress.step}); try a smaller lr (now "
+                                     f"{settings.lr}) or init_std (now {cfg.init_std})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings_obj.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
-        loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
         done = step + 1
-        if done % settings_obj.eval_every == 0 or done == settings_obj.steps:
-            row = {"step": done, "train_loss": loss_sum / loss_count, "lr": settings_obj.lr_at(step),
+        progress.loss_sum, progress.loss_count = progress.loss_sum + loss_value, progress.loss_count + 1
+        if done % settings.eval_every == 0 or done == settings.steps:
+            row = {"step": done, "train_loss": progress.loss_sum / progress.loss_count, "lr": settings.lr_at(step),
                    **evaluate(model, task, test_tokens), "elapsed_s": time.perf_counter() - started}
-            history.append(row)
-            loss_sum, loss_count = 0.0, 0
-            write_json(out_dir / "history.json", history)
-            progress.set_postfix(loss=f"{row['train_loss']:.3f}", exact=f"{row['exact_match']:.3f}")
+            if not all(math.isfinite(value) for value in row.values()):
+                raise FloatingPointError(f"training diverged: the evaluation at step {done} is not finite ({row}); "
+                                         f"{out_dir} keeps its last checkpoint (step {progress.step}); try a smaller lr")
+            progress.history.append(row)
+            progress.loss_sum, progress.loss_count = 0.0, 0
+            write_json(out_dir / "history.json", progress.history)  # a view, for whoever watches the run
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", exact=f"{row['exact_match']:.3f}")
         if done in schedule:
             _save_snapshot(model, out_dir, done)
-        if done % settings_obj.checkpoint_every == 0 and done < settings_obj.steps:
-            _save_train_state(out_dir, model, optimizer, done)
-            write_json(out_dir / "history.json", history)
-            write_json(out_dir / "run.json", {**record, "step": done})
+        if done % settings.checkpoint_every == 0 or done == settings.steps:
+            progress.step = done
+            _save_state(out_dir, model, optimizer, identity, progress)
+            if done < settings.steps:
+                _write_views(out_dir, record, progress, finished=False)
         if on_step is not None:
             on_step(done)
-    progress.close()
-    model.eval()
-    save(model, out_dir)
-    _save_train_state(out_dir, model, optimizer, settings_obj.steps)
-    write_json(out_dir / "run.json", {**record, "step": settings_obj.steps, "finished": True})
-    return TrainResult(model, history, out_dir)
+    bar.close()
+    _publish(out_dir, model.eval(), record, progress)
+    return TrainResult(model, progress.history, out_dir)

@@ -60,6 +60,7 @@ from poslens.analyses.sweep import Unit, run_units
 from poslens.analyses.tables import export_tables, render_table
 from poslens.tasks import make_task
 from poslens.variants import TrainSettings, VariantConfig, evaluate, load, preset, train
+from poslens.variants.locking import holds_lock
 from poslens.variants.storage import atomic_write
 from poslens.variants.training import Task, list_snapshots, snapshot_schedule
 
@@ -190,6 +191,7 @@ def dynamics_run(run_dir: str, variant: str, task: str, seed: int, checkpoints: 
     return cached_results(Path(run_dir) / "measures", stamp, measure, force=force)
 
 
+@holds_lock("out_dir", clean=(".", "tables", "figures"))  # one writer; a killed one's temporaries removed
 def write_dynamics(out_dir: str | Path, *, variants: Sequence[str], task: str, seeds: Sequence[int] = (0,),
                    checkpoints: int = 12, steps: int | None = None, n_layers: int | None = None,
                    d_model: int | None = None, n_sequences: int | None = None, device: str = "cpu",

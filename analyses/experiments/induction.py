@@ -24,6 +24,7 @@ from poslens.analyses.sweep import Unit, run_units
 from poslens.analyses.tables import export_tables, render_table, seed_summary
 from poslens.tasks import MarkovICL
 from poslens.variants import TrainSettings, preset, train
+from poslens.variants.locking import holds_lock
 from poslens.variants.storage import atomic_write
 
 ANALYSIS_VERSION = 1
@@ -49,6 +50,7 @@ def induction_run(run_dir: str, variant: str, seed: int, n_sequences: int, steps
     return cached_results(Path(run_dir) / "measures", stamp, measure, force=force)
 
 
+@holds_lock("out_dir", clean=(".", "tables", "figures"))  # one writer; a killed one's temporaries removed
 def write_induction(out_dir: str | Path, *, variants: Sequence[str], seeds: Sequence[int] = (0,),
                     n_sequences: int = 1000, steps: int | None = None, device: str = "cpu", quiet: bool = False,
                     force: bool = False, **sweep: Any) -> dict[str, pd.DataFrame]:

@@ -35,12 +35,14 @@ from poslens.analyses.tables import export_tables, render_table, seed_summary, s
 from poslens.hooks import capture_residuals
 from poslens.tasks import Addition
 from poslens.variants import HookedTransformer, TrainResult, build, load, preset, train
+from poslens.variants.locking import holds_lock
 from poslens.variants.storage import atomic_write
 
 ANALYSIS_VERSION = 1
 """Bumped whenever a per-run measure changes, so runs measured before are measured again."""
 
 
+@holds_lock("out_dir", clean=(".", "tables", "figures"))  # one writer; a killed one's temporaries removed
 def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = "quick", seeds: int = 1,
               force: bool = False, device: str = "cpu", quiet: bool = False, executor: str = "local",
               workers: int | None = None, threads: int = 1, ray_address: str | None = None,

@@ -13,7 +13,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 import plotly.offline
 
-from poslens.variants.storage import atomic_write
+from poslens.variants.storage import atomic_write, check_output_file
 
 HTML_SUFFIXES = (".html", ".htm")
 SHARED_PLOTLY_JS = "plotly.min.js"
@@ -21,14 +21,14 @@ SHARED_PLOTLY_JS = "plotly.min.js"
 
 def check_html_path(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Fail early, before any work, if an HTML page (a figure, the demo's static page) could not be
-    written to `path`: it must end in `.html` (poslens writes interactive pages, not images), and an
-    existing file is replaced only with `overwrite`."""
+    written to `path`: it must end in `.html` (poslens writes interactive pages, not images), an
+    existing file is replaced only with `overwrite`, and its folder must accept files."""
     path = Path(path)
     if path.suffix.lower() not in HTML_SUFFIXES:
         raise ValueError(f"{path} must end in one of {list(HTML_SUFFIXES)}: poslens writes interactive HTML pages")
-    if path.exists() and not overwrite:
+    if path.exists() and not path.is_dir() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
-    return path
+    return check_output_file(path)
 
 
 def write_figure(figure: go.Figure, path: str | os.PathLike, *, overwrite: bool = False,
