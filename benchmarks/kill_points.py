@@ -17,7 +17,7 @@ tables agree):
   and the same files (no leftover temporary or lock);
 - reproduce: every table of the uninterrupted run present in every format (.csv .md .tex
   .json) and identical (the wall-clock column `this_session_s` masked), every trained model
-  byte for byte, the same figures and the manifest, summary and report present.
+  byte for byte, the same figures, every run's cached measures, the summary and the report present.
 
 Children are forked from this process, so a job's imports are paid once; torch runs one
 thread, as in the test suite. Points are counted per process: a job that spreads its writes
@@ -156,8 +156,10 @@ def without_wall_clock(rows: list[dict]) -> list[dict]:
 # reproduce ----------------------------------------------------------------------------------------------------------
 
 def reproduce_job(out: Path, extra_args: Sequence[str] = ()) -> Callable[[], int]:
-    """`poslens reproduce --preset tiny --out OUT --quiet` through the command-line entry point."""
-    return lambda: cli_main(["reproduce", "--preset", "tiny", "--out", str(out), "--quiet", *extra_args])
+    """`poslens reproduce --preset tiny --out OUT --executor serial --quiet` through the command-line
+    entry point (serial: every write point in this one process, where they are counted)."""
+    return lambda: cli_main(["reproduce", "--preset", "tiny", "--out", str(out), "--executor", "serial", "--quiet",
+                             *extra_args])
 
 
 def compare_reproduce(reference: Path, candidate: Path) -> list[str]:
@@ -177,7 +179,8 @@ def compare_reproduce(reference: Path, candidate: Path) -> list[str]:
     figures = sorted(p.name for p in (reference / "figures").iterdir())
     if sorted(p.name for p in (candidate / "figures").iterdir()) != figures:
         problems.append("figures/ holds other files")
-    for name in ("summary.md", "report.html", "tables/manifest.json"):
+    stamps = [path.relative_to(reference) for path in sorted(reference.glob("runs/*/measures/stamp.json"))]
+    for name in ("summary.md", "report.html", *stamps):
         if not (candidate / name).is_file():
             problems.append(f"{name} is missing")
     return problems
