@@ -20,9 +20,12 @@ TABLES = {
 }
 
 
+TINY = ("reproduce", "--preset", "tiny", "--executor", "serial", "--quiet")  # executors agree: tests/test_sweep.py
+
+
 def test_reproduce_tiny_writes_everything_and_resumes(tmp_path):
     out = tmp_path / "repro"
-    assert main(["reproduce", "--preset", "tiny", "--seeds", "1", "--out", str(out), "--quiet"]) == 0
+    assert main([*TINY, "--seeds", "1", "--out", str(out)]) == 0
     for name, columns in TABLES.items():
         for suffix in (".csv", ".md", ".tex", ".json"):
             assert (out / "tables" / f"{name}{suffix}").stat().st_size > 0, (name, suffix)
@@ -43,12 +46,12 @@ def test_reproduce_tiny_writes_everything_and_resumes(tmp_path):
 
     stamps = {path: path.stat().st_mtime_ns for path in out.rglob("*.safetensors")}
     probe_before = (out / "tables" / "probe.csv").read_bytes()
-    assert main(["reproduce", "--preset", "tiny", "--seeds", "1", "--out", str(out), "--quiet"]) == 0
+    assert main([*TINY, "--seeds", "1", "--out", str(out)]) == 0
     assert {path: path.stat().st_mtime_ns for path in out.rglob("*.safetensors")} == stamps  # nothing retrained
     assert (out / "tables" / "probe.csv").read_bytes() == probe_before
     pd.testing.assert_frame_equal(read_table(out / "tables" / "training.csv"), training)
 
-    assert main(["reproduce", "--preset", "tiny", "--seeds", "2", "--out", str(out), "--quiet"]) == 0
+    assert main([*TINY, "--seeds", "2", "--out", str(out)]) == 0
     assert {path: path.stat().st_mtime_ns for path in stamps} == stamps  # seed 0 reused
     for name in ("training", "residual_cuts", "position_swap"):  # tables made for one seed are recomputed
         assert set(read_table(out / "tables" / f"{name}.csv")["seed"]) == {0, 1}, name

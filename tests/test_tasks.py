@@ -6,7 +6,7 @@ import torch
 from poslens.analyses.runs import load_task
 from poslens.tasks import Addition, MarkovICL, from_record, make_task
 from poslens.variants import evaluate, preset, train
-from poslens.variants.storage import write_json
+from poslens.variants.storage import read_json, write_json
 from poslens.variants.tokens import detokenize, tokenize
 
 
@@ -68,9 +68,10 @@ def test_commutative_twins_leak_without_the_option():
     assert not torch.isin(drawn[0] * 1000 + drawn[1], Addition().excluded_pair_ids).any()
 
 
-def test_a_run_recorded_before_a_task_field_existed_loads_with_its_old_behaviour(tmp_path):
+def test_a_run_recorded_before_a_task_field_existed_loads_with_its_old_behaviour(tmp_path, tiny):
+    train(tiny("nope-causal", n_layers=1), Addition(), out_dir=tmp_path, steps=1, batch_size=4, quiet=True)
     old = {"name": "addition", "n_digits": 3, "reverse_answer": True, "bos": False, "n_test": 1000, "seed": 0}
-    write_json(tmp_path / "run.json", {"task": old})
+    write_json(tmp_path / "run.json", {**read_json(tmp_path / "run.json"), "task": old})
     task = load_task(tmp_path)
     assert task == Addition(exclude_twins=False) and not task.exclude_twins and task.max_shift == 0
     assert torch.equal(task.train_batch(64, 3), Addition(exclude_twins=False).train_batch(64, 3))
