@@ -19,6 +19,7 @@ from poslens.probes.controls import (
     random_guess_mad,
     selectivity,
     token_identity_baseline,
+    token_identity_predictions,
 )
 from poslens.probes.inputs import NotFittedError
 from poslens.probes.logistic import PositionProbe
@@ -36,4 +37,5 @@ __all__ = [
     "selectivity",
     "split_by_sequence",
     "token_identity_baseline",
+    "token_identity_predictions",
 ]

@@ -141,12 +141,13 @@ def test_scikit_learn_clone_and_params(three_sites):
     probe = PositionProbe(C=0.5, max_iter=50, dtype=torch.float64)
     copy = clone(probe)
     assert copy is not probe and copy.get_params() == probe.get_params()
-    assert copy.get_params() == {"C": 0.5, "max_iter": 50, "tol": 1e-4, "n_classes": None, "dtype": torch.float64}
+    assert copy.get_params() == {"C": 0.5, "max_iter": 50, "tol": 1e-4, "n_classes": None, "dtype": torch.float64,
+                                 "memory_limit": 2 * 1024**3}
     X_train, y_train, _, _ = three_sites
     probe.fit(X_train, y_train)
     assert not hasattr(clone(probe), "weight_")  # a clone is unfitted
     ridge = clone(RidgePositionProbe(alpha=3.0)).set_params(alpha=4.0)
-    assert ridge.alpha == 4.0 and repr(ridge) == "RidgePositionProbe(alpha=4.0, dtype=torch.float64)"
+    assert ridge.alpha == 4.0 and repr(ridge) == "RidgePositionProbe(alpha=4.0, dtype=torch.float64, memory_limit=2147483648)"
     with pytest.raises(ValueError, match=r"unknown parameters \['gamma'\] for PositionProbe; allowed: \['C', "):
         probe.set_params(gamma=1)
     with pytest.raises(ValueError, match=r"C must be a finite number > 0, got -1"):
