@@ -91,13 +91,13 @@ def word_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_hf():
-    """`tiny_hf(kind, seed=0)`: a random 2-layer, d_model-32 Hugging Face causal LM in eval mode, its config
+    """`tiny_hf(kind, seed=1)`: a random 2-layer, d_model-32 Hugging Face causal LM in eval mode, its config
     built in code (so without `architectures`): `gpt2` (learned PE), `neox-parallel` / `neox-sequential`
     (rotary; Pythia's parallel residual or not), `llama` (rotary, grouped-query), `smollm3` (rotary in
     layer 0, none in layer 1)."""
     import transformers
 
-    def make(kind: str, seed: int = 0):
+    def make(kind: str, seed: int = 1):
         configs = {
             "gpt2": lambda: transformers.GPT2Config(
                 n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=len(HF_WORDS), bos_token_id=1,

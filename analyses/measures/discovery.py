@@ -29,7 +29,7 @@ from torch import Tensor
 from transformer_lens.model_protocol import TransformerLensModel
 
 from poslens.analyses.measures.sequences import ordinary_tokens
-from poslens.hooks import missing_resid_mid, residual_sites
+from poslens.hooks import EMBED, missing_resid_mid, residual_sites
 from poslens.variants.hub import model_name
 
 PE_KINDS = ("learned", "sinusoidal", "rotary", "none", "other")
@@ -99,6 +99,14 @@ def model_info(model: TransformerLensModel, *, variant: str | None = None, seed:
     table.insert(0, "seed", seed)
     table.insert(0, "variant", variant or model_name(model))
     return table[list(MODEL_COLUMNS)]
+
+
+def layer_sites(model: TransformerLensModel, layers: list[int]) -> list[str]:
+    """`embed` and the residual sites of blocks `layers` (a bad block number is named with the range)."""
+    bad = [layer for layer in layers if not 0 <= layer < model.cfg.n_layers]
+    if bad:
+        raise ValueError(f"blocks {bad} do not exist; allowed: 0..{model.cfg.n_layers - 1}")
+    return [EMBED] + [site for site in residual_sites(model)[1:] if int(site.split(".")[1]) in layers]
 
 
 def site_note(model: TransformerLensModel) -> str | None:

@@ -126,7 +126,7 @@ def sweep_probes(models_by_variant: Mapping[str, Sequence[TransformerLensModel]]
     jobs = [(variant, model) for variant, models in models_by_variant.items() for model in models]
     options = {"sites": sites, "C": C, "seed": seed, "dtype": activation_dtype, "batch_size": batch_size}
     for variant, model in tqdm(jobs, desc="probe sweep", disable=quiet):
-        common = {"variant": variant, "seed": int(getattr(model.cfg, "seed", 0))}
+        common = {"variant": variant, "seed": int(getattr(model.cfg, "seed", None) or 0)}
         models.append(model_info(model, variant=variant, seed=common["seed"]))
         rows, position_rows = probe_model(model, tokens, labels, split, control="control_task" in controls, **options)
         records += [{**common, **row, "baseline": "trained"} for row in rows]

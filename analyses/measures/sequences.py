@@ -23,8 +23,9 @@ from poslens.variants.hub import bos_token_id, encode_text, model_name
 def text_sequences(model: TransformerLensModel, text: str, max_len: int, *, bos: bool = True,
                    max_sequences: int | None = None) -> Int[Tensor, "sequence max_len"]:
     """Consecutive chunks of `text`, tokenised by `model`, as `[sequence, max_len]` token ids."""
-    first = _first_token(model, max_len, bos)
+    _check_max_len(model, max_len, bos)
     ids = encode_text(model, text)
+    first = _first_token(model, bos)
     body = max_len - len(first)
     n_sequences = len(ids) // body if max_sequences is None else min(len(ids) // body, max_sequences)
     if n_sequences < 1:
@@ -51,7 +52,8 @@ def random_sequences(model: TransformerLensModel, n_sequences: int, max_len: int
     tokenizer's, less the special ones), the same for the same `seed`."""
     if n_sequences < 1:
         raise ValueError(f"n_sequences must be >= 1, got {n_sequences!r}")
-    first = _first_token(model, max_len, bos)
+    _check_max_len(model, max_len, bos)
+    first = _first_token(model, bos)
     vocabulary = ordinary_tokens(model)
     generator = torch.Generator().manual_seed(seed)
     draws = vocabulary[torch.randint(len(vocabulary), (n_sequences, max_len - len(first)), generator=generator)]
@@ -66,11 +68,14 @@ def ordinary_tokens(model: TransformerLensModel) -> Int[Tensor, " n"]:
     return torch.tensor([token for token in range(size) if token not in special], dtype=torch.long)
 
 
-def _first_token(model: TransformerLensModel, max_len: int, bos: bool) -> list[int]:
-    """`[bos_id]` or `[]`, after checking `max_len` against the model's context."""
+def _check_max_len(model: TransformerLensModel, max_len: int, bos: bool) -> None:
     if not isinstance(max_len, int) or not 1 + bos <= max_len <= model.cfg.n_ctx:
         raise ValueError(f"max_len must be an integer in {1 + bos}..{model.cfg.n_ctx} (the model's n_ctx), "
                          f"got {max_len!r}")
+
+
+def _first_token(model: TransformerLensModel, bos: bool) -> list[int]:
+    """`[bos_id]`, or `[]` without `bos`."""
     if not bos:
         return []
     bos_id = bos_token_id(model)
