@@ -27,6 +27,7 @@ from poslens.variants import HookedTransformer, TrainSettings, load_any, preset,
 from poslens.variants.config import DTYPES
 from poslens.variants.hub import model_name
 
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_LEN = 128  # tokens per text / random sequence when --max-len is not given
 DEFAULT_MODEL_SEQUENCES = 200  # sequences of text / random tokens when --sequences is not given
 
@@ -58,7 +59,7 @@ def _probe(args: argparse.Namespace) -> None:
     if args.figure:
         check_html_path(args.figure, overwrite=args.overwrite)
     if args.model:
-        model = load_any(args.model, tokenizer=_tokenizer(args.tokenizer), device=args.device)
+        model = _load_model(args)
         models, (data, n_sequences) = {_display_name(model, args.model): [model]}, _model_data(model, args)
     else:
         if args.text or args.random_tokens:
@@ -102,13 +103,14 @@ def _model_data(model, args: argparse.Namespace):
     raise ValueError(f"say what to probe {args.model} on: --text FILE or --random-tokens")
 
 
-def _tokenizer(spec: str | None):
-    """`--tokenizer`: a tokenizer folder or hub id, loaded with transformers' AutoTokenizer."""
-    if spec is None:
-        return None
-    from transformers import AutoTokenizer
+def _load_model(args: argparse.Namespace):
+    """`--model` with its `--tokenizer` (a folder or hub id, for AutoTokenizer), `--device` and `--dtype`."""
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(spec)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    return load_any(args.model, tokenizer=tokenizer, device=args.device, dtype=MODEL_DTYPES[args.dtype])
 
 
 def _display_name(model, spec: str) -> str:
@@ -124,7 +126,7 @@ def _print_note(model) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    model = load_any(args.model, tokenizer=_tokenizer(args.tokenizer), device=args.device)
+    model = _load_model(args)
     summary = describe(model)
     sites = summary.pop("residual_sites")
     for key, value in summary.items():
@@ -219,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                f"(default {DEFAULT_MAX_LEN}, or n_ctx if smaller)")
     p.add_argument("--no-bos", action="store_true", help="do not put the BOS token first")
     p.add_argument("--tokenizer", help="with --model: a tokenizer folder or hub id (for a folder without one)")
+    p.add_argument("--dtype", default="float32", choices=list(MODEL_DTYPES), help="with --model: weight precision")
     p.add_argument("--out", required=True, help="tidy table: .csv, .md, .tex or .json; OUT_STEM.by_position and "
                                                 "OUT_STEM.models tables are written beside it")
     p.add_argument("--sites", nargs="+", help="residual sites (default: embed and every resid_mid / resid_post)")
@@ -241,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("inspect", help="a model's layers, residual sites and per-layer positional encoding")
     p.add_argument("--model", required=True, help="a Hugging Face hub id, a save_pretrained folder or a poslens run")
     p.add_argument("--tokenizer", help="a tokenizer folder or hub id (for a folder without one)")
+    p.add_argument("--dtype", default="float32", choices=list(MODEL_DTYPES), help="weight precision")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(run=_inspect)
 

@@ -43,12 +43,18 @@ MIN_TOKENIZER_FRACTION = 0.5
 IN_MEMORY = "in-memory"
 
 
-def load_any(spec: Any, *, tokenizer: Any = None, device: str | None = None) -> TransformerLensModel:
+def load_any(spec: Any, *, tokenizer: Any = None, device: str | None = None,
+             dtype: torch.dtype | None = None) -> TransformerLensModel:
     """The model `spec` names, as a TransformerLens model in eval mode (see the module docstring).
 
     `tokenizer` (a `transformers` tokenizer) goes with a Hugging Face model or folder; `device`
-    (`cpu`, `cuda`, ...) is where the loaded model runs. A model object is returned as it is.
+    (`cpu`, `cuda`, ...) is where the loaded model runs; `dtype` the precision its weights are
+    loaded in (default float32; `torch.bfloat16` halves a large model). A model object is
+    returned as it is.
     """
+    if isinstance(spec, TransformerLensModel) or _is_hf_model(spec):
+        if dtype is not None:
+            raise ValueError("dtype= applies to a model loaded from a folder or the hub; cast a model object yourself")
     if isinstance(spec, TransformerLensModel):
         if tokenizer is not None or device is not None:
             raise ValueError("a TransformerLens model object is used as it is: do not pass tokenizer= or device=")
@@ -61,10 +67,10 @@ def load_any(spec: Any, *, tokenizer: Any = None, device: str | None = None) -> 
                          "TransformerLens model")
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _load_folder(path, tokenizer, device)
+        return _load_folder(path, tokenizer, device, dtype)
     if path.exists() or str(spec).startswith((".", "/", "~")) or path.is_absolute():
         raise FileNotFoundError(f"{spec} is not a model folder (a poslens run directory or a save_pretrained folder)")
-    return _boot(str(spec), tokenizer=tokenizer, device=device)
+    return _boot(str(spec), tokenizer=tokenizer, device=device, dtype=dtype)
 
 
 def fresh_twin(model: TransformerLensModel, *, seed: int = 0) -> TransformerLensModel:
@@ -121,26 +127,28 @@ def _is_hf_model(spec: Any) -> bool:
     return isinstance(spec, PreTrainedModel)
 
 
-def _load_folder(path: Path, tokenizer: Any, device: str | None) -> TransformerLensModel:
+def _load_folder(path: Path, tokenizer: Any, device: str | None, dtype: torch.dtype | None) -> TransformerLensModel:
     """A poslens run directory (`config.json` with a poslens `config`) or a `save_pretrained` folder."""
     record = read_json(path / "config.json") if (path / "config.json").is_file() else None
     if isinstance(record, dict) and "config" in record and "format" in record:
         if tokenizer is not None:
             raise ValueError(f"{path} is a poslens run: its tokens are the characters of its alphabet; "
                              "do not pass tokenizer=")
-        return load(path, device=device or "cpu")
+        return load(path, device=device or "cpu", dtype=dtype)
     if isinstance(record, dict) and "model_type" in record:
-        return _boot(str(path), tokenizer=tokenizer, device=device)
+        return _boot(str(path), tokenizer=tokenizer, device=device, dtype=dtype)
     raise ValueError(f"{path} is neither a poslens run directory nor a save_pretrained folder "
                      "(no config.json with a poslens config or a Hugging Face model_type)")
 
 
-def _boot(name: str, *, tokenizer: Any, device: str | None, hf_model: Any = None) -> TransformerLensModel:
+def _boot(name: str, *, tokenizer: Any, device: str | None, hf_model: Any = None,
+          dtype: torch.dtype | None = None) -> TransformerLensModel:
     from transformer_lens.model_bridge import TransformerBridge
 
     kept = None if tokenizer is None else _kept_tokenizer(tokenizer)
     try:
-        bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=kept, device=device)
+        bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=kept, device=device,
+                                                     dtype=dtype or torch.float32)
     except OSError as error:
         raise ValueError(f"could not load {name!r}: it is not a local folder, and loading it from the Hugging Face "
                          f"hub failed (offline? give a folder written by save_pretrained instead): {error}") from error

@@ -122,12 +122,12 @@ def sweep_probes(models_by_variant: Mapping[str, Sequence[TransformerLensModel]]
         per_site, per_position = _task_baselines(tokens, label, target, split, controls, C)
         site_baselines += per_site
         position_baselines += per_position
-    records, by_position, models = [], [], []
+    records, by_position, infos = [], [], []
     jobs = [(variant, model) for variant, models in models_by_variant.items() for model in models]
     options = {"sites": sites, "C": C, "seed": seed, "dtype": activation_dtype, "batch_size": batch_size}
     for variant, model in tqdm(jobs, desc="probe sweep", disable=quiet):
         common = {"variant": variant, "seed": int(getattr(model.cfg, "seed", None) or 0)}
-        models.append(model_info(model, variant=variant, seed=common["seed"]))
+        infos.append(model_info(model, variant=variant, seed=common["seed"]))
         rows, position_rows = probe_model(model, tokens, labels, split, control="control_task" in controls, **options)
         records += [{**common, **row, "baseline": "trained"} for row in rows]
         by_position += [{**common, **row, "baseline": "trained"} for row in position_rows]
@@ -140,7 +140,7 @@ def sweep_probes(models_by_variant: Mapping[str, Sequence[TransformerLensModel]]
         by_position += [{**common, "site": site, **row} for row in position_baselines for site in site_names]
     return ProbeSweep(_tidy(records, PROBE_COLUMNS, PROBE_DTYPES),
                       _tidy(by_position, PROBE_POSITION_COLUMNS, PROBE_POSITION_DTYPES),
-                      pd.concat(models, ignore_index=True))
+                      pd.concat(infos, ignore_index=True))
 
 
 def probe_sweep(models_by_variant: Mapping[str, Sequence[TransformerLensModel]], task: Task, *,
