@@ -2,7 +2,8 @@
 
 - `measures`: pure functions from a model and tokens (or captured activations) to tidy tables:
   invariance, the probe sweep, correlation structure, activation patching, position swaps and
-  residual cuts, attention entropy, induction scores.
+  residual cuts, attention entropy, induction scores; what a model is (its residual sites and
+  per-layer positional encoding) and the token sequences a language model is probed on.
 - `experiments`: the jobs that train, call measures and write `tables/`, `figures/`,
   `summary.md` and `report.html` (`reproduce`, `dynamics`), with their sizes in `presets`. No
   experiment imports another.

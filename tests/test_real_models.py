@@ -200,6 +200,11 @@ def test_inspect_and_probe_commands_on_a_saved_model(run_cli, tiny_hf, word_toke
     folder = tmp_path / "smol"
     tiny_hf("smollm3").save_pretrained(folder)
     word_tokenizer().save_pretrained(folder)
+    half = load_any(folder, dtype=torch.bfloat16)  # a large model's weights can load in bfloat16
+    assert half.cfg.dtype == torch.bfloat16 and positional_encodings(half)["pe_kind"].tolist() == PE_KINDS["smollm3"]
+    assert capture_residuals(half, TOKENS).activations.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype= applies to a model loaded from a folder or the hub"):
+        load_any(half, dtype=torch.float32)
     code, text, _ = run_cli("inspect", "--model", str(folder))
     assert code == 0 and "residual sites (5): embed, blocks.0.hook_resid_mid" in text
     assert "| smol | 0 | 1 | none | rotary |" in text
