@@ -7,25 +7,34 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from poslens.analyses.experiments.dynamics import write_dynamics
 from poslens.analyses.experiments.induction import write_induction
 from poslens.analyses.experiments.presets import DYNAMICS_TASKS, MARKOV_VARIANT, PRESETS
 from poslens.analyses.experiments.reproduce import reproduce
-from poslens.analyses.figures import check_html_path, write_figure
-from poslens.analyses.figures.probes import probe_accuracy_figure
+from poslens.analyses.figures import check_html_path, file_name, write_figure
+from poslens.analyses.figures.probes import probe_accuracy_figure, probe_position_figure
+from poslens.analyses.measures.discovery import describe, layer_sites, model_info, site_note
 from poslens.analyses.measures.invariance import invariance_table
-from poslens.analyses.measures.probe_sweep import CONTROLS, probe_sweep
+from poslens.analyses.measures.probe_sweep import CONTROLS, TARGETS, sidecar_paths, sweep_probes
+from poslens.analyses.measures.sequences import random_sequences, read_text, text_sequences
 from poslens.analyses.runs import load_models_by_variant, load_task
 from poslens.analyses.sweep import EXECUTORS, UnitsFailed
-from poslens.analyses.tables import EXPORT_SUFFIXES, check_writable, export_table, render_table, side_by_side
+from poslens.analyses.tables import EXPORT_SUFFIXES, check_writable, render_table, side_by_side
 from poslens.demos.panels import DEFAULT_MODEL_DIR, default_model, discover_models
 from poslens.demos.static import write_static_page
 from poslens.tasks import TASKS, make_task
-from poslens.variants import TrainSettings, preset, train
+from poslens.variants import HookedTransformer, TrainSettings, load_any, preset, train
 from poslens.variants.checkpoint import restamp
 from poslens.variants.config import DTYPES, check_device
+from poslens.variants.hub import model_name
 from poslens.variants.locking import DirectoryLocked
 from poslens.variants.training import restamp_run
+
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_LEN = 128  # tokens per text / random sequence when --max-len is not given
+DEFAULT_MODEL_SEQUENCES = 200  # sequences of text / random tokens when --sequences is not given
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -48,19 +57,88 @@ def _invariance(args: argparse.Namespace) -> None:
 
 
 def _probe(args: argparse.Namespace) -> None:
-    check_writable(args.out, overwrite=args.overwrite)
+    if bool(args.checkpoints) == bool(args.model):
+        raise ValueError("give either checkpoint directories or --model SPEC (not both)")
+    for path in (args.out, *sidecar_paths(args.out).values()):
+        check_writable(path, overwrite=args.overwrite)
     if args.figure:
         check_html_path(args.figure, overwrite=args.overwrite)
-    tasks = {load_task(directory) for directory in args.checkpoints}
-    if len(tasks) != 1:
-        raise ValueError(f"checkpoints were trained on different tasks ({sorted(map(str, tasks))}); probe them separately")
-    table = probe_sweep(load_models_by_variant(args.checkpoints), tasks.pop(), n_sequences=args.sequences,
-                        sites=args.sites, controls=args.control, quiet=args.quiet)
-    export_table(table, args.out, overwrite=args.overwrite)
-    print(render_table(side_by_side(table), "md"), end="")
+    if args.model:
+        model = _load_model(args)
+        models, (data, n_sequences) = {_display_name(model, args.model): [model]}, _model_data(model, args)
+    else:
+        if args.text or args.random_tokens:
+            raise ValueError("--text and --random-tokens go with --model; checkpoints are probed on their task")
+        tasks = {load_task(directory) for directory in args.checkpoints}
+        if len(tasks) != 1:
+            raise ValueError(f"checkpoints were trained on different tasks ({sorted(map(str, tasks))}); "
+                             "probe them separately")
+        models, data = load_models_by_variant(args.checkpoints, device=args.device), tasks.pop()
+        n_sequences = args.sequences or 1000
+    first = next(iter(models.values()))[0]
+    sites = args.sites or (layer_sites(first, args.layers) if args.layers else None)
+    result = sweep_probes(models, data, n_sequences=n_sequences, sites=sites, controls=args.control,
+                          targets=args.targets, activation_dtype=torch.float16 if args.float16 else None,
+                          quiet=args.quiet)
+    paths = result.export(args.out, overwrite=args.overwrite)
+    if args.model:
+        print(render_table(result.models, "md"), end="")
+        _print_note(first)
+    print(render_table(side_by_side(result.table), "md"), end="")
     if args.figure:
-        write_figure(probe_accuracy_figure(table), args.figure, overwrite=args.overwrite)
-    print(f"wrote {args.out}" + (f" and {args.figure}" if args.figure else ""))
+        paths.append(write_figure(probe_accuracy_figure(result.table), args.figure, overwrite=args.overwrite))
+        for variant in models:
+            by_position = Path(args.figure).with_name(f"{Path(args.figure).stem}.{file_name(variant)}.by_position.html")
+            paths.append(write_figure(probe_position_figure(result.by_position, variant), by_position,
+                                      overwrite=args.overwrite))
+    print("wrote " + ", ".join(map(str, paths)))
+
+
+def _model_data(model, args: argparse.Namespace):
+    """What `poslens probe --model` probes, and how many sequences of it: a text, random tokens, or a
+    poslens run's own task."""
+    if args.text or args.random_tokens:
+        max_len = args.max_len or min(DEFAULT_MAX_LEN, model.cfg.n_ctx)
+        n_sequences, bos = args.sequences or DEFAULT_MODEL_SEQUENCES, not args.no_bos
+        if args.text:
+            return text_sequences(model, read_text(args.text), max_len, bos=bos, max_sequences=n_sequences), None
+        return random_sequences(model, n_sequences, max_len, bos=bos, seed=args.seed), None
+    if isinstance(model, HookedTransformer) and Path(args.model).is_dir():
+        return load_task(args.model), args.sequences or 1000
+    raise ValueError(f"say what to probe {args.model} on: --text FILE or --random-tokens")
+
+
+def _load_model(args: argparse.Namespace):
+    """`--model` with its `--tokenizer` (a folder or hub id, for AutoTokenizer), `--device` and `--dtype`."""
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    return load_any(args.model, tokenizer=tokenizer, device=args.device, dtype=MODEL_DTYPES[args.dtype])
+
+
+def _display_name(model, spec: str) -> str:
+    """The variant column of a `--model`: the model's name, or its folder's name for a local folder."""
+    name = model_name(model)
+    return Path(spec).name if Path(spec).is_dir() and not isinstance(model, HookedTransformer) else name
+
+
+def _print_note(model) -> None:
+    note = site_note(model)
+    if note:
+        print(f"note: {note}")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    model = _load_model(args)
+    summary = describe(model)
+    sites = summary.pop("residual_sites")
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    print(f"residual sites ({len(sites)}): {', '.join(sites)}")
+    _print_note(model)
+    print(render_table(model_info(model, variant=_display_name(model, args.model)), "md"), end="")
 
 
 def _dynamics(args: argparse.Namespace) -> None:
@@ -176,16 +254,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_invariance)
 
     p = commands.add_parser("probe", help="linear position probes at every residual site, with controls")
-    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT_DIR", help="trained run directories")
-    p.add_argument("--out", required=True, help="tidy table: .csv, .md, .tex or .json")
+    p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT_DIR", help="trained run directories")
+    p.add_argument("--model", help="instead: one model, a Hugging Face hub id, a save_pretrained folder or a "
+                                    "poslens run directory (see README, Real models)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--text", metavar="FILE", help="with --model: probe a UTF-8 text, chunked into sequences of "
+                                                       "--max-len tokens with the model's tokenizer, BOS first")
+    source.add_argument("--random-tokens", action="store_true", help="with --model: probe uniformly random tokens")
+    p.add_argument("--max-len", type=int, help=f"tokens per text / random sequence, BOS included "
+                                               f"(default {DEFAULT_MAX_LEN}, or n_ctx if smaller)")
+    p.add_argument("--no-bos", action="store_true", help="do not put the BOS token first")
+    p.add_argument("--tokenizer", help="with --model: a tokenizer folder or hub id (for a folder without one)")
+    p.add_argument("--dtype", default="float32", choices=list(MODEL_DTYPES), help="with --model: weight precision")
+    p.add_argument("--out", required=True, help="tidy table: .csv, .md, .tex or .json; OUT_STEM.by_position and "
+                                                "OUT_STEM.models tables are written beside it")
     p.add_argument("--sites", nargs="+", help="residual sites (default: embed and every resid_mid / resid_post)")
+    p.add_argument("--layers", nargs="+", type=int, help="instead of --sites: embed and the sites of these blocks")
+    p.add_argument("--targets", nargs="+", default=["position"], choices=list(TARGETS),
+                   help="what to probe (role needs a task with role labels; default position)")
     p.add_argument("--control", nargs="+", default=list(CONTROLS), choices=list(CONTROLS),
                    help="baselines to compute beside the trained probes (default: all)")
-    p.add_argument("--sequences", type=int, default=1000, help="held-out sequences to probe (split by sequence)")
-    p.add_argument("--figure", help="also write the accuracy-vs-layer figure as a standalone .html")
+    p.add_argument("--sequences", type=int, help="sequences to probe, split by sequence (default 1000 held-out task "
+                                                 f"sequences, {DEFAULT_MODEL_SEQUENCES} of text or random tokens)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the random tokens")
+    p.add_argument("--float16", action="store_true", help="keep the captured activations in float16 (half the memory)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--figure", help="also write the accuracy-vs-layer figure as a standalone .html (and one "
+                                    "accuracy-by-position figure per variant beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_probe)
+
+    p = commands.add_parser("inspect", help="a model's layers, residual sites and per-layer positional encoding")
+    p.add_argument("--model", required=True, help="a Hugging Face hub id, a save_pretrained folder or a poslens run")
+    p.add_argument("--tokenizer", help="a tokenizer folder or hub id (for a folder without one)")
+    p.add_argument("--dtype", default="float32", choices=list(MODEL_DTYPES), help="weight precision")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(run=_inspect)
 
     p = commands.add_parser("dynamics", help="train with log-spaced snapshots; loss, probes and attention entropy "
                                              "over training")
@@ -238,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def describe(error: BaseException) -> str:
+def error_line(error: BaseException) -> str:
     """One line for a user error: an `OSError` about a path names the path and the problem."""
     if isinstance(error, OSError) and error.filename is not None:
         paths = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 is not None else "")
@@ -255,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_device(args.device)
         args.run(args)
     except (ValueError, OSError, DirectoryLocked, FloatingPointError, UnitsFailed) as error:
-        print(f"poslens {args.command}: error: {describe(error)}", file=sys.stderr)
+        print(f"poslens {args.command}: error: {error_line(error)}", file=sys.stderr)
         return 2
     return 0
 

@@ -3,7 +3,8 @@
 - `measures`: pure functions from a model and tokens (or captured activations) to tidy tables:
   invariance, the probe sweep, correlation structure, position geometry, activation patching,
   position swaps and residual cuts (and which of their cells the architecture fixes), attention
-  entropy, induction scores.
+  entropy, induction scores; what a model is (its residual sites and per-layer positional
+  encoding) and the token sequences a language model is probed on.
 - `experiments`: the jobs that train, call measures and write `tables/`, `figures/`,
   `summary.md` and `report.html` (`reproduce`, `dynamics`), with their sizes in `presets`. No
   experiment imports another.

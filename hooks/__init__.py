@@ -6,9 +6,10 @@ from poslens.hooks.capture import (
            capture_patterns,
            capture_residuals,
            hook_name,
+           missing_resid_mid,
            residual_sites,
 )
 from poslens.hooks.interventions import cut_residual, mean_ablation, zero_ablation
 
 __all__ = ["EMBED", "Capture", "capture_patterns", "capture_residuals", "cut_residual", "hook_name", "mean_ablation",
-           "residual_sites", "zero_ablation"]
+           "missing_resid_mid", "residual_sites", "zero_ablation"]

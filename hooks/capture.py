@@ -1,4 +1,9 @@
-"""Residual-stream capture: every site, one forward pass per batch, memory bounded by the batch."""
+"""Residual-stream capture: every site, one forward pass per batch, memory bounded by the batch.
+
+Everything here is written against TransformerLens's model protocol (`cfg`, `hook_dict`, `hooks`,
+calling the model on tokens), so it runs unchanged on poslens's own `HookedTransformer` and on a
+Hugging Face model wrapped in a `TransformerBridge` (`poslens.variants.load_any`).
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,30 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens.model_protocol import TransformerLensModel
 
-from poslens.variants import HookedTransformer
+from poslens.variants.tokens import check_token_batch
 
 EMBED = "embed"
+BATCH_TOKENS = 8192  # tokens per forward pass when no batch size is given
 
 
-def residual_sites(model: HookedTransformer) -> list[str]:
-    """All residual-stream sites in order: `embed` (the stream entering block 0), then each
-    block's `resid_mid` and `resid_post`, as TransformerLens hook names."""
-    return [EMBED] + [f"blocks.{block}.hook_{name}" for block in range(model.cfg.n_layers)
-                      for name in ("resid_mid", "resid_post")]
+def residual_sites(model: TransformerLensModel) -> list[str]:
+    """All residual-stream sites the model has, in order: `embed` (the stream entering block 0),
+    then each block's `resid_mid` (where it exists) and `resid_post`, as TransformerLens hook names.
+
+    A block whose attention and MLP read the same input in parallel (GPT-NeoX / Pythia's
+    `use_parallel_residual`) has no `hook_resid_mid`; its sites are then only `resid_post`
+    (`missing_resid_mid` names those blocks)."""
+    hooks = model.hook_dict
+    return [EMBED] + [site for block in range(model.cfg.n_layers) for site in
+                      (f"blocks.{block}.hook_resid_mid", f"blocks.{block}.hook_resid_post") if site in hooks]
+
+
+def missing_resid_mid(model: TransformerLensModel) -> list[int]:
+    """The blocks without a `hook_resid_mid` (parallel attention and MLP)."""
+    return [block for block in range(model.cfg.n_layers) if f"blocks.{block}.hook_resid_mid" not in model.hook_dict]
 
 
 def hook_name(site: str) -> str:
@@ -41,30 +59,35 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def capture_residuals(model: HookedTransformer, tokens: Int[Tensor, "example pos"], sites: list[str] | None = None,
-                      batch_size: int = 512) -> Capture:
+def capture_residuals(model: TransformerLensModel, tokens: Int[Tensor, "example pos"], sites: list[str] | None = None,
+                      batch_size: int | None = None, *, dtype: torch.dtype | None = None, quiet: bool = True) -> Capture:
     """The residual stream at `sites` (default: all of `residual_sites`) for every example.
 
-    Runs one forward pass per batch of `batch_size` examples, writing straight into the
-    result on the CPU, so peak memory is the result plus one batch's activations.
+    Runs one forward pass per batch of `batch_size` examples (default: as many as make about
+    `BATCH_TOKENS` tokens) on the model's device, writing straight into the result on the CPU, so
+    peak memory is the result plus one batch's activations; each pass stops after the last
+    requested site. `dtype` is the result's (default the model's; `torch.float16` halves it).
     """
     allowed = residual_sites(model)
     sites = list(allowed if sites is None else sites)
     unknown = [site for site in sites if site not in allowed]
     if unknown or not sites or len(set(sites)) != len(sites):
         raise ValueError(f"sites must be distinct and among {allowed}; got {sites}")
-    tokens = model.check_tokens(tokens)
+    tokens = check_token_batch(tokens, model.cfg.n_ctx, model.cfg.d_vocab)
     if len(tokens) == 0:
         raise ValueError("cannot capture activations of an empty dataset (0 examples)")
+    if batch_size is None:
+        batch_size = max(1, BATCH_TOKENS // max(tokens.shape[1], 1))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    out = torch.empty(len(sites), *tokens.shape, model.cfg.d_model, dtype=model.cfg.dtype)
+    dtype = dtype or model.cfg.dtype
+    out = torch.empty(len(sites), *tokens.shape, model.cfg.d_model, dtype=dtype)
     last = max(range(len(sites)), key=lambda index: allowed.index(sites[index]))
     window = slice(0, 0)
 
     def writer(index: int):
         def hook(activation: Tensor, hook) -> None:
-            out[index, window] = activation.to("cpu")
+            out[index, window] = activation.to(device="cpu", dtype=dtype)
             if index == last:
                 raise _StopForward
 
@@ -75,7 +98,7 @@ def capture_residuals(model: HookedTransformer, tokens: Int[Tensor, "example pos
     model.eval()
     try:
         with model.hooks(fwd_hooks=fwd_hooks):
-            for start in range(0, len(tokens), batch_size):
+            for start in tqdm(range(0, len(tokens), batch_size), desc="capture", disable=quiet):
                 window = slice(start, start + batch_size)
                 try:
                     model(tokens[window].to(model.cfg.device))
@@ -87,7 +110,7 @@ def capture_residuals(model: HookedTransformer, tokens: Int[Tensor, "example pos
 
 
 @torch.no_grad()
-def capture_patterns(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]
+def capture_patterns(model: TransformerLensModel, tokens: Int[Tensor, "batch pos"]
                      ) -> tuple[Float[Tensor, "batch pos d_vocab"], Float[Tensor, "layer batch head query key"]]:
     """Logits and every layer's attention pattern (`blocks.{l}.attn.hook_pattern`), caching nothing else."""
     logits, cache = model.run_with_cache(tokens.to(model.cfg.device),

@@ -7,8 +7,11 @@ numpy arrays and outputs are torch tensors. Features are standardised per site.
 - `PositionProbe`: multinomial logistic regression, token → class (position, role, digit…).
 - `RidgePositionProbe`: ridge regression, token → position as a number (R², MAE).
 - `split_by_sequence`, `flatten_tokens`: train/test splits that never share a sequence.
-- `control_labels`, `selectivity`, `token_identity_baseline`, `chance_accuracy`,
-  `random_guess_mad`: what an accuracy has to beat.
+- `control_labels`, `selectivity`, `token_identity_baseline` (and the predictions behind it,
+  `token_identity_predictions`), `chance_accuracy`, `random_guess_mad`: what an accuracy has to beat.
+
+Working memory is bounded whatever the number of sites, tokens and classes: a fit takes sites in
+groups within `memory_limit` and evaluates its logits in chunks (`probes.base`, `probes.logistic`).
 
 Depends on torch, numpy and einops only; the data come from `hooks` via the caller.
 """
@@ -19,6 +22,7 @@ from poslens.probes.controls import (
     random_guess_mad,
     selectivity,
     token_identity_baseline,
+    token_identity_predictions,
 )
 from poslens.probes.inputs import NotFittedError
 from poslens.probes.logistic import PositionProbe
@@ -36,4 +40,5 @@ __all__ = [
     "selectivity",
     "split_by_sequence",
     "token_identity_baseline",
+    "token_identity_predictions",
 ]

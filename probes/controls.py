@@ -15,6 +15,8 @@ from torch import Tensor
 from poslens.probes.inputs import ArrayLike, as_tensor, positive_int
 from poslens.probes.logistic import PositionProbe
 
+MAX_ONE_HOT_TYPES = 512  # token types up to which the token-identity baseline is a probe on the one-hot token
+
 
 def control_labels(token_ids: Int[ArrayLike, "*tokens"], labels: Int[ArrayLike, "*tokens"], seed: int = 0) -> Int[
         Tensor, "*tokens"]:
@@ -42,22 +44,43 @@ def selectivity(task_accuracy: Tensor | float, control_accuracy: Tensor | float)
 def token_identity_baseline(token_ids: Int[ArrayLike, "sequence *position"],
                             labels: Int[ArrayLike, "sequence *position"], train_idx: Int[ArrayLike, " n_train"], test_idx: Int[ArrayLike, " n_test"], *,
                             C: float = 1.0) -> float:
-    """Test accuracy of a `PositionProbe` that sees only a one-hot of each token's id: the best a
-    probe does from token identity alone, the bar a probe of the residual stream has to clear.
+    """Test accuracy of `token_identity_predictions`: the best a probe does from token identity
+    alone, the bar a probe of the residual stream has to clear.
 
     `train_idx` and `test_idx` index the leading axis (sequences of `[sequence, position]`
     arrays, as `split_by_sequence` gives, or tokens of flat arrays)."""
+    predicted = token_identity_predictions(token_ids, labels, train_idx, test_idx, C=C)
+    return (predicted == _integers(labels, "labels")[_integers(test_idx, "test_idx")].flatten()).double().mean().item()
+
+
+def token_identity_predictions(token_ids: Int[ArrayLike, "sequence *position"],
+                               labels: Int[ArrayLike, "sequence *position"], train_idx: Int[ArrayLike, " n_train"],
+                               test_idx: Int[ArrayLike, " n_test"], *, C: float = 1.0) -> Int[Tensor, " n_test_tokens"]:
+    """The label a probe that sees only each token's id predicts for every test token (flattened
+    in the order of `test_idx`, sequence-major).
+
+    Up to `MAX_ONE_HOT_TYPES` token types it is a `PositionProbe` on the one-hot token; with more
+    (a language model's vocabulary, where that probe would have a weight per type and class) it
+    is what such a probe converges to with enough data: the most frequent training label of the
+    token's type (the smallest on a tie), and the most frequent label overall for a type never
+    seen in training."""
     token_ids, labels = _integers(token_ids, "token_ids"), _integers(labels, "labels")
     if token_ids.shape != labels.shape:
         raise ValueError(f"token_ids {tuple(token_ids.shape)} and labels {tuple(labels.shape)} differ in shape")
-    n_types = int(token_ids.max()) + 1
     train_idx, test_idx = _integers(train_idx, "train_idx"), _integers(test_idx, "test_idx")
+    types, type_ids = torch.unique(token_ids, return_inverse=True)
+    train_types, train_labels = type_ids[train_idx].flatten(), labels[train_idx].flatten()
+    if len(types) <= MAX_ONE_HOT_TYPES:
+        def one_hot(rows: Tensor) -> Tensor:
+            return torch.nn.functional.one_hot(type_ids[rows].flatten(), len(types)).float()
 
-    def one_hot(rows: Tensor) -> Tensor:
-        return torch.nn.functional.one_hot(token_ids[rows].flatten(), n_types).float()
-
-    probe = PositionProbe(C=C).fit(one_hot(train_idx), labels[train_idx].flatten())
-    return probe.score(one_hot(test_idx), labels[test_idx].flatten())
+        return PositionProbe(C=C).fit(one_hot(train_idx), train_labels).predict(one_hot(test_idx))
+    n_labels = int(labels.max()) + 1
+    counts = torch.zeros(len(types), n_labels, dtype=torch.long).index_put_(
+        (train_types, train_labels), torch.ones_like(train_labels), accumulate=True)
+    overall = torch.bincount(train_labels, minlength=n_labels).argmax()
+    majority = torch.where(counts.sum(1) > 0, counts.argmax(1), overall)
+    return majority[type_ids[test_idx].flatten()]
 
 
 def chance_accuracy(labels: Int[ArrayLike, "*tokens"]) -> float:

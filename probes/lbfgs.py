@@ -23,6 +23,7 @@ Objective = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 Preconditioner = Callable[[Tensor, Tensor], Tensor]
 
 ARMIJO = 1e-4  # sufficient-decrease constant
+HISTORY = 10  # (step, gradient change) pairs kept per site
 MAX_BACKTRACKS = 30
 
 
@@ -34,7 +35,7 @@ class Solution:
 
 
 def minimize(objective: Objective, x0: Float[Tensor, "site rows cols"], precondition: Preconditioner, *, tol: float,
-             max_iter: int, history: int = 10) -> Solution:
+             max_iter: int, history: int = HISTORY) -> Solution:
     """Minimise `objective` independently for every site, starting from `x0`.
 
     `precondition` is the initial inverse-Hessian guess of each quasi-Newton step; the closer

@@ -6,8 +6,11 @@ features — mean cross-entropy + |W|² / (2·C·n_tokens), bias unpenalised —
 compared with it. The solver is a batched L-BFGS (`probes.lbfgs`) preconditioned with a
 Kronecker-factored Hessian (exact at the start, so the first step is a Newton step): on the
 correlated features of a residual stream it needs several times fewer passes over the data
-than plain L-BFGS. Each pass evaluates the sites one after another so that a site's activations
-stay in cache between the forward and backward products; the solver's bookkeeping is batched.
+than plain L-BFGS. Each pass evaluates the sites one after another, so that a site's activations
+stay in cache between the forward and backward products, and a site's tokens in chunks of at
+most `LOGITS_PER_CHUNK` logits (1,024 positions × 100k tokens × 25 sites would be ~10 GB of
+logits at once; below ~700k tokens with 12 classes a site is one chunk); the solver's
+bookkeeping is batched. Sites are fitted in groups that fit in `memory_limit` (`probes.base`).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from poslens.probes.base import SiteProbe
+from poslens.probes.base import DEFAULT_MEMORY_LIMIT, SiteProbe
 from poslens.probes.inputs import ArrayLike, activations, class_labels, positive, positive_int
-from poslens.probes.lbfgs import minimize
+from poslens.probes.lbfgs import HISTORY, minimize
+
+LOGITS_PER_CHUNK = 2**23  # logits (classes × tokens) of one chunk of one site: 32 MB in float32
 
 
 class PositionProbe(SiteProbe):
@@ -33,7 +38,9 @@ class PositionProbe(SiteProbe):
     Parameters: `C` inverse regularisation strength (as scikit-learn's); `max_iter` and `tol`
     (stop when every gradient entry is at most `tol`, as scikit-learn's lbfgs); `n_classes`
     defaults to `y.max() + 1`; `dtype` of the computation (float32 is about twice as fast as
-    float64 and accurate to well below a point of accuracy). Fitting is deterministic.
+    float64 and accurate to well below a point of accuracy); `memory_limit`, the bytes of working
+    memory a fit may use beside its inputs (sites are fitted in groups that fit). Fitting is
+    deterministic.
 
     Fitted attributes: `classes_` (`arange(n_classes)`), `weight_` `[site, d_model, n_classes]`
     and `bias_` `[site, n_classes]` acting on standardised features (`(X - mean_) / scale_`,
@@ -42,8 +49,9 @@ class PositionProbe(SiteProbe):
     """
 
     def __init__(self, C: float = 1.0, *, max_iter: int = 200, tol: float = 1e-4, n_classes: int | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, memory_limit: int = DEFAULT_MEMORY_LIMIT):
         self.C, self.max_iter, self.tol, self.n_classes, self.dtype = C, max_iter, tol, n_classes, dtype
+        self.memory_limit = memory_limit
 
     def fit(self, X: Float[ArrayLike, "*site n_tokens d_model"], y: Int[ArrayLike, " n_tokens"]) -> PositionProbe:
         C, tol = positive(self.C, "C"), positive(self.tol, "tol")
@@ -54,31 +62,41 @@ class PositionProbe(SiteProbe):
         observed = torch.unique(y)
         if len(observed) < 2:
             raise ValueError(f"y must contain at least 2 distinct classes, got only {observed.tolist()}")
-        Zt = self._standardise_fit(X, ones_row=True)
-        loss = SoftmaxLoss(Zt, torch.searchsorted(observed, y), len(observed), l2=1 / (C * Zt.shape[2]))
-        solution = minimize(loss, loss.start(), loss.precondition, tol=tol, max_iter=max_iter)
+        n_sites, n_tokens, d_model = X.shape
         self.classes_ = torch.arange(n_classes)
-        self.weight_ = Zt.new_zeros(Zt.shape[0], Zt.shape[1] - 1, n_classes)
-        self.weight_[:, :, observed] = solution.x[:, :-1]
-        self.bias_ = Zt.new_full((Zt.shape[0], n_classes), float("-inf"))
-        self.bias_[:, observed] = solution.x[:, -1]
-        self.n_iter_ = solution.n_iter
-        if not solution.converged.all():
-            sites = (~solution.converged).nonzero().squeeze(1).tolist()
+        self.weight_ = torch.zeros(n_sites, d_model, n_classes, dtype=self.dtype)
+        self.bias_ = torch.full((n_sites, n_classes), float("-inf"), dtype=self.dtype)
+        self.n_iter_, converged = torch.zeros(n_sites, dtype=torch.long), torch.zeros(n_sites, dtype=torch.bool)
+        targets, means, scales = torch.searchsorted(observed, y), [], []
+        for group in self._site_groups(X, self._bytes_per_site(n_tokens, d_model + 1, len(observed))):
+            Zt, mean, scale = self._standardise_fit(X[group], ones_row=True)
+            loss = SoftmaxLoss(Zt, targets, len(observed), l2=1 / (C * n_tokens))
+            solution = minimize(loss, loss.start(), loss.precondition, tol=tol, max_iter=max_iter)
+            self.weight_[group, :, observed] = solution.x[:, :-1]
+            self.bias_[group, observed] = solution.x[:, -1]
+            self.n_iter_[group], converged[group] = solution.n_iter, solution.converged
+            means.append(mean)
+            scales.append(scale)
+            del Zt, loss, solution
+        self._set_statistics(means, scales, d_model)
+        if not converged.all():
+            sites = (~converged).nonzero().squeeze(1).tolist()
             warnings.warn(f"PositionProbe reached max_iter={max_iter} before tol={tol} at sites {sites}; "
                           "increase max_iter", RuntimeWarning, stacklevel=2)
         return self
 
     def predict_proba(self, X: Float[ArrayLike, "*site n_tokens d_model"]) -> Float[Tensor, "*site n_tokens n_classes"]:
         """Probability of each class for each token."""
-        logits, single = self._logits(X)
-        probs = logits.softmax(-1)
+        X, single = self._checked(X)
+        out = torch.empty(*X.shape[:2], len(self.classes_), dtype=self.dtype)
+        probs = self._map_standardised(X, lambda Z, site: self._site_logits(Z, site).softmax(-1), out)
         return probs[0] if single else probs
 
     def predict(self, X: Float[ArrayLike, "*site n_tokens d_model"]) -> Int[Tensor, "*site n_tokens"]:
         """The most probable class of each token."""
-        logits, single = self._logits(X)
-        classes = self.classes_[logits.argmax(-1)]
+        X, single = self._checked(X)
+        out = torch.empty(X.shape[:2], dtype=torch.long)
+        classes = self._map_standardised(X, lambda Z, site: self._site_logits(Z, site).argmax(-1), out)
         return classes[0] if single else classes
 
     def score(self, X: Float[ArrayLike, "*site n_tokens d_model"], y: Int[ArrayLike, " n_tokens"]) -> (
@@ -89,10 +107,15 @@ class PositionProbe(SiteProbe):
         accuracy = (predicted == y).double().mean(-1)
         return accuracy.item() if accuracy.ndim == 0 else accuracy
 
-    def _logits(self, X: Float[ArrayLike, "*site n_tokens d_model"]) -> tuple[
-            Float[Tensor, "site n_tokens n_classes"], bool]:
-        Z, single = self._standardise(X)
-        return torch.baddbmm(self.bias_.unsqueeze(1), Z, self.weight_), single
+    def _site_logits(self, Z: Float[Tensor, "n_tokens d_model"], site: int) -> Float[Tensor, "n_tokens n_classes"]:
+        return torch.addmm(self.bias_[site], Z, self.weight_[site])
+
+    def _bytes_per_site(self, n_tokens: int, n_features: int, n_classes: int) -> int:
+        """Working memory of one site's fit: its standardised activations, the solver's history and
+        iterates, the two curvature factors, and one chunk of logits."""
+        numbers = (n_features * n_tokens + (2 * HISTORY + 8) * n_features * n_classes + 2 * n_features**2
+                   + 3 * n_classes**2 + 3 * min(n_classes * n_tokens, LOGITS_PER_CHUNK))
+        return numbers * torch.finfo(self.dtype).bits // 8
 
     def _n_classes(self, y: Int[Tensor, " n_tokens"]) -> int:
         largest = int(y.max())
@@ -109,18 +132,19 @@ class SoftmaxLoss:
 
     Features come feature-major with a last row of ones, so a site's parameters are one
     `[d_model + 1, n_classes]` matrix whose last row is the (unpenalised) bias. `targets` index
-    the `n_classes` columns, and every class must occur.
+    the `n_classes` columns, and every class must occur. Each evaluation walks over the tokens
+    in chunks of `LOGITS_PER_CHUNK // n_classes`.
     """
 
     def __init__(self, Zt: Float[Tensor, "site d_model+1 n_tokens"], targets: Int[Tensor, " n_tokens"], n_classes: int,
                  l2: float):
         n_sites, n_features, n_tokens = Zt.shape
-        self.Zt, self.l2 = Zt, l2
+        self.Zt, self.l2, self.chunk = Zt, l2, max(1, LOGITS_PER_CHUNK // n_classes)
         self.targets = targets.view(1, n_tokens)
-        one_hot = torch.nn.functional.one_hot(targets, n_classes).to(Zt.dtype).T
-        self.prior = one_hot.mean(1)
+        self.prior = torch.bincount(targets, minlength=n_classes).to(Zt.dtype) / n_tokens
         # Σ_i y_i x_iᵀ / n: the part of the gradient that does not depend on the parameters
-        self.class_sums = torch.bmm(one_hot.expand(n_sites, -1, -1), Zt.mT).div_(n_tokens)
+        self.class_sums = torch.stack([Zt.new_zeros(n_classes, n_features).index_add_(0, targets, site.T)
+                                       for site in Zt]).div_(n_tokens)
         self.penalized = Zt.new_ones(n_features, 1)
         self.penalized[-1] = 0
         # The Hessian of a site is close to (class curvature) ⊗ (feature covariance) + l2, and equal to it
@@ -139,7 +163,7 @@ class SoftmaxLoss:
     def __call__(self, x: Float[Tensor, "sites d_model+1 n_classes"], sites: Int[Tensor, " sites"]) -> tuple[
             Float[Tensor, " sites"], Float[Tensor, "sites d_model+1 n_classes"]]:
         """Loss and gradient at `x` for `sites`, one site at a time: a site's activations (a few MB)
-        stay in cache between the forward and the backward product, where a batched product would
+        stays in cache between the forward and the backward product, where a batched product would
         stream every site's activations from memory twice."""
         losses, gradients = zip(*(self._evaluate(x_site, site) for x_site, site in zip(x, sites.tolist())))
         return torch.stack(losses), torch.stack(gradients)
@@ -160,10 +184,18 @@ class SoftmaxLoss:
             Float[Tensor, ""], Float[Tensor, "d_model+1 n_classes"]]:
         Zt = self.Zt[site]
         n_tokens = Zt.shape[1]
-        probs = torch.mm(x.T, Zt).softmax(0)  # [n_classes, n_tokens]
-        target_probs = probs.gather(0, self.targets)
+        log_likelihood = x.new_zeros(())
+        expected = x.new_zeros(x.shape[1], x.shape[0])  # Σ_i p_i x_iᵀ / n; its last column is mean_i p_i
+        second_moment = x.new_zeros(x.shape[1], x.shape[1])  # Σ_i p_i p_iᵀ / n
+        for start in range(0, n_tokens, self.chunk):
+            Z = Zt[:, start:start + self.chunk]
+            probs = torch.mm(x.T, Z).softmax(0)  # [n_classes, chunk]
+            target_probs = probs.gather(0, self.targets[:, start:start + self.chunk])
+            log_likelihood += target_probs.clamp_min(torch.finfo(x.dtype).tiny).log().sum()
+            expected.addmm_(probs, Z.T)
+            second_moment.addmm_(probs, probs.T)
+        expected.div_(n_tokens)
         weights = x * self.penalized
-        loss = -target_probs.clamp_min(torch.finfo(x.dtype).tiny).log().mean() + 0.5 * self.l2 * (weights * weights).sum()
-        expected = torch.mm(probs, Zt.T).div_(n_tokens)  # Σ_i p_i x_iᵀ / n; its last column is mean_i p_i
-        self.class_curvature[site] = torch.diag(expected[:, -1]) - torch.mm(probs, probs.T).div_(n_tokens)
+        loss = -log_likelihood / n_tokens + 0.5 * self.l2 * (weights * weights).sum()
+        self.class_curvature[site] = torch.diag(expected[:, -1]) - second_moment.div_(n_tokens)
         return loss, (expected - self.class_sums[site]).T + self.l2 * weights

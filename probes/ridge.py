@@ -7,12 +7,11 @@ each site is scikit-learn's `Ridge(alpha)` on standardised features: |y âˆ’ Zw â
 
 from __future__ import annotations
 
-import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from poslens.probes.base import SiteProbe
+from poslens.probes.base import DEFAULT_MEMORY_LIMIT, SiteProbe
 from poslens.probes.inputs import ArrayLike, activations, positive, real_targets
 
 
@@ -21,32 +20,42 @@ class RidgePositionProbe(SiteProbe):
 
     `X` is `[site, n_tokens, d_model]`, or `[n_tokens, d_model]` for one site (outputs then have
     no site axis); `y` is `[n_tokens]` numbers. Accepts tensors or numpy arrays, returns tensors.
-    Computes in float64 by default: the whole fit is one `[site, d_model, d_model]` solve.
+    Computes in float64 by default: the whole fit is one `[site, d_model, d_model]` solve (in
+    groups of sites that fit in `memory_limit` bytes beside the inputs).
 
     Fitted attributes: `weight_` `[site, d_model]` and `bias_` `[site]` acting on standardised
     features (`(X - mean_) / scale_`).
     """
 
-    def __init__(self, alpha: float = 1.0, *, dtype: torch.dtype = torch.float64):
-        self.alpha, self.dtype = alpha, dtype
+    def __init__(self, alpha: float = 1.0, *, dtype: torch.dtype = torch.float64,
+                 memory_limit: int = DEFAULT_MEMORY_LIMIT):
+        self.alpha, self.dtype, self.memory_limit = alpha, dtype, memory_limit
 
     def fit(self, X: Float[ArrayLike, "*site n_tokens d_model"], y: Float[ArrayLike, " n_tokens"]
             ) -> RidgePositionProbe:
         alpha = positive(self.alpha, "alpha")
         X, _ = activations(X)
         y = real_targets(y, X.shape[1]).to(self.dtype)
-        Zt = self._standardise_fit(X)
-        gram = torch.bmm(Zt, Zt.mT) + alpha * torch.eye(Zt.shape[1], dtype=self.dtype)
-        centred = y - y.mean()
-        self.weight_ = torch.linalg.solve(gram, Zt @ centred)
-        self.bias_ = y.mean().expand(Zt.shape[0]).clone()
+        centred, (n_sites, n_tokens, d_model) = y - y.mean(), X.shape
+        weights, means, scales = [], [], []
+        bytes_per_site = (d_model * n_tokens + 2 * d_model**2) * torch.finfo(self.dtype).bits // 8
+        for group in self._site_groups(X, bytes_per_site):
+            Zt, mean, scale = self._standardise_fit(X[group])
+            gram = torch.bmm(Zt, Zt.mT) + alpha * torch.eye(d_model, dtype=self.dtype)
+            weights.append(torch.linalg.solve(gram, Zt @ centred))
+            means.append(mean)
+            scales.append(scale)
+            del Zt, gram
+        self._set_statistics(means, scales, d_model)
+        self.weight_ = torch.cat(weights)
+        self.bias_ = y.mean().expand(n_sites).clone()
         return self
 
     def predict(self, X: Float[ArrayLike, "*site n_tokens d_model"]) -> Float[Tensor, "*site n_tokens"]:
         """The predicted target (position) of each token."""
-        Z, single = self._standardise(X)
-        predicted = einops.einsum(Z, self.weight_, "site token d_model, site d_model -> site token")
-        predicted += self.bias_.unsqueeze(-1)
+        X, single = self._checked(X)
+        out = torch.empty(X.shape[:2], dtype=self.dtype)
+        predicted = self._map_standardised(X, lambda Z, site: Z @ self.weight_[site] + self.bias_[site], out)
         return predicted[0] if single else predicted
 
     def score(self, X: Float[ArrayLike, "*site n_tokens d_model"], y: Float[ArrayLike, " n_tokens"]) -> (

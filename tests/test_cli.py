@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from poslens.cli import describe, main
+from poslens.cli import error_line, main
 
 
 def test_train_then_invariance_on_the_checkpoint(run_cli, tmp_path):
@@ -148,7 +148,7 @@ def test_a_run_record_with_an_unexpected_field_is_named(run_cli, tmp_path, train
 
 
 def test_os_errors_become_one_line_naming_the_path():
-    assert describe(PermissionError(13, "Permission denied", "/data/run")) == "/data/run: Permission denied"
-    assert describe(OSError(30, "Read-only file system", "/ro/x", None, "/ro/y")) == "/ro/x -> /ro/y: Read-only file system"
-    assert describe(NotADirectoryError("runs/x is a file; a directory is expected here")) == (
+    assert error_line(PermissionError(13, "Permission denied", "/data/run")) == "/data/run: Permission denied"
+    assert error_line(OSError(30, "Read-only file system", "/ro/x", None, "/ro/y")) == "/ro/x -> /ro/y: Read-only file system"
+    assert error_line(NotADirectoryError("runs/x is a file; a directory is expected here")) == (
         "runs/x is a file; a directory is expected here")

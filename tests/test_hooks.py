@@ -6,6 +6,7 @@ from poslens.hooks import (
     capture_residuals,
     cut_residual,
     mean_ablation,
+    missing_resid_mid,
     residual_sites,
     zero_ablation,
 )
@@ -94,3 +95,12 @@ def test_capture_patterns_matches_the_cache(tiny, addition):
     torch.testing.assert_close(logits, full_logits)
     torch.testing.assert_close(patterns[1], cache["blocks.1.attn.hook_pattern"])
     torch.testing.assert_close(patterns.sum(-1), torch.ones(patterns.shape[:-1]))
+
+
+def test_capture_in_float16_and_default_batches(model):
+    tokens = model.to_tokens(TEXT * 3)
+    full = capture_residuals(model, tokens)
+    half = capture_residuals(model, tokens, dtype=torch.float16, batch_size=4)
+    assert half.activations.dtype == torch.float16 and full.activations.dtype == torch.float32
+    torch.testing.assert_close(half.activations.float(), full.activations, atol=5e-3, rtol=1e-3)
+    assert missing_resid_mid(model) == [] and len(residual_sites(model)) == 1 + 2 * model.cfg.n_layers

@@ -170,3 +170,89 @@ def test_layer_norm_scale_hook_reads_and_edits_like_transformer_lens(tiny):
         _, edited = model.run_with_cache(tokens)
     expected = centered / (2 * cache["ln_final.hook_scale"]) * ln.w + ln.b
     torch.testing.assert_close(edited["ln_final.hook_normalized"], expected)
+
+
+# TransformerLens's weight surface (TransformerLensModelWithWeights) ------------------------------------------------
+
+def _weighted_models(tiny, trained_runs):
+    """Random models with non-zero biases and LayerNorm parameters, and trained ones."""
+    from poslens.variants import load
+
+    models = []
+    for name in ("nope-causal", "learned-causal", "rotary-bidirectional", "sinusoidal-causal"):
+        model = build(tiny(name, init_std=0.3))
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(0.1 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+        models.append(model)
+    return models + [load(trained_runs[key]) for key in (("nope-causal", 2), ("learned-causal", 2))]
+
+
+def test_models_satisfy_transformer_lens_model_with_weights(tiny):
+    from transformer_lens.model_protocol import TransformerLensModelWithWeights
+
+    for name in PRESET_NAMES:
+        model = build(tiny(name))
+        assert isinstance(model, TransformerLensModelWithWeights)
+        assert hasattr(model, "W_pos") == name.startswith(("learned", "sinusoidal"))
+
+
+def test_full_residual_decomposition_sums_to_the_stream_and_explains_the_logit_difference(tiny, trained_runs):
+    for model in _weighted_models(tiny, trained_runs):
+        tokens = model.to_tokens(["123+456=", "999+001=", "505+050="])
+        logits, cache = model.run_with_cache(tokens)
+        components, labels = cache.get_full_resid_decomposition(return_labels=True)
+        n_heads, d_mlp = model.cfg.n_heads, model.cfg.d_mlp
+        assert components.shape == (2 * n_heads + 2 * d_mlp + 2 + hasattr(model, "W_pos"), 3, 8, 32)
+        assert labels[0] == "L0H0" and labels[-1] == "bias"
+        torch.testing.assert_close(components.sum(0), cache["blocks.1.hook_resid_post"], atol=2e-5, rtol=0)
+        right, wrong = torch.tensor([3, 7, 0]), torch.tensor([5, 1, 9])
+        attributions = cache.logit_attrs(components, right, wrong)
+        difference = logits[torch.arange(3), :, right] - logits[torch.arange(3), :, wrong]
+        offset = (model.b_U_folded[right] - model.b_U_folded[wrong])[:, None]
+        torch.testing.assert_close(attributions.sum(0) + offset, difference, atol=1e-4, rtol=0)
+        assert model.b_U_folded.abs().max() > 0  # the constant part is real for these weights
+
+
+def test_stacked_weights_and_circuits(tiny):
+    model = build(tiny("nope-causal", init_std=0.3))
+    L, H, D, d = 2, model.cfg.n_heads, 32, model.cfg.d_head
+    shapes = {"W_Q": (L, H, D, d), "W_K": (L, H, D, d), "W_V": (L, H, D, d), "W_O": (L, H, d, D),
+              "b_Q": (L, H, d), "b_K": (L, H, d), "b_V": (L, H, d), "b_O": (L, D), "W_in": (L, D, 64),
+              "b_in": (L, 64), "W_out": (L, 64, D), "b_out": (L, D), "W_E": (12, D), "W_U": (D, 12), "b_U": (12,)}
+    assert {name: tuple(getattr(model, name).shape) for name in shapes} == shapes
+    assert torch.equal(model.W_Q[1, 2], model.blocks[1].attn.W_Q[2])
+    assert model.OV.shape == model.QK.shape == (L, H, D, D)
+    with torch.no_grad():  # (b_Q, b_K are [head, d_head] matrices, so they start random: zero them for QK alone)
+        for block in model.blocks:
+            block.attn.b_Q.zero_()
+            block.attn.b_K.zero_()
+    _, cache = model.run_with_cache("123+456=")
+    for layer in range(L):
+        x = cache[f"blocks.{layer}.ln1.hook_normalized"][0]
+        pattern, z = cache["pattern", layer][0], cache["z", layer][0]
+        for head in range(H):  # QK is the attention score bilinear form; OV maps what a head reads to what it writes
+            scores = (x @ model.QK[layer, head].AB @ x.T) / d**0.5
+            torch.testing.assert_close(scores.tril(), cache["attn_scores", layer][0, head].tril(), atol=1e-5, rtol=0)
+            written = pattern[head] @ x @ model.OV[layer, head].AB + model.b_V[layer, head] @ model.W_O[layer, head]
+            torch.testing.assert_close(written, z[:, head] @ model.W_O[layer, head], atol=1e-5, rtol=0)
+
+
+def test_token_string_helpers_and_residual_directions(tiny):
+    model = build(tiny("learned-causal"))
+    assert model.to_str_tokens("12+3") == ["1", "2", "+", "3"]
+    assert model.to_str_tokens(model.to_tokens("9=")) == ["9", "="]
+    assert model.to_str_tokens(model.to_tokens(["12", "34"])) == [["1", "2"], ["3", "4"]]
+    assert model.to_str_tokens(["1", "2"]) == [["1"], ["2"]]
+    assert model.to_single_token("=") == 11 and torch.equal(model.W_pos, model.pos_embed.W_pos)
+    with pytest.raises(ValueError, match="'12' is not a single token"):
+        model.to_single_token("12")
+    with pytest.raises(ValueError, match="'x' at index 0"):
+        model.to_single_token("x")
+    directions = model.tokens_to_residual_directions(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    assert directions.shape == (2, 3, 32)
+    torch.testing.assert_close(model.tokens_to_residual_directions("+"), model.ln_final.w * model.W_U[:, 10])
+    torch.testing.assert_close(model.accumulated_bias(2), model.b_O.sum(0) + model.b_out.sum(0))
+    torch.testing.assert_close(model.accumulated_bias(1, mlp_input=True), model.b_O.sum(0) + model.b_out[0])
+    with pytest.raises(ValueError, match=r"layer must be in 0..1, got 2"):
+        model.accumulated_bias(2, mlp_input=True)

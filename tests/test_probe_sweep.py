@@ -1,10 +1,17 @@
 """The probe sweep: tidy schema, honest controls, and what a NoPE-bidirectional model cannot do."""
 
+from dataclasses import dataclass
+
 import pandas as pd
 import pytest
 import torch
 
-from poslens.analyses.measures.probe_sweep import probe_sweep
+from poslens.analyses.measures.probe_sweep import (
+    PROBE_POSITION_COLUMNS,
+    probe_sweep,
+    sidecar_paths,
+    sweep_probes,
+)
 from poslens.analyses.tables import (
     PROBE_COLUMNS,
     export_table,
@@ -14,6 +21,7 @@ from poslens.analyses.tables import (
     wide_table,
 )
 from poslens.hooks import capture_residuals
+from poslens.tasks import Addition
 from poslens.variants import build, load
 
 
@@ -100,3 +108,100 @@ def test_side_by_side_puts_each_variant_beside_its_untrained_twin(sweep):
                                    "token identity", "chance"]
     assert table.loc["embed", "chance"] == "0.083"
     assert float(table.loc["embed", "learned-causal"]) == pytest.approx(value(sweep, "learned-causal", "embed"), abs=5e-4)
+
+
+# ---------------------------------------------------------------- by position, roles, metadata
+
+ROLES = torch.tensor([0, 0, 0, 1, 0, 0, 0, 2, 3, 3, 3, 3])  # operand digit, +, =, answer digit
+
+
+@dataclass(frozen=True)
+class RoleAddition(Addition):
+    """Addition with coarse role labels, in the form a task exposes them (`role_labels`, `role_names`)."""
+
+    role_names = ("operand", "+", "=", "answer")
+
+    def role_labels(self, tokens: torch.Tensor) -> torch.Tensor:
+        return ROLES.expand_as(tokens)
+
+
+@pytest.fixture(scope="module")
+def full(trained_runs):
+    models = {"learned-causal": [load(trained_runs[("learned-causal", 2)])],
+              "nope-bidirectional": [load(trained_runs[("nope-bidirectional", 2)])]}
+    return sweep_probes(models, RoleAddition(), n_sequences=160, targets=("position", "role"), quiet=True)
+
+
+def test_by_position_rows_average_to_the_per_site_values(full):
+    by_position = full.by_position
+    assert list(by_position.columns) == list(PROBE_POSITION_COLUMNS)
+    keys = ["variant", "seed", "site", "probe", "position", "metric", "baseline"]
+    assert not by_position.duplicated(keys).any()
+    assert set(by_position["position"]) == set(range(12))
+    assert set(by_position["baseline"]) == {"trained", "random_init", "token_identity", "chance"}
+    assert set(zip(by_position["probe"], by_position["metric"])) == {("position", "accuracy"), ("position", "mad"),
+                                                                      ("role", "accuracy")}
+    means = by_position.groupby(["variant", "seed", "site", "probe", "metric", "baseline"])["value"].mean()
+    table = full.table.set_index(["variant", "seed", "site", "probe", "metric", "baseline"])["value"]
+    assert means.index.isin(table.index).all()
+    for key, value in means.items():  # role chance is the majority rate per site, a random draw per position
+        if key[3:6:2] != ("role", "chance"):
+            assert value == pytest.approx(table[key], abs=1e-9), key
+    chance = by_position.query("probe == 'position' and baseline == 'chance' and site == 'embed' "
+                               "and variant == 'learned-causal'")
+    assert chance.query("metric == 'accuracy'")["value"].tolist() == pytest.approx([1 / 12] * 12)
+    t = torch.arange(12.0)
+    assert chance.query("metric == 'mad'")["value"].tolist() == pytest.approx(
+        [(t - position).abs().mean().item() for position in range(12)])
+
+
+def test_by_position_finds_what_is_planted(full):
+    def curve(variant, baseline, probe="position", metric="accuracy", site="embed"):
+        rows = full.by_position.query("variant == @variant and baseline == @baseline and probe == @probe "
+                                      "and metric == @metric and site == @site")
+        return rows.sort_values("position")["value"].tolist()
+
+    assert curve("learned-causal", "trained") == [1.0] * 12  # a learned PE: every position readable everywhere
+    assert curve("learned-causal", "trained", metric="mad") == [0.0] * 12
+    identity = curve("learned-causal", "token_identity")
+    assert identity[3] == identity[7] == 1.0 and max(identity[:3] + identity[4:7]) < 0.5  # + and = give themselves away
+    assert curve("learned-causal", "token_identity", probe="role")[3] == 1.0
+    assert curve("learned-causal", "trained", probe="role") == pytest.approx([1.0] * 12, abs=0.05)
+
+
+def test_role_probes_and_their_controls(full):
+    roles = full.table.query("probe in ['role', 'role_control']")
+    assert set(roles["metric"]) == {"accuracy", "selectivity"}
+    for variant in ("learned-causal", "nope-bidirectional"):
+        rows = full.table.query("variant == @variant and baseline == 'trained' and site == 'embed'").set_index(
+            ["probe", "metric"])["value"]
+        assert rows[("role", "selectivity")] == pytest.approx(rows[("role", "accuracy")] - rows[("role_control",
+                                                                                                  "accuracy")])
+    chance = full.table.query("probe == 'role' and baseline == 'chance'")["value"].unique()
+    assert chance.tolist() == pytest.approx([6 / 12])  # the majority role, operand digits, fill half the positions
+
+
+def test_no_role_labels_falls_back_to_position(tiny):
+    tokens = torch.randint(12, (40, 12), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="have no role labels"):
+        result = sweep_probes({"nope": [build(tiny("nope-bidirectional"))]}, tokens, targets=("position", "role"),
+                              controls=("chance",), quiet=True)
+    assert set(result.table["probe"]) == {"position", "position_ridge"}
+    # random tokens carry no position, and a NoPE bidirectional model cannot add any
+    accuracy = result.table.query("baseline == 'trained' and probe == 'position' and metric == 'accuracy'")["value"]
+    assert accuracy.max() < 1 / 12 + 0.08
+    with pytest.raises(ValueError, match=r"unknown targets \['digit'\]; allowed: \['position', 'role'\]"):
+        sweep_probes({"nope": [build(tiny("nope-causal"))]}, tokens, targets=("digit",))
+
+
+def test_models_table_and_export_of_all_three(full, tmp_path):
+    assert full.models.set_index("variant")["pe_kind"].to_dict() == {"learned-causal": "learned",
+                                                                       "nope-bidirectional": "none"}
+    paths = full.export(tmp_path / "probe.json")
+    assert [path.name for path in paths] == ["probe.json", "probe.by_position.json", "probe.models.json"]
+    pd.testing.assert_frame_equal(read_table(paths[1]), full.by_position)
+    assert sidecar_paths(tmp_path / "probe.json")["models"] == paths[2]
+    paths[0].unlink()
+    with pytest.raises(FileExistsError, match="probe.by_position.json already exists"):
+        full.export(tmp_path / "probe.json")
+    assert not paths[0].exists()  # refused before writing anything

@@ -20,6 +20,7 @@ from poslens.probes import (
     selectivity,
     split_by_sequence,
     token_identity_baseline,
+    token_identity_predictions,
 )
 
 N_POSITIONS, D_MODEL = 12, 32
@@ -141,12 +142,13 @@ def test_scikit_learn_clone_and_params(three_sites):
     probe = PositionProbe(C=0.5, max_iter=50, dtype=torch.float64)
     copy = clone(probe)
     assert copy is not probe and copy.get_params() == probe.get_params()
-    assert copy.get_params() == {"C": 0.5, "max_iter": 50, "tol": 1e-4, "n_classes": None, "dtype": torch.float64}
+    assert copy.get_params() == {"C": 0.5, "max_iter": 50, "tol": 1e-4, "n_classes": None, "dtype": torch.float64,
+                                 "memory_limit": 2 * 1024**3}
     X_train, y_train, _, _ = three_sites
     probe.fit(X_train, y_train)
     assert not hasattr(clone(probe), "weight_")  # a clone is unfitted
     ridge = clone(RidgePositionProbe(alpha=3.0)).set_params(alpha=4.0)
-    assert ridge.alpha == 4.0 and repr(ridge) == "RidgePositionProbe(alpha=4.0, dtype=torch.float64)"
+    assert ridge.alpha == 4.0 and repr(ridge) == "RidgePositionProbe(alpha=4.0, dtype=torch.float64, memory_limit=2147483648)"
     with pytest.raises(ValueError, match=r"unknown parameters \['gamma'\] for PositionProbe; allowed: \['C', "):
         probe.set_params(gamma=1)
     with pytest.raises(ValueError, match=r"C must be a finite number > 0, got -1"):
@@ -392,3 +394,57 @@ def test_bad_ridge_split_and_control_inputs_are_named(small):
         control_labels(torch.arange(3), torch.ones(3))
     with pytest.raises(ValueError, match="n_positions must be an integer >= 1, got 0"):
         random_guess_mad(0)
+
+
+# ---------------------------------------------------------------- bounded memory and large vocabularies
+
+def test_fitting_in_site_groups_and_token_chunks_changes_nothing_but_memory(three_sites, monkeypatch):
+    """A memory limit that fits one site at a time, and logits evaluated 97 tokens at a time, give the
+    same probes (up to float32 rounding) in the same number of iterations."""
+    import poslens.probes.logistic as logistic
+
+    X_train, y_train, X_test, y_test = three_sites
+    whole = PositionProbe().fit(X_train, y_train)
+    one_site = PositionProbe()._bytes_per_site(X_train.shape[1], D_MODEL + 1, N_POSITIONS)
+    grouped = PositionProbe(memory_limit=one_site).fit(X_train, y_train)
+    assert PositionProbe(memory_limit=one_site)._site_groups(X_train, one_site) == [slice(0, 1), slice(1, 2),
+                                                                                    slice(2, 3)]
+    assert torch.equal(grouped.weight_, whole.weight_) and torch.equal(grouped.n_iter_, whole.n_iter_)
+    monkeypatch.setattr(logistic, "LOGITS_PER_CHUNK", 97 * N_POSITIONS)
+    chunked = PositionProbe().fit(X_train, y_train)
+    # summing the gradient chunk by chunk moves a float32 fit by less than float32 itself does (vs float64)
+    rounding = (PositionProbe(dtype=torch.float64).fit(X_train, y_train).weight_ - whole.weight_).abs().amax((1, 2))
+    assert torch.equal(chunked.n_iter_, whole.n_iter_)
+    assert ((chunked.weight_ - whole.weight_).abs().amax((1, 2)) <= 2 * rounding + 1e-6).all()
+    assert (chunked.score(X_test, y_test) - whole.score(X_test, y_test)).abs().max() <= 0.002
+    ridge, ridge_grouped = RidgePositionProbe().fit(X_train, y_train), RidgePositionProbe(memory_limit=1).fit(
+        X_train, y_train)
+    torch.testing.assert_close(ridge_grouped.weight_, ridge.weight_, atol=1e-10, rtol=0)
+    torch.testing.assert_close(ridge_grouped.predict(X_test), ridge.predict(X_test), atol=1e-10, rtol=0)
+
+
+def test_predictions_walk_over_tokens_in_chunks(three_sites, monkeypatch):
+    import poslens.probes.base as base
+
+    X_train, y_train, X_test, _ = three_sites
+    probe = PositionProbe().fit(X_train, y_train)
+    expected, probabilities = probe.predict(X_test), probe.predict_proba(X_test)
+    monkeypatch.setattr(base, "TOKEN_CHUNK", 100)
+    assert torch.equal(probe.predict(X_test), expected)
+    torch.testing.assert_close(probe.predict_proba(X_test), probabilities, atol=1e-6, rtol=0)
+
+
+def test_token_identity_of_a_large_vocabulary_is_the_majority_label_of_each_type(monkeypatch):
+    import poslens.probes.controls as controls
+
+    token_ids = torch.tensor([[5, 9, 5, 7], [5, 9, 7, 7], [9, 5, 7, 5], [8, 9, 5, 6]])
+    labels = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]])
+    train, test = torch.tensor([0, 1, 2]), torch.tensor([3])
+    small = token_identity_predictions(token_ids, labels, train, test)
+    monkeypatch.setattr(controls, "MAX_ONE_HOT_TYPES", 2)
+    large = token_identity_predictions(token_ids, labels, train, test)
+    # in training, type 5 sits at labels 0, 2, 0, 3 (majority 0) and 9 at 1, 1, 0 (majority 1); 8 and 6 never
+    # occur, so they get the most frequent training label overall (every label occurs 3 times: the smallest, 0)
+    assert large.tolist() == [0, 1, 0, 0]  # for the test sequence 8 9 5 6
+    assert torch.equal(small[1:3], large[1:3])  # the one-hot probe agrees where a type was seen
+    assert token_identity_baseline(token_ids, labels, train, test) == 0.5

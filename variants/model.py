@@ -6,6 +6,11 @@ named as in TransformerLens, so `run_with_cache`, `run_with_hooks`, `transformer
 and `transformer_lens.head_detector` work unchanged. The variant fields of `VariantConfig`
 decide three things only: which positional signal is added (none, learned, sinusoidal, rotary
 on q/k), whether attention is masked causally, and which residual connections exist.
+
+The model also carries TransformerLens's weight surface (`TransformerLensModelWithWeights`): the
+stacked weights `W_E`, `W_pos` (additive encodings only), `W_Q`… `b_out`, the `QK` / `OV`
+circuits, `accumulated_bias` and `tokens_to_residual_directions`, so direct logit attribution
+and `ActivationCache.get_full_resid_decomposition` run on it as on a `TransformerBridge`.
 """
 
 from __future__ import annotations
@@ -17,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens import ActivationCache, FactoredMatrix, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from poslens.variants.config import VariantConfig
-from poslens.variants.tokens import detokenize, tokenize
+from poslens.variants.tokens import check_token_batch, detokenize, tokenize
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
@@ -235,14 +240,7 @@ class HookedTransformer(HookedRootModule):
 
     def check_tokens(self, tokens: Tensor) -> Int[Tensor, "batch pos"]:
         """`tokens` if they are a valid `[batch, pos]` batch for this model, else a clear error."""
-        if tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int32):
-            raise ValueError(f"tokens must be an integer tensor [batch, pos], got {tuple(tokens.shape)} {tokens.dtype}")
-        if tokens.shape[1] > self.cfg.n_ctx:
-            raise ValueError(f"sequence length {tokens.shape[1]} is longer than the model's n_ctx = {self.cfg.n_ctx}")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.d_vocab):
-            bad = tokens[(tokens < 0) | (tokens >= self.cfg.d_vocab)][0]
-            raise ValueError(f"token id {int(bad)} is outside the vocabulary; allowed: 0..{self.cfg.d_vocab - 1}")
-        return tokens
+        return check_token_batch(tokens, self.cfg.n_ctx, self.cfg.d_vocab)
 
     def run_with_cache(self, *args, **kwargs) -> tuple[Tensor, ActivationCache]:
         """As `HookedRootModule.run_with_cache`, but the cache is a real `ActivationCache`."""
@@ -257,6 +255,24 @@ class HookedTransformer(HookedRootModule):
     def to_string(self, tokens: Int[Tensor, "... pos"]) -> str | list[str]:
         return detokenize(tokens.cpu(), self.cfg.alphabet)
 
+    def to_str_tokens(self, input: str | list[str] | Int[Tensor, "... pos"]) -> list[str] | list[list[str]]:
+        """Each token as its string: a string or `[pos]` / `[1, pos]` tokens give a list, a list of
+        strings or `[batch, pos]` tokens (batch > 1) one list per sequence."""
+        if isinstance(input, list):
+            return [self.to_str_tokens(item) for item in input]
+        tokens = self.to_tokens(input)[0] if isinstance(input, str) else input
+        if tokens.ndim == 2 and len(tokens) == 1:
+            tokens = tokens[0]
+        if tokens.ndim == 2:
+            return [self.to_str_tokens(row) for row in tokens]
+        return list(self.to_string(tokens))
+
+    def to_single_token(self, string: str) -> int:
+        """The id of `string`, which must be one character of the alphabet."""
+        if not isinstance(string, str) or len(string) != 1:
+            raise ValueError(f"{string!r} is not a single token; tokens are the characters of {self.cfg.alphabet!r}")
+        return int(tokenize(string, self.cfg.alphabet)[0])
+
     @torch.no_grad()
     def generate(self, prompt: Int[Tensor, "batch pos"], n_new: int) -> Int[Tensor, "batch n_new"]:
         """Greedy decoding: the `n_new` tokens the model appends to `prompt`."""
@@ -265,6 +281,109 @@ class HookedTransformer(HookedRootModule):
             next_token = self(tokens)[:, -1].argmax(-1, keepdim=True)
             tokens = torch.cat([tokens, next_token], dim=1)
         return tokens[:, prompt.shape[1] :]
+
+    # TransformerLens's weight surface: every weight stacked over layers, as HookedTransformer had it.
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.embed.W_E
+
+    @property
+    def W_pos(self) -> Float[Tensor, "n_ctx d_model"]:
+        """The additive position table (learned or sinusoidal); absent (`hasattr` is False) for NoPE and rotary."""
+        return self.pos_embed.W_pos
+
+    @property
+    def W_Q(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._stack("attn", "W_Q")
+
+    @property
+    def W_K(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._stack("attn", "W_K")
+
+    @property
+    def W_V(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._stack("attn", "W_V")
+
+    @property
+    def W_O(self) -> Float[Tensor, "layer head d_head d_model"]:
+        return self._stack("attn", "W_O")
+
+    @property
+    def b_Q(self) -> Float[Tensor, "layer head d_head"]:
+        return self._stack("attn", "b_Q")
+
+    @property
+    def b_K(self) -> Float[Tensor, "layer head d_head"]:
+        return self._stack("attn", "b_K")
+
+    @property
+    def b_V(self) -> Float[Tensor, "layer head d_head"]:
+        return self._stack("attn", "b_V")
+
+    @property
+    def b_O(self) -> Float[Tensor, "layer d_model"]:
+        return self._stack("attn", "b_O")
+
+    @property
+    def W_in(self) -> Float[Tensor, "layer d_model d_mlp"]:
+        return self._stack("mlp", "W_in")
+
+    @property
+    def b_in(self) -> Float[Tensor, "layer d_mlp"]:
+        return self._stack("mlp", "b_in")
+
+    @property
+    def W_out(self) -> Float[Tensor, "layer d_mlp d_model"]:
+        return self._stack("mlp", "W_out")
+
+    @property
+    def b_out(self) -> Float[Tensor, "layer d_model"]:
+        return self._stack("mlp", "b_out")
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """Each head's bilinear attention form `W_Q W_Kᵀ`, `[layer, head, d_model, d_model]` (rotary not applied)."""
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """Each head's map from the residual stream it reads to what it writes, `W_V W_O`, `[layer, head, d_model, d_model]`."""
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    @property
+    def W_U_folded(self) -> Float[Tensor, "d_model d_vocab"]:
+        """`W_U` with the final LayerNorm's weight folded in (as TransformerLens's `fold_ln` leaves it)."""
+        return self.ln_final.w[:, None] * self.W_U
+
+    @property
+    def b_U_folded(self) -> Float[Tensor, " d_vocab"]:
+        """`b_U` plus the final LayerNorm's bias through `W_U`: the part of each logit that no residual
+        component carries, so `logit_attrs(...).sum(0) + b_U_folded[t]` is the logit of `t`."""
+        return self.b_U + self.ln_final.b @ self.W_U
+
+    def tokens_to_residual_directions(self, tokens: str | int | Int[Tensor, "..."]) -> Float[Tensor, "... d_model"]:
+        """The residual direction of each token's logit: the column of `W_U_folded`, so that the
+        centred stream divided by its LayerNorm scale (what `ActivationCache.apply_ln_to_stack` gives)
+        dotted with it is the logit less `b_U_folded`."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        return self.W_U_folded.T[torch.as_tensor(tokens, device=self.W_U.device)]
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+                         ) -> Float[Tensor, " d_model"]:
+        """The attention and MLP output biases that the blocks before `layer` add to the stream
+        (with `mlp_input`, also block `layer`'s attention bias). Exact only for an intact model:
+        a cut residual connection discards what came before it."""
+        if not 0 <= layer <= self.cfg.n_layers or (mlp_input and layer == self.cfg.n_layers):
+            raise ValueError(f"layer must be in 0..{self.cfg.n_layers - int(mlp_input)}, got {layer!r}")
+        total = torch.zeros(self.cfg.d_model, dtype=self.cfg.dtype, device=self.W_U.device)
+        for block in self.blocks[:layer]:
+            total = total + block.attn.b_O + (block.mlp.b_out if include_mlp_biases else 0)
+        return (total + self.blocks[layer].attn.b_O) if mlp_input else total
+
+    def _stack(self, sublayer: str, name: str) -> Tensor:
+        return torch.stack([getattr(getattr(block, sublayer), name) for block in self.blocks])
 
 
 def build(cfg: VariantConfig) -> HookedTransformer:

@@ -1,4 +1,5 @@
-"""Character tokenisation of a poslens model: one character of `cfg.alphabet`, one token (id = index)."""
+"""Character tokenisation of a poslens model (one character of `cfg.alphabet`, one token, id = index), and
+the check every token batch passes before any model (ours or a bridged Hugging Face one) runs on it."""
 
 from __future__ import annotations
 
@@ -57,3 +58,16 @@ def detokenize(tokens: Tensor, alphabet: str) -> str | list[str]:
             f"token id {int(bad[0])} is outside the vocabulary of {len(alphabet)} tokens ({alphabet!r})"
         )
     return "".join(alphabet[int(index)] for index in tokens)
+
+
+def check_token_batch(tokens: Tensor, n_ctx: int, d_vocab: int) -> Tensor:
+    """`tokens` if they are an integer `[batch, pos]` batch of ids below `d_vocab` and at most `n_ctx`
+    long, else a `ValueError` naming what is wrong."""
+    if tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int32):
+        raise ValueError(f"tokens must be an integer tensor [batch, pos], got {tuple(tokens.shape)} {tokens.dtype}")
+    if tokens.shape[1] > n_ctx:
+        raise ValueError(f"sequence length {tokens.shape[1]} is longer than the model's n_ctx = {n_ctx}")
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= d_vocab):
+        bad = tokens[(tokens < 0) | (tokens >= d_vocab)][0]
+        raise ValueError(f"token id {int(bad)} is outside the vocabulary; allowed: 0..{d_vocab - 1}")
+    return tokens

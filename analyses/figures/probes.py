@@ -10,7 +10,7 @@ from itertools import cycle
 
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.colors import qualitative
+from plotly.colors import qualitative, sample_colorscale
 
 from poslens.analyses.tables import select_summary, summarise_seeds
 
@@ -85,4 +85,37 @@ def _laid_out(figure: go.Figure, plotted: pd.DataFrame, metric: str, probe: str)
                "ticktext": list(ticks), "tickangle": -30},
         yaxis={"title": metric, **({"range": [0, 1]} if metric == "accuracy" else {})},
     )
+    return figure
+
+
+def probe_position_figure(by_position: pd.DataFrame, variant: str, metric: str = "accuracy",
+                          probe: str = "position") -> go.Figure:
+    """Probe `metric` against position for one variant (a `ProbeSweep.by_position` table): one
+    line per site, shallow to deep from light to dark; the random-init twin's lines (dashed, hidden
+    until clicked in the legend); the token-identity and chance baselines in grey. Values are the
+    mean over seeds. How a curve falls with position is Haviv et al.'s "sharp early, fuzzier late"."""
+    rows = by_position[(by_position["variant"] == variant) & (by_position["metric"] == metric)
+                       & (by_position["probe"] == probe)]
+    if rows.empty:
+        available = by_position[["variant", "probe", "metric"]].drop_duplicates().to_dict("records")
+        raise ValueError(f"no rows with variant={variant!r}, probe={probe!r}, metric={metric!r}; available: {available}")
+    mean = rows.groupby(["baseline", "layer", "site", "position"], sort=True)["value"].mean().reset_index()
+    sites = mean[["layer", "site"]].drop_duplicates().sort_values(["layer", "site"])["site"].tolist()
+    colours = sample_colorscale("Viridis", [0.85 * (1 - i / max(len(sites) - 1, 1)) for i in range(len(sites))])
+    figure = go.Figure()
+    for baseline, dash, visible in (("trained", "solid", True), ("random_init", "dash", "legendonly")):
+        for site, colour in zip(sites, colours):
+            line = mean[(mean["baseline"] == baseline) & (mean["site"] == site)]
+            if not line.empty:
+                name = site if baseline == "trained" else f"{site} (random init)"
+                figure.add_trace(go.Scatter(x=line["position"], y=line["value"], name=name, mode="lines",
+                                            line={"color": colour, "dash": dash}, visible=visible))
+    for baseline, dash in (("token_identity", "dashdot"), ("chance", "dot")):
+        line = mean[(mean["baseline"] == baseline) & (mean["site"] == sites[0])]
+        if not line.empty:
+            figure.add_trace(go.Scatter(x=line["position"], y=line["value"], name=baseline.replace("_", " "),
+                                        mode="lines", line={"color": CHANCE_COLOUR, "dash": dash}))
+    figure.update_layout(title=f"{variant}: {probe} probe {metric} by position",
+                         xaxis={"title": "position"},
+                         yaxis={"title": metric, **({"range": [0, 1]} if metric == "accuracy" else {})})
     return figure
