@@ -138,7 +138,10 @@ def test_by_position_rows_average_to_the_per_site_values(full):
     keys = ["variant", "seed", "site", "probe", "position", "metric", "baseline"]
     assert not by_position.duplicated(keys).any()
     assert set(by_position["position"]) == set(range(12))
-    assert set(by_position["baseline"]) == {"trained", "random_init", "token_identity", "chance"}
+    assert set(by_position["baseline"]) == {"trained", "random_init", "token_identity", "role_identity", "chance"}
+    # knowing only the role: `+` and `=` have one place each, an operand digit one of 6, an answer digit one of 4
+    role_identity = full.table.query("baseline == 'role_identity' and metric == 'accuracy'")["value"]
+    assert role_identity.tolist() == pytest.approx([(1 + 1 + 6 / 6 + 4 / 4) / 12] * len(role_identity), abs=1e-9)
     assert set(zip(by_position["probe"], by_position["metric"])) == {("position", "accuracy"), ("position", "mad"),
                                                                       ("role", "accuracy")}
     means = by_position.groupby(["variant", "seed", "site", "probe", "metric", "baseline"])["value"].mean()

@@ -104,8 +104,9 @@ def sweep_probes(models_by_variant: Mapping[str, Sequence[TransformerLensModel]]
     them) or a `[sequence, position]` token tensor (e.g. `sequences.text_sequences`).
 
     `models_by_variant` maps a name to its models (one per training seed; the seed column is a
-    poslens model's `cfg.seed`, 0 for others). The first `n_sequences` (default all) are split by
-    sequence with `seed`. A `role` target on data without role labels is skipped with a warning.
+    poslens model's `cfg.seed`, 0 for others). A task's held-out sequences (all, or a sample of
+    `n_sequences` drawn with `seed`) or a tensor's first `n_sequences` are split by sequence with
+    `seed`. A `role` target on data without role labels is skipped with a warning.
     Activations are kept in `activation_dtype` (default the model's; `torch.float16` halves the
     memory) and captured `batch_size` sequences at a time (`hooks.capture_residuals`).
     """
@@ -113,13 +114,13 @@ def sweep_probes(models_by_variant: Mapping[str, Sequence[TransformerLensModel]]
     _check_choices("targets", targets, TARGETS)
     if not models_by_variant or not all(models_by_variant.values()):
         raise ValueError("probe_sweep needs at least one model for every variant")
-    tokens, labels = _labels(data, n_sequences, targets)
+    tokens, labels = _labels(data, n_sequences, targets, seed)
     if len(tokens) < 4:
         raise ValueError(f"need at least 4 sequences to split by sequence, got {len(tokens)}")
     split = split_by_sequence(len(tokens), test_fraction=test_fraction, seed=seed)
     site_baselines, position_baselines = [], []
     for target, label in labels.items():
-        per_site, per_position = _task_baselines(tokens, label, target, split, controls, C)
+        per_site, per_position = _task_baselines(tokens, label, target, split, controls, C, labels.get("role"))
         site_baselines += per_site
         position_baselines += per_position
     records, by_position, infos = [], [], []
@@ -145,8 +146,9 @@ def sweep_probes(models_by_variant: Mapping[str, Sequence[TransformerLensModel]]
 
 def probe_sweep(models_by_variant: Mapping[str, Sequence[TransformerLensModel]], task: Task, *,
                 n_sequences: int = 1000, **options) -> pd.DataFrame:
-    """The tidy probe table (schema `analyses.tables.PROBE_COLUMNS`) for every model, on the
-    task's first `n_sequences` held-out sequences: `sweep_probes(...).table` (same options)."""
+    """The tidy probe table (schema `analyses.tables.PROBE_COLUMNS`) for every model, on an
+    unbiased sample of `n_sequences` of the task's held-out sequences: `sweep_probes(...).table`
+    (same options)."""
     return sweep_probes(models_by_variant, task, n_sequences=n_sequences, **options).table
 
 
@@ -193,9 +195,15 @@ def probe_model(model: TransformerLensModel, tokens: Int[Tensor, "seq pos"], lab
     return rows, position_rows
 
 
-def _labels(data: Task | Tensor, n_sequences: int | None, targets: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
-    """The tokens and `{target: [seq, pos] labels}` the sweep probes."""
-    tokens = data[:n_sequences] if isinstance(data, Tensor) else data.test_set()[:n_sequences]
+def _labels(data: Task | Tensor, n_sequences: int | None, targets: Sequence[str],
+            seed: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """The tokens and `{target: [seq, pos] labels}` the sweep probes: a token tensor's first
+    `n_sequences`; a task's whole held-out set, or an unbiased sample of `n_sequences` of it
+    drawn with `seed` (`task.sample_test`)."""
+    if isinstance(data, Tensor):
+        tokens = data[:n_sequences]
+    else:
+        tokens = data.test_set() if n_sequences is None else data.sample_test(n_sequences, seed=seed)
     labels = {"position": torch.arange(tokens.shape[1]).expand_as(tokens)}
     if "role" in targets:
         if hasattr(data, "role_labels"):
@@ -207,20 +215,25 @@ def _labels(data: Task | Tensor, n_sequences: int | None, targets: Sequence[str]
 
 
 def _task_baselines(tokens: Tensor, label: Tensor, target: str, split: tuple[Tensor, Tensor],
-                    controls: Sequence[str], C: float) -> tuple[list[dict], list[dict]]:
-    """Rows of the bars that depend only on the tokens, not on any model: per site and per position."""
+                    controls: Sequence[str], C: float, roles: Tensor | None = None) -> tuple[list[dict], list[dict]]:
+    """Rows of the bars that depend only on the tokens, not on any model: per site and per position.
+    With `roles` (a task's role labels), the position target also gets the `role_identity` bar: a
+    probe that sees only each token's role, which a position probe must beat on a format where
+    position and role come apart."""
     per_site, per_position, (train_seq, test_seq) = [], [], split
     n_positions = tokens.shape[1]
-    if "token_identity" in controls:
-        predicted = token_identity_predictions(tokens, label, train_seq, test_seq, C=C)[None]
+    identities = {"token_identity": tokens}
+    if roles is not None and target == "position":  # what knowing each token's role alone says of its position
+        identities["role_identity"] = roles
+    for baseline, identity in identities.items() if "token_identity" in controls else ():
+        predicted = token_identity_predictions(identity, label, train_seq, test_seq, C=C)[None]
         truth = label[test_seq].flatten()
         values = {"accuracy": (predicted == truth).double()}
         if target == "position":
             values["mad"] = (predicted - truth).abs().double()
         for metric, value in values.items():
-            per_site.append({"probe": target, "metric": metric, "value": value.mean().item(),
-                             "baseline": "token_identity"})
-            per_position += _position_rows(target, metric, _by_position(value, len(test_seq))[0], "token_identity")
+            per_site.append({"probe": target, "metric": metric, "value": value.mean().item(), "baseline": baseline})
+            per_position += _position_rows(target, metric, _by_position(value, len(test_seq))[0], baseline)
     if "chance" in controls:
         per_site.append({"probe": target, "metric": "accuracy", "value": chance_accuracy(label), "baseline": "chance"})
         frequency = torch.bincount(label[train_seq].flatten(), minlength=int(label.max()) + 1).double()
