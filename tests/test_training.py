@@ -10,7 +10,7 @@ from poslens.analyses.runs import load_task
 from poslens.tasks import MarkovICL
 from poslens.variants import build, load, train
 from poslens.variants.config import available_devices
-from poslens.variants.storage import read_tensors, save_tensors
+from poslens.variants.storage import read_json, read_tensors, save_tensors
 from poslens.variants.training import (
     TrainSettings,
     list_snapshots,
@@ -307,3 +307,16 @@ def test_restamp_upgrades_an_old_finished_run_and_refuses_an_unfinished_one(tiny
                                               "current format"]
     assert train(cfg, addition, out_dir=tmp_path / "done", resume=True, **SHORT).history == first.history
     assert restamp_run(tmp_path / "done") == []
+
+
+def test_a_constant_learning_rate_is_a_recorded_setting_and_cosine_stays_unrecorded(tiny, addition, tmp_path):
+    constant = TrainSettings(steps=100, warmup_steps=10, lr_schedule="constant")
+    assert [constant.lr_at(step) for step in (0, 9, 10, 99)] == pytest.approx([3e-4, 3e-3, 3e-3, 3e-3])
+    assert TrainSettings(steps=100, warmup_steps=10).lr_at(99) < 1e-5  # cosine decays to zero
+    train(tiny("nope-causal", n_layers=1), addition, out_dir=tmp_path / "c", steps=2, batch_size=4, quiet=True,
+          lr_schedule="constant")
+    train(tiny("nope-causal", n_layers=1), addition, out_dir=tmp_path / "d", steps=2, batch_size=4, quiet=True)
+    assert read_json(tmp_path / "c" / "run.json")["settings"]["lr_schedule"] == "constant"
+    assert "lr_schedule" not in read_json(tmp_path / "d" / "run.json")["settings"]  # as runs recorded before it
+    with pytest.raises(ValueError, match=r"unknown lr_schedule 'linear'; allowed: \['cosine', 'constant'\]"):
+        TrainSettings(lr_schedule="linear")

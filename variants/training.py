@@ -72,6 +72,9 @@ class Task(Protocol):
     def test_set(self) -> Tensor: ...
 
 
+LR_SCHEDULES = ("cosine", "constant")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """Everything besides the config that determines the trained weights."""
@@ -86,9 +89,12 @@ class TrainSettings:
     seed: int = 0
     eval_every: int = 250
     checkpoint_every: int = 250
+    lr_schedule: str = "cosine"  # after the warm-up: "cosine" decay to zero, or "constant" (a control)
 
     def __post_init__(self) -> None:
         """Every setting an integer or a finite number in its range, named with the range if not."""
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; allowed: {list(LR_SCHEDULES)}")
         for name in ("steps", "batch_size", "eval_every", "checkpoint_every"):
             check_integer(name, getattr(self, name), minimum=1)
         check_integer("warmup_steps", self.warmup_steps, minimum=0)
@@ -103,9 +109,11 @@ class TrainSettings:
         object.__setattr__(self, "betas", tuple(self.betas))
 
     def lr_at(self, step: int) -> float:
-        """Linear warm-up to `lr`, then cosine decay to zero at `steps`."""
+        """Linear warm-up to `lr`, then cosine decay to zero at `steps` (or `lr` throughout, constant)."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return self.lr
         progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
         return self.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -180,11 +188,14 @@ def _run_record(cfg: VariantConfig, task: Task, settings: TrainSettings, snapsho
     """What `run.json` holds at step 0, JSON-normalised (tuples as lists). The snapshot schedule
     is recorded (under `snapshots`, not under `settings`: it does not change the weights) only
     when there is one, so runs without snapshots keep exactly the record they always had."""
+    recorded = dataclasses.asdict(settings)
+    if recorded["lr_schedule"] == "cosine":  # the default, left out so that runs from before the field still resume
+        del recorded["lr_schedule"]
     record = {
         "variant": cfg.name,
         "config": cfg.to_json(),
         "task": {"name": task.name, **dataclasses.asdict(task)},
-        "settings": dataclasses.asdict(settings),
+        "settings": recorded,
         "step": 0,
         "finished": False,
     }
