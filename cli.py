@@ -19,6 +19,7 @@ from poslens.analyses.measures.discovery import describe, layer_sites, model_inf
 from poslens.analyses.measures.invariance import invariance_table
 from poslens.analyses.measures.probe_sweep import CONTROLS, TARGETS, sidecar_paths, sweep_probes
 from poslens.analyses.measures.sequences import random_sequences, read_text, text_sequences
+from poslens.analyses.report import compact
 from poslens.analyses.runs import load_models_by_variant, load_task
 from poslens.analyses.sweep import EXECUTORS, UnitsFailed
 from poslens.analyses.tables import EXPORT_SUFFIXES, check_writable, render_table, side_by_side
@@ -170,7 +171,7 @@ def _sweep_options(args: argparse.Namespace) -> dict:
 def _reproduce(args: argparse.Namespace) -> None:
     tables = reproduce(args.out, preset_name=args.preset, seeds=args.seeds, force=args.force, device=args.device,
                        quiet=args.quiet, **_sweep_options(args))
-    print(render_table(side_by_side(tables["probe"]), "md"), end="")
+    print(render_table(compact(tables["claims"][["claim", "value", "n", "p", "verdict"]]), "md"), end="")
     print(f"wrote {args.out}/report.html, {args.out}/summary.md, {args.out}/tables/ and {args.out}/figures/")
 
 

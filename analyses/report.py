@@ -31,12 +31,12 @@ p.meta { color: #57606a; }
 p.verdict { font-weight: 600; }
 p.howto { color: #57606a; font-size: .95em; }
 table { border-collapse: collapse; margin: .8em 0; font-size: .9em; }
-th, td { border: 1px solid #d0d7de; padding: .3em .6em; text-align: right; }
+th, td { border: 1px solid #d0d7de; padding: .3em .6em; text-align: right; vertical-align: top; }
 th { background: #f6f8fa; }
-td:first-child, th:first-child { text-align: left; }
+td.text, th.text { text-align: left; }
 tr:nth-child(even) td { background: #fbfcfd; }
 td.supported { background: #dafbe1 !important; } td.contradicted { background: #ffebe9 !important; }
-td.inconclusive { background: #fff8c5 !important; }
+td.inconclusive { background: #fff8c5 !important; } td.text { max-width: 28em; }
 details { margin: .6em 0; } summary { cursor: pointer; color: #0969da; }
 .figure { margin: 1em 0; }
 """
@@ -69,15 +69,17 @@ def _significant(value: float, digits: int) -> str:
 
 
 def _html_table(table: pd.DataFrame, verdict_column: str | None = "verdict") -> str:
+    """Numbers right-aligned, text left-aligned, a verdict cell coloured by its verdict."""
     shown = compact(table)
-    head = "".join(f"<th>{html.escape(str(column))}</th>" for column in shown.columns)
+    kinds = {column: "" if pd.api.types.is_numeric_dtype(table[column]) else "text" for column in shown.columns}
+    head = "".join(f'<th class="{kinds[column]}">{html.escape(str(column))}</th>' for column in shown.columns)
     rows = []
     for values in shown.itertuples(index=False):
         cells = []
         for column, value in zip(shown.columns, values):
             text = "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
-            css = f' class="{html.escape(text)}"' if column == verdict_column else ""
-            cells.append(f"<td{css}>{html.escape(text)}</td>")
+            css = f"{kinds[column]} {html.escape(text) if column == verdict_column else ''}".strip()
+            cells.append(f'<td class="{css}">{html.escape(text)}</td>')
         rows.append(f"<tr>{''.join(cells)}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 

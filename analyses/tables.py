@@ -157,6 +157,25 @@ def seed_summary(df: pd.DataFrame, keys: list[str], values: list[str], *, sort: 
     return summary.reset_index()
 
 
+def mean_sd_text(df: pd.DataFrame, keys: list[str], values: list[str], *, digits: int = 3) -> pd.DataFrame:
+    """For reading: one row per `keys`, each of `values` as "mean ± sd" over the rows (seeds) to
+    `digits` significant digits (the mean alone for one seed; empty where all are NaN), and `n`
+    (the rows per group)."""
+    summary = seed_summary(df, keys, values)
+    text = summary[keys].copy()
+    for value in values:
+        text[value] = [_significant_pm(mean, std, digits)
+                       for mean, std in zip(summary[f"{value}_mean"], summary[f"{value}_std"])]
+    text["n"] = df.groupby(keys, sort=False).size().to_numpy()
+    return text
+
+
+def _significant_pm(mean: float, std: float, digits: int) -> str:
+    if pd.isna(mean):
+        return ""
+    return f"{mean:.{digits}g}" + ("" if pd.isna(std) else f" ± {std:.{max(1, digits - 1)}g}")
+
+
 def select_summary(summary: pd.DataFrame, *, metric: str, probe: str, baseline: str) -> pd.DataFrame:
     """Rows of a `summarise_seeds` result for one metric, probe and baseline; `ValueError` if none."""
     chosen = summary[(summary["metric"] == metric) & (summary["probe"] == probe) & (summary["baseline"] == baseline)]

@@ -2,22 +2,36 @@
 
 import pandas as pd
 
-from poslens.analyses.experiments.presets import REPRODUCE_VARIANTS
+from poslens.analyses.claims import CLAIM_TABLE_COLUMNS
+from poslens.analyses.experiments.presets import REPRODUCE_VARIANTS, SHIFTED, SHIFTED_VARIANTS
+from poslens.analyses.measures.correlation import BLOCK_SCORE_COLUMNS
+from poslens.analyses.measures.geometry import COSINE_COLUMNS, SCORE_COLUMNS, VARIANCE_COLUMNS
+from poslens.analyses.measures.interventions import SWAP_COLUMNS, SWAP_READOUT_COLUMNS
+from poslens.analyses.measures.patching import ACTIVATION_PATCHING_COLUMNS
+from poslens.analyses.measures.probe_sweep import PROBE_POSITION_COLUMNS
 from poslens.analyses.tables import PROBE_COLUMNS, read_table, validate_probe_table
 from poslens.cli import main
 
 TABLES = {
-    "training": ["variant", "seed", "steps", "exact_match", "test_loss"],
+    "training": ["variant", "seed", "steps", "exact_match", "test_loss", "mean_exact_match", "steps_to_criterion",
+                 "learned"],
+    "curves": ["step", "exact_match", "test_loss", "variant", "seed"],
     "invariance": ["variant", "n_layers", "dtype", "n_sequences", "n_perms", "max_abs_delta", "mean_abs_delta",
                    "tolerance", "invariant", "weights", "seed"],
     "probe": list(PROBE_COLUMNS),
-    "correlation": ["variant", "seed", "site", "weights", "block_diagonality"],
+    "probe_by_position": list(PROBE_POSITION_COLUMNS),
+    "correlation": [*BLOCK_SCORE_COLUMNS, "site", "weights", "variant", "seed"],
+    "geometry": [*SCORE_COLUMNS, "weights", "variant", "seed"],
+    "variance": [*VARIANCE_COLUMNS, "weights", "variant", "seed"],
+    "cosine": [*COSINE_COLUMNS, "weights", "variant", "seed"],
     "residual_cuts": ["block", "sublayer", "exact_match", "answer_logprob", "probe_accuracy", "delta_exact_match",
                       "delta_answer_logprob", "delta_probe_accuracy", "variant", "seed"],
-    "activation_patching": ["site", "layer", "position", "role", "value", "fixed_by_construction", "variant", "seed"],
-    "position_swap": ["site", "follows_swap", "keeps_original", "n_sequences", "fixed_by_construction", "variant",
-                      "seed"],
+    "activation_patching": [*ACTIVATION_PATCHING_COLUMNS, "variant", "seed"],
+    "position_swap": [*SWAP_COLUMNS, "variant", "seed"],
+    "swap_readout": [*SWAP_READOUT_COLUMNS, "variant", "seed"],
+    "claims": list(CLAIM_TABLE_COLUMNS),
 }
+VARIANTS = [*REPRODUCE_VARIANTS, *(f"{variant}{SHIFTED}" for variant in SHIFTED_VARIANTS)]
 
 
 TINY = ("reproduce", "--preset", "tiny", "--executor", "serial", "--quiet")  # executors agree: tests/test_sweep.py
@@ -33,16 +47,28 @@ def test_reproduce_tiny_writes_everything_and_resumes(tmp_path):
         assert list(table.columns) == columns, name
     validate_probe_table(read_table(out / "tables" / "probe.json"))
     training = read_table(out / "tables" / "training.csv")
-    assert list(training["variant"]) == list(REPRODUCE_VARIANTS)
+    assert list(training["variant"]) == VARIANTS
+    for name in ("invariance", "residual_cuts", "activation_patching", "position_swap", "swap_readout"):
+        assert list(pd.unique(read_table(out / "tables" / f"{name}.csv")["variant"])) == list(REPRODUCE_VARIANTS)
+    probe = read_table(out / "tables" / "probe.csv")
+    assert set(probe.loc[probe["probe"] == "role", "variant"]) == {f"{v}{SHIFTED}" for v in SHIFTED_VARIANTS}
+    assert "role_identity" in set(probe.loc[probe["variant"].str.endswith(SHIFTED), "baseline"])
+    claims = read_table(out / "tables" / "claims.csv")
+    assert set(claims["verdict"]) <= {"supported", "contradicted", "inconclusive"} and len(claims) == 14
+    symmetry = claims[claims["section"] == "symmetry"]
+    assert list(symmetry["verdict"]) == ["supported"] * 3  # exact checks: they hold on one seed too
     invariance = read_table(out / "tables" / "invariance.csv").set_index(["variant", "weights"])["invariant"]
     assert invariance["nope-bidirectional", "trained"] and invariance["nope-bidirectional", "random"]
     assert not invariance["nope-causal", "trained"] and not invariance["learned-causal", "random"]
     figures = {path.name for path in (out / "figures").iterdir()}
-    assert {"plotly.min.js", "probe_accuracy.html", "residual_cuts.html", "patching_nope-causal.html"} <= figures
+    assert {"plotly.min.js", "probe_accuracy.html", "residual_cuts.html", "patching_nope.html", "block_means.html",
+            "swap_readout.html"} <= figures
     report = (out / "report.html").read_text()
     assert report.count("<script type='text/javascript'>") == 1 and "<script src=" not in report
+    assert report.index("Claims and verdicts") < report.index("<h2 id=\"s1\">")  # the verdicts come first
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# poslens reproduce (tiny preset, 1 seed(s))") and "| nope-causal+cut0,1 |" in summary
+    assert summary.index("## Claims and verdicts") < summary.index("## Symmetry")
 
     stamps = {path: path.stat().st_mtime_ns for path in out.rglob("*.safetensors")}
     probe_before = (out / "tables" / "probe.csv").read_bytes()

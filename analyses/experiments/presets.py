@@ -67,3 +67,11 @@ every drawn token a target. Chen et al. train on the last token only (`MarkovICL
 MARKOV_TRAINING: dict[str, Any] = {"steps": 3000, "batch_size": 64, "lr": 3e-3, "warmup_steps": 100,
                                    "eval_every": 1000, "checkpoint_every": 500}
 """`train(cfg, MarkovICL(**MARKOV_TASK), out_dir=..., **MARKOV_TRAINING)`."""
+
+SHIFTED_VARIANTS = ("nope-causal", "learned-causal")
+"""Also trained on the shifted format, where position and role come apart (`Addition(max_shift=MAX_SHIFT)`)."""
+MAX_SHIFT = 4
+SHIFTED = "@shifted"
+"""The suffix of a variant's name in the tables when it was trained and measured on the shifted format."""
+LEARNED_CRITERION = 0.99
+"""Held-out exact match at the end of training at or above which a run counts as having learned the task."""

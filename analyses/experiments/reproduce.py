@@ -1,188 +1,286 @@
-"""`poslens reproduce`: the paper's experiment set, end to end, resumable and parallel.
+"""`poslens reproduce`: the paper's experiment set and the claims around it, end to end.
 
 Trains NoPE-causal with residual cuts none / {0} / {0,1}, learned-PE causal and
-NoPE-bidirectional on 3-digit addition (several seeds), runs on each the invariance check, the
-probe sweep with controls, correlation structure, residual cuts, activation patching and the
-position swap, then merges the runs into `tables/`, `figures/`, one offline `report.html` and
-`summary.md`. Each (variant, seed) is an independent unit of `analyses.sweep`; finished runs
-and their measures are reused, so a killed study, rerun, does only what is missing.
+NoPE-bidirectional on 3-digit addition, and NoPE-causal and learned-causal again on the
+shifted format (where position and role come apart), several seeds each. Every run is measured
+on its own seeded, unbiased sample of held-out sums: invariance, position and role probes with
+their controls (per site and per position), block structure against its null, position
+geometry, residual cuts, activation patching and the position swap with its readout (cells
+the architecture fixes marked, not read as evidence). The merged tables go to `tables/`, the
+claims table (`analyses.claims`) first in `report.html` and `summary.md`. Each (variant,
+format, seed) is one unit of `analyses.sweep`; finished runs and their measures are reused.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
-import plotly.graph_objects as go
-import plotly.offline
 import torch
 from torch import Tensor
 
-from poslens.analyses.experiments.presets import PRESETS, REPRODUCE_VARIANTS, ReproducePreset
-from poslens.analyses.figures import file_name, write_figure
-from poslens.analyses.figures.correlation import correlation_heatmap
-from poslens.analyses.figures.patching import patching_heatmap, residual_cut_delta_figure
-from poslens.analyses.figures.probes import probe_accuracy_figure
-from poslens.analyses.measures.correlation import block_diagonality, full_correlation, position_correlation
-from poslens.analyses.measures.interventions import position_swap, residual_cut_effects
+from poslens.analyses.claims import reproduce_claims
+from poslens.analyses.experiments.presets import (
+    LEARNED_CRITERION,
+    MAX_SHIFT,
+    PRESETS,
+    REPRODUCE_VARIANTS,
+    SHIFTED,
+    SHIFTED_VARIANTS,
+    ReproducePreset,
+)
+from poslens.analyses.figures import write_figure
+from poslens.analyses.figures.patching import residual_cut_delta_figure
+from poslens.analyses.figures.probes import probe_accuracy_figure, probe_position_figure
+from poslens.analyses.figures.reproduce import (
+    block_means_figure,
+    convergence_figure,
+    patching_mean_heatmap,
+    score_by_site_figure,
+    swap_figure,
+    swap_readout_figure,
+)
+from poslens.analyses.measures.correlation import block_means, block_scores, full_correlation
+from poslens.analyses.measures.geometry import position_geometry
+from poslens.analyses.measures.interventions import position_swap, residual_cut_effects, swap_readout
 from poslens.analyses.measures.invariance import permutation_test
 from poslens.analyses.measures.patching import activation_patching
-from poslens.analyses.measures.probe_sweep import probe_sweep
+from poslens.analyses.measures.probe_sweep import sweep_probes
+from poslens.analyses.report import Section, write_report
 from poslens.analyses.runs import cached_results
+from poslens.analyses.stats import ALPHA, RULE
 from poslens.analyses.sweep import Unit, run_units
-from poslens.analyses.tables import export_tables, render_table, seed_summary, side_by_side
+from poslens.analyses.tables import export_tables, mean_sd_text, seed_summary, side_by_side
 from poslens.hooks import capture_residuals
 from poslens.tasks import Addition
 from poslens.variants import HookedTransformer, TrainResult, build, load, preset, train
 from poslens.variants.locking import holds_lock
-from poslens.variants.storage import atomic_write
 
-ANALYSIS_VERSION = 1
+ANALYSIS_VERSION = 2
 """Bumped whenever a per-run measure changes, so runs measured before are measured again."""
+RUN_TABLES = ("training", "curves", "invariance", "probe", "probe_by_position", "correlation", "geometry",
+              "variance", "cosine", "residual_cuts", "activation_patching", "position_swap", "swap_readout")
 
 
 @holds_lock("out_dir", clean=(".", "tables", "figures"))  # one writer; a killed one's temporaries removed
 def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = "quick", seeds: int = 1,
-              force: bool = False, device: str = "cpu", quiet: bool = False, executor: str = "local",
-              workers: int | None = None, threads: int = 1, ray_address: str | None = None,
-              gpus_per_unit: float = 0.0) -> dict[str, pd.DataFrame]:
-    """Run (or resume) the whole experiment into `out_dir`; returns the merged tables.
+              force: bool = False, device: str = "cpu", quiet: bool = False, **sweep: Any) -> dict[str, pd.DataFrame]:
+    """Run (or resume) the whole experiment into `out_dir`; returns the merged tables and `claims`.
 
-    Every (variant, seed) is one unit of `analyses.sweep`: it trains its run (resumably) into
-    `out_dir/runs/<variant>-seed<k>/` and measures it there (cached in `measures/`), on the
-    `executor` chosen (`serial`, `local` processes, or `ray`; see `run_units`). The merged
-    tables, figures, `summary.md` and `report.html` are written here, by this process alone.
-    `force` measures every run again (trained weights are never deleted).
+    Every (variant, format, seed) is one unit of `analyses.sweep.run_units` (`sweep` takes its
+    executor settings): it trains into `out_dir/runs/<variant>-seed<k>/` and measures the run
+    there (cached in `measures/`). This process alone writes the merged `tables/`, `figures/`,
+    `summary.md` and `report.html`. `force` measures every run again (weights are never deleted).
     """
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; allowed: {sorted(PRESETS)}")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
     out_dir = Path(out_dir)
-    units = [Unit(f"{variant}-seed{seed}", measure_run,
-                  {"run_dir": str(out_dir / "runs" / f"{variant}-seed{seed}"), "variant": variant, "seed": seed,
-                   "preset_name": preset_name, "device": "cuda" if gpus_per_unit else device, "force": force})
-             for variant in REPRODUCE_VARIANTS for seed in range(seeds)]
-    sweep = run_units(units, executor=executor, workers=workers, threads=threads, ray_address=ray_address,
-                      gpus_per_unit=gpus_per_unit, desc="reproduce", quiet=quiet)
-    sweep.raise_failures()
-    runs = [sweep.results[unit.name] for unit in units]
-    tables = {name: pd.concat([run[name] for run in runs], ignore_index=True) for name in RUN_TABLES}
+    device = "cuda" if sweep.get("gpus_per_unit") else device
+    studied = [(variant, 0) for variant in REPRODUCE_VARIANTS] + [(variant, MAX_SHIFT) for variant in SHIFTED_VARIANTS]
+    units = [Unit(f"{_label(variant, shift)}-seed{seed}", measure_run,
+                  {"run_dir": str(out_dir / "runs" / f"{_label(variant, shift)}-seed{seed}"), "variant": variant,
+                   "seed": seed, "preset_name": preset_name, "shift": shift, "device": device, "force": force})
+             for variant, shift in studied for seed in range(seeds)]
+    study = run_units(units, desc="reproduce", quiet=quiet, **sweep)
+    study.raise_failures()
+    runs = [study.results[unit.name] for unit in units]
+    tables = {name: pd.concat([run[name] for run in runs if name in run], ignore_index=True) for name in RUN_TABLES}
+    tables["claims"] = reproduce_claims(tables, shifted=f"nope-causal{SHIFTED}")
     for name, table in tables.items():
         export_tables(table, out_dir / "tables", name, overwrite=True)  # merged anew from the runs on every call
-    figures = _figures(tables, runs, out_dir / "figures")
-    _write_report(out_dir, figures, tables, preset_name, seeds)
+    write_report(out_dir, f"poslens reproduce ({preset_name} preset, {seeds} seed(s))", _meta(preset_name, seeds),
+                 _sections(tables, runs, out_dir / "figures"))
     return tables
 
 
-RUN_TABLES = ("training", "invariance", "probe", "correlation", "residual_cuts", "activation_patching",
-              "position_swap")
+def _label(variant: str, shift: int) -> str:
+    """A variant's name in the tables: `nope-causal`, or `nope-causal@shifted` on the shifted format."""
+    return f"{variant}{SHIFTED}" if shift else variant
 
 
-def measure_run(run_dir: str, variant: str, seed: int, preset_name: str, device: str = "cpu",
+def _meta(preset_name: str, seeds: int) -> str:
+    settings = PRESETS[preset_name]
+    return (f"{settings.n_layers} blocks, d_model {settings.d_model}, heads of {settings.d_head}; {settings.steps} "
+            f"steps of batch {settings.batch_size}; seeds 0..{seeds - 1}; every run measured on its own seeded "
+            f"sample of {settings.n_probe_sequences} held-out sums (patching: {settings.n_patch_sequences}). "
+            f"Shifted format: up to {MAX_SHIFT} filler tokens before the operands.")
+
+
+def measure_run(run_dir: str, variant: str, seed: int, preset_name: str, shift: int = 0, device: str = "cpu",
                 force: bool = False) -> dict[str, pd.DataFrame | Tensor]:
-    """One unit of `reproduce`: train (or resume) `variant` with `seed` into `run_dir`, then
-    measure it: every table of `RUN_TABLES` (each with `variant` and `seed` columns) and the
-    |corr| matrices the report draws (`corr:<site>`). Cached in `run_dir/measures/`."""
-    settings, task = PRESETS[preset_name], Addition()
+    """One unit of `reproduce`: train (or resume) `variant` with `seed` on `Addition(max_shift=shift)`
+    into `run_dir`, then measure it (`RUN_TABLES`, each with `variant` and `seed`, and the
+    block-means matrices `corr:<site>` the report draws). Cached in `run_dir/measures/`."""
+    settings, task = PRESETS[preset_name], Addition(max_shift=shift)
     cfg = preset(variant, task=task, seed=seed, device=device, **settings.model)
     result = train(cfg, task, out_dir=run_dir, resume=True, quiet=True, seed=seed, **settings.training)
-    stamp = {"preset": preset_name, "version": ANALYSIS_VERSION}
-    return cached_results(Path(run_dir) / "measures", stamp, lambda: _measures(result, variant, seed, settings, task),
-                          force=force)
+    stamp = {"preset": preset_name, "shift": shift, "version": ANALYSIS_VERSION}
+    return cached_results(Path(run_dir) / "measures", stamp,
+                          lambda: _measures(result, _label(variant, shift), seed, settings, task), force=force)
 
 
-def _measures(result: TrainResult, variant: str, seed: int, settings: ReproducePreset,
+def _measures(result: TrainResult, label: str, seed: int, settings: ReproducePreset,
               task: Addition) -> dict[str, pd.DataFrame | Tensor]:
-    model = result.model.eval()
-    labels = {"variant": variant, "seed": seed}
-    final = result.history[-1]
-    training = pd.DataFrame([{**labels, "steps": final["step"], "exact_match": final["exact_match"],
-                              "test_loss": final["test_loss"]}])
-    prompts = task.test_set()[:32, : task.prompt_len]
-    in_float64 = {"random": build(dataclasses.replace(model.cfg, dtype=torch.float64)),
-                  "trained": load(result.out_dir, dtype=torch.float64)}
-    invariance = pd.concat([permutation_test(candidate, prompts, n_perms=10).assign(weights=weights, seed=seed)
-                            for weights, candidate in in_float64.items()], ignore_index=True)
+    model, labels = result.model.eval(), {"variant": label, "seed": seed}
+    history = pd.DataFrame(result.history)
+    sample = task.sample_test(settings.n_probe_sequences, seed=seed)
+    targets = ("position", "role") if task.max_shift else ("position",)
+    probes = sweep_probes({label: [model]}, task, n_sequences=settings.n_probe_sequences, seed=seed, targets=targets,
+                          quiet=True)
+    found = {"training": _training(history, labels), "probe": probes.table, "probe_by_position": probes.by_position,
+             "curves": history[["step", "exact_match", "test_loss"]].assign(**labels),
+             **_structure(model, sample, labels, seed)}
+    if task.max_shift:  # the interventions swap operand digits of the fixed format
+        return found
+    runs = {"intact": model, "random": build(model.cfg)}
     tables = {
-        "training": training,
-        "invariance": invariance,
-        "probe": probe_sweep({variant: [model]}, task, n_sequences=settings.n_probe_sequences, quiet=True),
-        "correlation": _correlations(model, task, settings.n_probe_sequences, labels),
-        "residual_cuts": residual_cut_effects(model, task, n_sequences=settings.n_probe_sequences).assign(**labels),
-        "activation_patching": activation_patching(model, task, n_sequences=settings.n_patch_sequences).assign(
-            **labels),
-        "position_swap": position_swap(model, task, n_sequences=settings.n_patch_sequences * 2).assign(**labels),
+        "invariance": _invariance(model, result.out_dir, task, seed, labels),
+        "residual_cuts": residual_cut_effects(model, task, n_sequences=settings.n_probe_sequences, seed=seed),
+        "activation_patching": activation_patching(model, task, n_sequences=settings.n_patch_sequences, seed=seed),
+        "position_swap": position_swap(model, task, n_sequences=settings.n_patch_sequences * 2, seed=seed),
+        "swap_readout": swap_readout(runs["intact"], task, n_sequences=settings.n_probe_sequences, seed=seed),
     }
-    tokens = task.test_set()[: settings.n_probe_sequences]
-    sites = [f"blocks.{block}.hook_resid_post" for block in paper_blocks(model.cfg.n_layers)]
-    capture = capture_residuals(model, tokens, sites=sites)
-    return {**tables, **{f"corr:{site}": position_correlation(capture[site]).float() for site in sites}}
+    return found | {name: table.assign(**labels) for name, table in tables.items()}
 
 
-def _correlations(model: HookedTransformer, task: Addition, n_sequences: int, labels: dict) -> pd.DataFrame:
-    """Block-diagonality of every block output, trained and at random init (same seed)."""
-    tokens = task.test_set()[:n_sequences]
+def _training(history: pd.DataFrame, labels: dict) -> pd.DataFrame:
+    """One row: final exact match and loss, the mean exact match over the evaluations (how fast the
+    run learned), the first step at `LEARNED_CRITERION` (NaN: never) and whether it ended there."""
+    final = history.iloc[-1]
+    reached = history.loc[history["exact_match"] >= LEARNED_CRITERION, "step"]
+    return pd.DataFrame([{**labels, "steps": int(final["step"]), "exact_match": final["exact_match"],
+                          "test_loss": final["test_loss"], "mean_exact_match": history["exact_match"].mean(),
+                          "steps_to_criterion": float(reached.iloc[0]) if len(reached) else float("nan"),
+                          "learned": bool(final["exact_match"] >= LEARNED_CRITERION)}])
+
+
+def _structure(model: HookedTransformer, sample: Tensor, labels: dict, seed: int) -> dict[str, pd.DataFrame | Tensor]:
+    """Block scores against their null at every block output and the position geometry at every
+    residual site, of the trained model and its untrained twin; the block-means matrices of the
+    trained model at every block output."""
     sites = [f"blocks.{block}.hook_resid_post" for block in range(model.cfg.n_layers)]
-    rows = []
+    correlation, geometry, variance, cosine, matrices = [], [], [], [], {}
     for weights, candidate in (("trained", model), ("random_init", build(model.cfg))):
-        capture = capture_residuals(candidate, tokens, sites=sites)
-        rows += [{**labels, "site": site, "weights": weights,
-                  "block_diagonality": block_diagonality(full_correlation(capture[site]), model.cfg.d_model)}
-                 for site in sites]
-    return pd.DataFrame(rows)
+        capture = capture_residuals(candidate, sample, sites=sites)
+        for site in sites:
+            correlation.append(block_scores(capture[site], seed=seed).assign(site=site, weights=weights))
+            if weights == "trained":
+                matrices[f"corr:{site}"] = block_means(full_correlation(capture[site]), model.cfg.d_model).float()
+        tables = position_geometry(candidate, sample, seed=seed)
+        geometry.append(tables.scores.assign(weights=weights))
+        variance.append(tables.variance.assign(weights=weights))
+        cosine.append(tables.cosine.assign(weights=weights))
+    return {name: pd.concat(parts, ignore_index=True).assign(**labels)
+            for name, parts in (("correlation", correlation), ("geometry", geometry), ("variance", variance),
+                                ("cosine", cosine))} | matrices
 
 
-def paper_blocks(n_layers: int) -> list[int]:
-    """Blocks whose outputs the paper shows (layers 1, 3, 6 of 6), scaled to `n_layers`."""
-    return sorted({0, (n_layers - 1) // 2, n_layers - 1})
+def _invariance(model: HookedTransformer, run_dir: Path, task: Addition, seed: int, labels: dict) -> pd.DataFrame:
+    """The symmetry test in float64 on the trained weights, the untrained twin, and (for NoPE-causal)
+    a one-layer untrained twin, which the theorem says is still invariant at the last position."""
+    prompts = task.sample_test(32, seed=seed)[:, : task.prompt_len]
+    double = dataclasses.replace(model.cfg, dtype=torch.float64)
+    candidates = {"trained": load(run_dir, dtype=torch.float64), "random": build(double)}
+    if labels["variant"] == "nope-causal":
+        candidates["random, 1 layer"] = build(dataclasses.replace(double, n_layers=1))
+    return pd.concat([permutation_test(candidate, prompts, n_perms=10).assign(weights=weights)
+                      for weights, candidate in candidates.items()], ignore_index=True)
 
 
-def _write(figure: go.Figure, directory: Path, name: str) -> go.Figure:
-    """Write one of this run's figures (recomputed on every run, so replacing the last run's copy)."""
-    write_figure(figure, directory / f"{file_name(name)}.html", overwrite=True, standalone=False)
-    return figure
+# the report ----------------------------------------------------------------------------------------------------------
+
+HOWTO = {
+    "claims": "one row per claim, computed from the tables below; " + RULE.format(alpha=ALPHA) + ".",
+    "symmetry": "the largest change of the last position's logits over random permutations of the earlier tokens, "
+                "in float64; invariant means within float rounding (1e-10).",
+    "learning": "exact match = all four answer digits right under greedy decoding, on held-out sums whose "
+                "commutative twins were never trained on either.",
+    "residual cuts": "Δ exact match when one block's residual connection is removed at inference (0 = no loss).",
+    "vertical slices": "block contrast = mean |corr| within a position's own dimensions minus between positions, "
+                       "above the same score on shuffled examples (0 = no more than noise).",
+    "position probes": "accuracy of a linear probe for the token's position, beside the same probe on the untrained "
+                       "twin, on the one-hot token (token identity), on the role alone, and chance.",
+    "geometry": "variance slope: log-log slope of the hidden state's variance on position (−1 = Chi et al.'s σ²/t); "
+                "adjacency: cosine of neighbours minus cosine of distant positions; each above its "
+                "position-shuffled null.",
+    "patching": "how much of the clean first answer digit a patch of one (layer, position) restores (1 = all).",
+    "swap": "after exchanging two positions' vectors: does the answer (or a position probe) follow the vectors or "
+            "their places?",
+}
 
 
-def _figures(tables: dict[str, pd.DataFrame], runs: list[dict], directory: Path) -> list[go.Figure]:
-    figures = [_write(probe_accuracy_figure(tables["probe"]), directory, "probe_accuracy")]
-    first_runs = {run["training"]["variant"].iloc[0]: run for run in reversed(runs)}  # each variant's first seed
-    for variant, run in reversed(first_runs.items()):
-        for key in sorted(name for name in run if name.startswith("corr:")):
-            site = key.removeprefix("corr:")
-            figures.append(_write(correlation_heatmap(run[key], f"|corr| positions × positions, {variant}, {site}"),
-                                  directory, f"correlation_{variant}_{site}"))
-        patch = run["activation_patching"]
-        figures.append(_write(patching_heatmap(patch, "resid_pre", f"activation patching (resid_pre), {variant}"),
-                              directory, f"patching_{variant}"))
-    cuts = seed_summary(tables["residual_cuts"], ["variant", "block", "sublayer"], ["delta_exact_match"])
-    figures.append(_write(residual_cut_delta_figure(cuts), directory, "residual_cuts"))
-    return figures
+def _verdicts(claims: pd.DataFrame, section: str) -> str:
+    rows = claims[claims["section"] == section]
+    return " ".join(f"[{row.verdict}] {row.claim}: {row.statistic} = {row.value:.3g} (n {row.n}"
+                    + ("" if pd.isna(row.p) else f", p {row.p:.2g}") + ")." for row in rows.itertuples())
 
 
-def _write_report(out_dir: Path, figures: list[go.Figure], tables: dict[str, pd.DataFrame], preset_name: str,
-                  seeds: int) -> None:
-    probe = tables["probe"]
-    correlation = seed_summary(tables["correlation"], ["variant", "site", "weights"], ["block_diagonality"])
-    cuts = seed_summary(tables["residual_cuts"], ["variant", "block", "sublayer"],
-                       ["exact_match", "delta_exact_match", "delta_probe_accuracy"])
-    swaps = seed_summary(tables["position_swap"], ["variant", "site"], ["follows_swap", "keeps_original"])
-    sections = {
-        "Training (exact match on held-out operand pairs)": tables["training"],
-        "Invariance of the last position's logits to permutations of earlier tokens": tables["invariance"],
-        "Position-probe accuracy per site (trained, untrained twin, token identity, chance)": side_by_side(probe),
-        "Block-diagonality of block outputs (mean and std over seeds)": correlation,
-        "Residual connections removed at inference (mean and std over seeds)": cuts,
-        "Position swap at each site (mean and std over seeds)": swaps,
+def _sections(tables: dict[str, pd.DataFrame], runs: list[dict], directory: Path) -> list[Section]:
+    """The report: the claims table, then one section per claim group with its figures (also
+    written to `directory`), a compact table (mean ± sd over seeds) and the long tables folded."""
+    claims, probe = tables["claims"], tables["probe"]
+    fixed = ~probe["variant"].str.endswith(SHIFTED)
+    matrices = {variant: {key.removeprefix("corr:"): torch.stack([run[key] for run in runs
+                                                                   if run["training"]["variant"].iloc[0] == variant]
+                                                                  ).mean(0)
+                          for key in runs[0] if key.startswith("corr:")}
+                for variant in ("nope-causal", "nope-causal+cut0", "nope-causal+cut0,1")}
+    figures = {
+        "convergence": convergence_figure(tables["curves"]),
+        "residual_cuts": residual_cut_delta_figure(seed_summary(tables["residual_cuts"], ["variant", "block",
+                                                                                           "sublayer"],
+                                                                ["delta_exact_match"])),
+        "block_contrast": score_by_site_figure(tables["correlation"], "contrast", "block contrast above its "
+                                               "null, per block output", "excess mean |corr|"),
+        "block_means": block_means_figure(matrices, "mean |corr| between positions' dimensions (mean over seeds)"),
+        "probe_accuracy": probe_accuracy_figure(probe[fixed]),
+        "probe_by_position": probe_position_figure(tables["probe_by_position"], "nope-causal"),
+        "shifted_position": probe_accuracy_figure(probe[~fixed]),
+        "shifted_role": probe_accuracy_figure(probe[~fixed], probe="role"),
+        "variance_slope": score_by_site_figure(tables["geometry"], "variance_slope", "variance slope above its null",
+                                               "excess slope"),
+        "adjacency": score_by_site_figure(tables["geometry"], "adjacency", "adjacency above its null", "excess"),
+        "patching_nope": patching_mean_heatmap(tables["activation_patching"], "nope-causal"),
+        "patching_learned": patching_mean_heatmap(tables["activation_patching"], "learned-causal"),
+        "position_swap": swap_figure(tables["position_swap"]),
+        "swap_readout": swap_readout_figure(tables["swap_readout"], "nope-causal"),
     }
-    summary = [f"# poslens reproduce ({preset_name} preset, {seeds} seed(s))\n"]
-    summary += [f"## {title}\n\n{render_table(table, 'md')}" for title, table in sections.items()]
-    atomic_write(out_dir / "summary.md", "\n".join(summary))
-    body = "".join(f"<h2>{title}</h2>{table.to_html(index=table.index.name is not None)}"
-                   for title, table in sections.items())
-    body += "".join(figure.to_html(full_html=False, include_plotlyjs=False) for figure in figures)
-    html = (f"<!doctype html><html><head><meta charset='utf-8'><title>poslens reproduce</title>"
-            f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head>"
-            f"<body><h1>poslens reproduce ({preset_name}, {seeds} seed(s))</h1>{body}</body></html>")
-    atomic_write(out_dir / "report.html", html)
+    for name, figure in figures.items():
+        write_figure(figure, directory / f"{name}.html", overwrite=True, standalone=False)
+    training = tables["training"]
+    return [
+        Section("Claims and verdicts", howto=HOWTO["claims"], table=claims.drop(columns=["rule"])),
+        Section("Symmetry", _verdicts(claims, "symmetry"), HOWTO["symmetry"],
+                table=tables["invariance"].groupby(["variant", "weights", "n_layers"], sort=False).agg(
+                    n=("seed", "count"), max_abs_delta=("max_abs_delta", "max"), invariant=("invariant", "all"))
+                .reset_index(), details={"invariance, every run": tables["invariance"]}),
+        Section("Learning the task", _verdicts(claims, "learning"), HOWTO["learning"], [figures["convergence"]],
+                mean_sd_text(training, ["variant"], ["exact_match", "mean_exact_match", "steps_to_criterion"]),
+                {"training, every run": training}),
+        Section("Residual connections", _verdicts(claims, "residual cuts"), HOWTO["residual cuts"],
+                [figures["residual_cuts"]], details={"residual cuts at inference, every run": tables["residual_cuts"]}),
+        Section("Vertical slices: block structure", _verdicts(claims, "vertical slices"), HOWTO["vertical slices"],
+                [figures["block_contrast"], figures["block_means"]],
+                mean_sd_text(tables["correlation"][tables["correlation"]["score"] == "contrast"],
+                             ["variant", "site", "weights"], ["excess", "z"]),
+                {"block scores, every run": tables["correlation"]}),
+        Section("Position probes", _verdicts(claims, "position probes"), HOWTO["position probes"],
+                [figures["probe_accuracy"], figures["probe_by_position"], figures["shifted_position"],
+                 figures["shifted_role"]], side_by_side(probe[fixed]),
+                {"position and role probes, every run": probe, "by position": tables["probe_by_position"]}),
+        Section("Geometry of positions", _verdicts(claims, "geometry"), HOWTO["geometry"],
+                [figures["variance_slope"], figures["adjacency"]],
+                mean_sd_text(tables["geometry"], ["variant", "score", "site", "weights"], ["excess", "z"]),
+                {"geometry scores, every run": tables["geometry"]}),
+        Section("Activation patching", howto=HOWTO["patching"],
+                figures=[figures["patching_nope"], figures["patching_learned"]],
+                details={"activation patching, every run": tables["activation_patching"]}),
+        Section("Position swap", howto=HOWTO["swap"], figures=[figures["position_swap"], figures["swap_readout"]],
+                table=mean_sd_text(tables["position_swap"], ["variant", "site", "fixed_by_construction"],
+                                   ["follows_swap", "keeps_original"]),
+                details={"swap readout, every run": tables["swap_readout"]}),
+    ]
