@@ -146,8 +146,9 @@ def _dynamics(args: argparse.Namespace) -> None:
     tables = write_dynamics(args.out, variants=args.variant, task=args.task,
                             seeds=range(args.seed, args.seed + args.seeds), checkpoints=args.checkpoints,
                             steps=args.steps, n_layers=args.layers, d_model=args.d_model, n_sequences=args.sequences,
-                            device=args.device, quiet=args.quiet, force=args.force, **_sweep_options(args))
-    print(render_table(tables["rebound"], "md"), end="")
+                            constant_lr_control=args.constant_lr_control, device=args.device, quiet=args.quiet,
+                            force=args.force, **_sweep_options(args))
+    print(render_table(compact(tables["claims"][["claim", "value", "n", "p", "verdict"]]), "md"), end="")
     n_steps = tables["metrics"]["step"].nunique()
     print(f"wrote {args.out}/summary.md, {args.out}/tables/ and {args.out}/figures/ "
           f"({n_steps} snapshots per run in {args.out}/runs/)")
@@ -307,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the first seed (initial weights and data order; default 0)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per variant: --seed, --seed + 1, ... (default 1)")
     p.add_argument("--sequences", type=int, help="held-out sequences measured (default 1000 addition, 200 markov)")
+    p.add_argument("--constant-lr-control", action="store_true",
+                   help="also train every run under a constant learning rate (the control for an entropy rebound)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--force", action="store_true", help="recompute existing outputs (the trained runs are kept)")

@@ -218,7 +218,7 @@ def test_cli_writes_outputs_and_refuses_to_overwrite(run_cli, tmp_path):
             "--steps", "12", "--checkpoints", "3", "--sequences", "40", "--out", str(out), "--quiet")
     code, text, err = run_cli(*args)
     assert code == 0, err
-    assert "| variant | seed | layer | measure |" in text and "4 snapshots per run" in text
+    assert text.startswith("| claim |") and "inconclusive" in text and "4 snapshots per run" in text  # one seed
     run = out / "runs" / "nope-causal-seed0"
     assert [step for step, _ in list_snapshots(run)] == [0, 1, 3, 12]
     for name in ("metrics", "probes", "entropy", "rebound", "decodable"):
@@ -243,20 +243,26 @@ def test_several_variants_and_seeds_in_one_study(run_cli, tmp_path):
     out = tmp_path / "study"
     code, text, err = run_cli("dynamics", "--variant", "nope-causal", "--variant", "learned-causal", "--task",
                               "addition", "--layers", "1", "--d-model", "32", "--steps", "6", "--checkpoints", "2",
-                              "--seeds", "2", "--sequences", "24", "--out", str(out), "--executor", "serial", "--quiet")
+                              "--seeds", "2", "--sequences", "24", "--out", str(out), "--executor", "serial", "--quiet",
+                              "--constant-lr-control")
     assert code == 0, err
-    assert {p.name for p in (out / "runs").iterdir()} == {f"{v}-seed{s}" for v in ("nope-causal", "learned-causal")
-                                                          for s in (0, 1)}
+    control = json.loads((out / "runs" / "nope-causal@constant-lr-seed1" / "run.json").read_text())
+    assert control["settings"]["lr_schedule"] == "constant" and control["config"]["seed"] == 1
+    claims = read_table(out / "tables" / "claims.json")
+    assert set(claims["claim"].str.split(",").str[0]) == {"nope-causal", "learned-causal", "nope-causal@constant-lr",
+                                                          "learned-causal@constant-lr"}
+    assert {p.name for p in (out / "runs").iterdir()} == {f"{v}{c}-seed{s}" for v in ("nope-causal", "learned-causal")
+                                                          for c in ("", "@constant-lr") for s in (0, 1)}
     metrics = read_table(out / "tables" / "metrics.json")
-    assert set(zip(metrics["variant"], metrics["seed"])) == {(v, s) for v in ("nope-causal", "learned-causal")
-                                                             for s in (0, 1)}
+    assert set(zip(metrics["variant"], metrics["seed"])) == {(v + c, s) for v in ("nope-causal", "learned-causal")
+                                                             for c in ("", "@constant-lr") for s in (0, 1)}
     alone = training_dynamics(out / "runs" / "learned-causal-seed1", n_sequences=24, quiet=True)
     pd.testing.assert_frame_equal(metrics[(metrics["variant"] == "learned-causal") & (metrics["seed"] == 1)]
                                   .reset_index(drop=True), alone.metrics)
     assert {"probe_accuracy_nope-causal.html", "probe_accuracy_learned-causal.html"} <= {
         p.name for p in (out / "figures").iterdir()}
     rebound = read_table(out / "tables" / "rebound.json")
-    assert len(rebound) == 2 * 2 * 1 * 6  # variants × seeds × layers × measures (all, loss-bearing, rest; raw, normalised)
+    assert len(rebound) == 4 * 2 * 1 * 6  # runs × seeds × layers × measures (all, loss-bearing, rest; raw, normalised)
 
 
 def test_cli_rejects_bad_schedules(run_cli, tmp_path):

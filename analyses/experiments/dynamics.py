@@ -26,7 +26,9 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from poslens.analyses.claims import rebound_claims
 from poslens.analyses.experiments.presets import (
+    CONSTANT_LR,
     DYNAMICS_SEQUENCES,
     DYNAMICS_TASKS,
     MARKOV_MODEL,
@@ -39,6 +41,7 @@ from poslens.analyses.figures.dynamics import (
     METRIC_COLUMNS,
     attention_pattern_figure,
     entropy_figure,
+    entropy_split_figure,
     probe_dynamics_figure,
     training_curves_figure,
 )
@@ -55,6 +58,7 @@ from poslens.analyses.measures.entropy import (
 )
 from poslens.analyses.measures.induction import induction_analysis
 from poslens.analyses.measures.probe_sweep import probe_sweep
+from poslens.analyses.report import compact
 from poslens.analyses.runs import cached_results, load_task
 from poslens.analyses.sweep import Unit, run_units
 from poslens.analyses.tables import export_tables, render_table
@@ -165,43 +169,51 @@ def _task(name: str) -> Task:
 
 
 def dynamics_run(run_dir: str, variant: str, task: str, seed: int, checkpoints: int, steps: int | None,
-                 n_layers: int | None, d_model: int | None, n_sequences: int, device: str = "cpu",
-                 force: bool = False) -> dict[str, pd.DataFrame | Tensor]:
+                 n_layers: int | None, d_model: int | None, n_sequences: int, lr_schedule: str = "cosine",
+                 device: str = "cpu", force: bool = False) -> dict[str, pd.DataFrame | Tensor]:
     """One unit of `write_dynamics`: train `variant` on `task` into `run_dir` with step 0 and
     `checkpoints` log-spaced snapshots (resuming a killed run), then `training_dynamics` it
     (and, on markov, `induction_analysis` of the final model). Tables `metrics`, `probes`,
-    `entropy` (and `induction_*`, each with variant and seed) and the tensor `patterns`;
+    `entropy` (and `induction_*`), each with `seed` and the run's label as `variant` (the variant,
+    `...@constant-lr` under the constant learning-rate schedule), and the tensor `patterns`;
     cached in `run_dir/measures/`."""
     task_obj = _task(task)
     cfg, settings = _run_config(variant, task_obj, steps=steps, n_layers=n_layers, d_model=d_model, seed=seed,
                                 device=device)
-    trained = train(cfg, task_obj, out_dir=run_dir, resume=True, quiet=True, snapshots=checkpoints, **settings)
+    trained = train(cfg, task_obj, out_dir=run_dir, resume=True, quiet=True, snapshots=checkpoints,
+                    lr_schedule=lr_schedule, **settings)
+    label = _label(variant, lr_schedule)
 
     def measure() -> dict[str, pd.DataFrame | Tensor]:
         result = training_dynamics(run_dir, n_sequences=n_sequences, device=device, quiet=True)
-        found = {"metrics": result.metrics, "probes": result.probes, "entropy": result.entropy,
-                 "patterns": result.patterns}
+        found = {"metrics": result.metrics, "probes": result.probes, "entropy": result.entropy}
         if task == "markov":
             report = induction_analysis(trained.model, task_obj, n_sequences=n_sequences)
-            found |= {f"induction_{name}": table.assign(variant=variant, seed=seed)
-                      for name, table in report.tables.items()}
-        return found
+            found |= {f"induction_{name}": table.assign(seed=seed) for name, table in report.tables.items()}
+        return {name: table.assign(variant=label) for name, table in found.items()} | {"patterns": result.patterns}
 
     stamp = {"n_sequences": n_sequences, "version": ANALYSIS_VERSION}
     return cached_results(Path(run_dir) / "measures", stamp, measure, force=force)
 
 
+def _label(variant: str, lr_schedule: str) -> str:
+    return variant if lr_schedule == "cosine" else f"{variant}{CONSTANT_LR}"
+
+
 @holds_lock("out_dir", clean=(".", "tables", "figures"))  # one writer; a killed one's temporaries removed
 def write_dynamics(out_dir: str | Path, *, variants: Sequence[str], task: str, seeds: Sequence[int] = (0,),
                    checkpoints: int = 12, steps: int | None = None, n_layers: int | None = None,
-                   d_model: int | None = None, n_sequences: int | None = None, device: str = "cpu",
-                   quiet: bool = False, force: bool = False, **sweep: Any) -> dict[str, pd.DataFrame]:
+                   d_model: int | None = None, n_sequences: int | None = None, constant_lr_control: bool = False,
+                   device: str = "cpu", quiet: bool = False, force: bool = False,
+                   **sweep: Any) -> dict[str, pd.DataFrame]:
     """`poslens dynamics`: one `dynamics_run` per (variant, seed), each a unit of
     `analyses.sweep.run_units` (`sweep` takes its executor settings), into
-    `out_dir/runs/<variant>-seed<k>/`; then the merged tables (`out_dir/tables/*.{csv,md,json}`:
-    metrics, probes, entropy, rebound, decodable, and induction_* on markov), one set of figures
-    per variant (`out_dir/figures/`, averaged over seeds; attention patterns of the first seed)
-    and `out_dir/summary.md`. Returns the merged tables.
+    `out_dir/runs/<variant>-seed<k>/`; with `constant_lr_control`, the same runs again under a
+    constant learning rate (`<variant>@constant-lr`), so a rebound of attention entropy cannot be
+    the cosine decay's doing. Then the merged tables (`out_dir/tables/*.{csv,md,json}`: metrics,
+    probes, entropy, rebound, decodable, claims (`analyses.claims.rebound_claims`), and
+    induction_* on markov), one set of figures per run label (`out_dir/figures/`, averaged over
+    seeds; attention patterns of the first seed) and `out_dir/summary.md`. Returns the tables.
 
     Finished outputs are never overwritten: if any exist, this refuses before training unless
     `force=True`, which measures the runs again (trained runs are always kept and resumed).
@@ -225,16 +237,19 @@ def write_dynamics(out_dir: str | Path, *, variants: Sequence[str], task: str, s
     n_sequences = DYNAMICS_SEQUENCES[task] if n_sequences is None else n_sequences
     settings = {"task": task, "checkpoints": checkpoints, "steps": steps, "n_layers": n_layers, "d_model": d_model,
                 "n_sequences": n_sequences, "device": device, "force": force}
-    units = [Unit(f"{variant}-seed{seed}", dynamics_run,
-                  {"run_dir": str(out_dir / "runs" / f"{variant}-seed{seed}"), "variant": variant, "seed": seed,
-                   **settings}) for variant in variants for seed in seeds]
+    schedules = ("cosine", "constant") if constant_lr_control else ("cosine",)
+    units = [Unit(f"{_label(variant, schedule)}-seed{seed}", dynamics_run,
+                  {"run_dir": str(out_dir / "runs" / f"{_label(variant, schedule)}-seed{seed}"), "variant": variant,
+                   "seed": seed, "lr_schedule": schedule, **settings})
+             for variant in variants for schedule in schedules for seed in seeds]
     study = run_units(units, desc="dynamics", quiet=quiet, **sweep)
     study.raise_failures()
     runs = {unit.name: study.results[unit.name] for unit in units}
     tables = _merged_tables(list(runs.values()))
     for name, table in tables.items():
         export_tables(table, out_dir / "tables", name, formats=TABLE_FORMATS, overwrite=force)
-    for name, figure in _figures(tables, runs, variants, seeds[0]).items():
+    labels = [_label(variant, schedule) for variant in variants for schedule in schedules]
+    for name, figure in _figures(tables, runs, labels, seeds[0]).items():
         write_figure(figure, out_dir / "figures" / f"{name}.html", overwrite=force, standalone=False)
     first = _run_config(variants[0], _task(task), steps=steps, n_layers=n_layers, d_model=d_model, seed=seeds[0],
                         device=device)
@@ -247,20 +262,22 @@ def _merged_tables(runs: list[dict]) -> dict[str, pd.DataFrame]:
               for name in runs[0] if isinstance(runs[0][name], pd.DataFrame)}
     merged["rebound"] = entropy_rebound(merged["entropy"])
     merged["decodable"] = decodable_steps(merged["probes"])
+    merged["claims"] = rebound_claims(merged["rebound"])
     return merged
 
 
-def _figures(tables: dict[str, pd.DataFrame], runs: dict[str, dict], variants: list[str],
+def _figures(tables: dict[str, pd.DataFrame], runs: dict[str, dict], labels: list[str],
              first_seed: int) -> dict[str, go.Figure]:
-    """Each variant's curves (the mean over its seeds) and its first seed's attention patterns."""
+    """Each run label's curves (the mean over its seeds) and its first seed's attention patterns."""
     figures = {}
-    for variant in variants:
-        own = {name: table[table["variant"] == variant] for name, table in tables.items()}
+    for variant in labels:
+        own = {name: table[table["variant"] == variant] for name, table in tables.items() if "variant" in table}
         run = runs[f"{variant}-seed{first_seed}"]
         steps = sorted(own["metrics"]["step"].unique().tolist())
         found = {"training_curves": training_curves_figure(own["metrics"]),
                  "probe_accuracy": probe_dynamics_figure(own["probes"]),
                  "attention_entropy": entropy_figure(own["entropy"]),
+                 "attention_entropy_split": entropy_split_figure(own["entropy"]),
                  "attention_patterns": attention_pattern_figure(run["patterns"], steps)}
         if "induction_offset_profile" in run:
             tables_of_run = {name.removeprefix("induction_"): table for name, table in run.items()
@@ -276,10 +293,14 @@ def _summary(tables: dict[str, pd.DataFrame], cfg: VariantConfig, settings: dict
     metrics = tables["metrics"]
     final = metrics[metrics["step"] == metrics["step"].max()]
     uniform = tables["entropy"]["uniform_nats"].iloc[0]
+    claims = tables["claims"][["claim", "statistic", "value", "n", "p", "verdict"]]
     lines = [
         f"# poslens dynamics: {', '.join(variants)} on {task}\n",
         f"{cfg.n_layers} blocks, d_model {cfg.d_model}, {cfg.n_heads} heads; {settings['steps']} steps, batch "
         f"{settings['batch_size']}; seeds {seeds}; snapshots at steps {sorted(metrics['step'].unique().tolist())}.\n",
+        "## Claims: does attention entropy dip, then rebound (JoMA)?\n\nComputed from the rebound table by the rule of "
+        "docs/measures.md; runs labelled `@constant-lr` are the control under a constant learning rate.\n",
+        render_table(compact(claims), "md"),
         "## Final held-out metrics\n",
         render_table(final.drop(columns=["step"]), "md"),
         f"## Attention entropy: minimum and rebound per layer (mean over heads)\n\nJoMA's measure in nats "

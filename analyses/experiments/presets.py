@@ -45,6 +45,8 @@ PRESETS = {
 REPRODUCE_VARIANTS = ("nope-causal", "nope-causal+cut0", "nope-causal+cut0,1", "learned-causal", "nope-bidirectional")
 
 DYNAMICS_TASKS = ("addition", "markov")
+CONSTANT_LR = "@constant-lr"
+"""The suffix of a dynamics run's label when it trained under a constant learning rate (the control)."""
 DYNAMICS_SEQUENCES = {"addition": 1000, "markov": 200}
 """Held-out sequences `dynamics` measures by default (markov evaluation greedy-decodes every target, so fewer)."""
 

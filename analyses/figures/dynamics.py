@@ -105,6 +105,26 @@ def entropy_figure(entropy: pd.DataFrame) -> go.Figure:
     return figure
 
 
+def entropy_split_figure(entropy: pd.DataFrame) -> go.Figure:
+    """JoMA's entropy (nats) per layer against step, over the loss-bearing queries (solid) and over
+    the rest (dashed); the mean over heads and
+    seeds. Only the loss-bearing queries get a gradient from the loss."""
+    check_columns(entropy, ("layer", "step", "entropy_nats_loss", "entropy_nats_rest"), "entropy")
+    per_layer = entropy.groupby(["layer", "step"], sort=True)[["entropy_nats_loss", "entropy_nats_rest"]].mean()
+    per_layer = per_layer.reset_index()
+    figure = go.Figure()
+    for layer, colour in zip(sorted(per_layer["layer"].unique()), cycle(qualitative.Plotly)):
+        curve = per_layer[per_layer["layer"] == layer]
+        for column, dash, kind in (("entropy_nats_loss", "solid", "loss-bearing queries"),
+                                   ("entropy_nats_rest", "dash", "other queries")):
+            figure.add_trace(go.Scatter(x=_step_x(curve["step"]), y=curve[column], mode="lines+markers",
+                                        line={"color": colour, "dash": dash}, name=f"layer {layer}, {kind}"))
+    _log_step_axis(figure, per_layer["step"])
+    figure.update_layout(title="attention entropy over loss-bearing queries and the rest (nats, mean over heads)",
+                         yaxis={"title": "nats", "rangemode": "tozero"})
+    return figure
+
+
 def attention_pattern_figure(patterns: Float[Tensor, "step layer head query key"], steps: list[int]) -> go.Figure:
     """Mean attention pattern of every layer (rows) and head (columns), one heatmap each, with
     a slider over the training steps (plotly frames)."""
