@@ -14,11 +14,9 @@ import threading
 import time
 import urllib.request
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
+from browser import chromium
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -28,23 +26,8 @@ from poslens.demos.app import make_app, make_server
 from poslens.demos.panels import ModelStore, default_model, discover_models
 from poslens.demos.static import write_static_page
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 WAIT_S = 60
 GRAPH = "document.querySelector('#{id}.js-plotly-plot, #{id} .js-plotly-plot')"  # Dash wraps it, the static page not
-
-
-def chromium(width: int = 1400, height: int = 1000) -> webdriver.Chrome:
-    """Headless Chromium with the system driver passed explicitly (Selenium Manager never downloads)."""
-    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
-    if missing:
-        pytest.fail(f"browser tests need Debian's chromium and chromium-driver ({missing} missing): "
-                    "apt-get install chromium chromium-driver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     f"--window-size={width},{height}"):
-        options.add_argument(argument)
-    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
 
 
 @contextmanager
