@@ -214,6 +214,17 @@ def _restamp(args: argparse.Namespace) -> None:
         print(f"{directory}: " + ("; ".join(done) if done else "already current, verified"))
 
 
+def _add_study_options(p: argparse.ArgumentParser) -> None:
+    """What every multi-run study subcommand takes besides its own settings (dynamics, induction)."""
+    p.add_argument("--out", required=True, help="output directory; the training runs go to OUT/runs/VARIANT-seedK")
+    p.add_argument("--seed", type=int, default=0, help="the first seed (initial weights and data order; default 0)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per variant: --seed, --seed + 1, ... (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--force", action="store_true", help="recompute existing outputs (the trained runs are kept)")
+    _add_sweep_options(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every `poslens` subcommand."""
     parser = argparse.ArgumentParser(prog="poslens", description="Where does a transformer keep token position?")
@@ -300,34 +311,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="e.g. nope-causal, rotary-causal (repeat for several variants)")
     p.add_argument("--task", required=True, choices=list(DYNAMICS_TASKS))
     p.add_argument("--checkpoints", type=int, default=12, help="log-spaced snapshots besides step 0 (default 12)")
-    p.add_argument("--out", required=True, help="output directory; the training runs go to OUT/runs/VARIANT-seedK")
     p.add_argument("--steps", type=int, help="optimiser steps (default: the quick preset on addition, "
                                              "MARKOV_TRAINING on markov; analyses.experiments.presets)")
     p.add_argument("--layers", type=int, help="number of blocks (default: the task's)")
     p.add_argument("--d-model", type=int, help="residual width (default: the task's)")
-    p.add_argument("--seed", type=int, default=0, help="the first seed (initial weights and data order; default 0)")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per variant: --seed, --seed + 1, ... (default 1)")
     p.add_argument("--sequences", type=int, help="held-out sequences measured (default 1000 addition, 200 markov)")
     p.add_argument("--constant-lr-control", action="store_true",
                    help="also train every run under a constant learning rate (the control for an entropy rebound)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--force", action="store_true", help="recompute existing outputs (the trained runs are kept)")
-    _add_sweep_options(p)
+    _add_study_options(p)
     p.set_defaults(run=_dynamics)
 
     p = commands.add_parser("induction", help="train on n-gram Markov in-context learning; copier and classifier "
                                               "heads, head scores, loss against Bayes")
     p.add_argument("--variant", action="append", help=f"repeatable (default {MARKOV_VARIANT})")
-    p.add_argument("--out", required=True, help="output directory; the training runs go to OUT/runs/VARIANT-seedK")
-    p.add_argument("--seed", type=int, default=0, help="the first seed (initial weights and data order; default 0)")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per variant: --seed, --seed + 1, ... (default 1)")
     p.add_argument("--steps", type=int, help="optimiser steps (default: MARKOV_TRAINING of analyses.experiments.presets)")
     p.add_argument("--sequences", type=int, default=1000, help="fresh sequences analysed per model (default 1000)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--force", action="store_true", help="recompute existing outputs (the trained runs are kept)")
-    _add_sweep_options(p)
+    _add_study_options(p)
     p.set_defaults(run=_induction)
 
     p = commands.add_parser("demo", help="interactive activation-patching app (local web page), or --static OUT.html")
