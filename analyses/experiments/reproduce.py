@@ -136,13 +136,12 @@ def _measures(result: TrainResult, label: str, seed: int, settings: ReproducePre
              **_structure(model, sample, labels, seed)}
     if task.max_shift:  # the interventions swap operand digits of the fixed format
         return found
-    runs = {"intact": model, "random": build(model.cfg)}
     tables = {
         "invariance": _invariance(model, result.out_dir, task, seed, labels),
         "residual_cuts": residual_cut_effects(model, task, n_sequences=settings.n_probe_sequences, seed=seed),
         "activation_patching": activation_patching(model, task, n_sequences=settings.n_patch_sequences, seed=seed),
         "position_swap": position_swap(model, task, n_sequences=settings.n_patch_sequences * 2, seed=seed),
-        "swap_readout": swap_readout(runs["intact"], task, n_sequences=settings.n_probe_sequences, seed=seed),
+        "swap_readout": swap_readout(model, task, n_sequences=settings.n_probe_sequences, seed=seed),
     }
     return found | {name: table.assign(**labels) for name, table in tables.items()}
 
