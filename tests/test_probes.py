@@ -448,3 +448,13 @@ def test_token_identity_of_a_large_vocabulary_is_the_majority_label_of_each_type
     assert large.tolist() == [0, 1, 0, 0]  # for the test sequence 8 9 5 6
     assert torch.equal(small[1:3], large[1:3])  # the one-hot probe agrees where a type was seen
     assert token_identity_baseline(token_ids, labels, train, test) == 0.5
+
+
+def test_ridge_at_language_model_width():
+    """Several sites of d_model 768 in one batched solve (a batched LU solve of this size fails in some MKL builds)."""
+    generator = torch.Generator().manual_seed(0)
+    positions = torch.arange(40).repeat(25).double()
+    direction = torch.randn(768, generator=generator)
+    X = torch.randn(2, len(positions), 768, generator=generator) + positions[:, None] * direction / 40
+    ridge = RidgePositionProbe().fit(X, positions)
+    assert torch.isfinite(ridge.weight_).all() and (ridge.score(X, positions) > 0.99).all()
