@@ -6,10 +6,10 @@
 Evaluated at once, the logits of a position probe on a GPT-2-sized sweep (1,024 classes × 100k tokens ×
 25 sites) would take ~10 GB; `PositionProbe` evaluates them one site and `LOGITS_PER_CHUNK` logits at a
 time and fits sites in groups within `memory_limit`. This script fits synthetic activations of that
-shape and prints the peak RSS beside the size of the inputs and of the logits evaluated at once, then
-(with `--sklearn-sites`) times scikit-learn's `LogisticRegression` (lbfgs, its defaults but max_iter,
-float64) on the first sites, one after another, against `PositionProbe` on the same sites, both with
-standardised features and the same thread budget.
+shape and prints the peak RSS beside the size of the inputs and of the logits evaluated at once;
+or, with `--sklearn-sites K`, times scikit-learn's `LogisticRegression` (lbfgs, its defaults but
+max_iter, float64) on the first K sites, one after another, against `PositionProbe` on the same
+sites at once, both with standardised features and the same thread budget.
 
 Activations: `--sequences` sequences of `--positions` tokens drawn from 2,000 token types; at each
 site a token is its type's embedding plus a position code (a smooth random walk over positions, so
@@ -110,17 +110,16 @@ def main() -> None:
           f"inputs {inputs:.2f} GB; logits of every site at once {at_once:.2f} GB (chunks of {LOGITS_PER_CHUNK:,} "
           f"logits = {LOGITS_PER_CHUNK * 4 / 1024**2:.0f} MB); peak RSS before fitting {peak_gb():.2f} GB")
 
-    began = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # max_iter may be set low on purpose (a memory run)
-        ours = PositionProbe(max_iter=args.max_iter).fit(X_train, y_train)
-    ours_seconds = time.perf_counter() - began
-    print(f"PositionProbe, all sites: {ours_seconds:.1f} s, iterations {ours.n_iter_.tolist()}, test accuracy "
-          f"{[round(a, 4) for a in ours.score(X_test, y_test).tolist()]}; peak RSS {peak_gb():.2f} GB")
-
     if args.sklearn_sites:
         print(compare_with_sklearn(X_train[: args.sklearn_sites], y_train, X_test[: args.sklearn_sites], y_test,
                                    threads=args.threads, max_iter=args.max_iter))
+    else:
+        began = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # max_iter may be set low on purpose (a memory run)
+            ours = PositionProbe(max_iter=args.max_iter).fit(X_train, y_train)
+        print(f"PositionProbe, all sites: {time.perf_counter() - began:.1f} s, iterations {ours.n_iter_.tolist()}, "
+              f"test accuracy {[round(a, 4) for a in ours.score(X_test, y_test).tolist()]}; peak RSS {peak_gb():.2f} GB")
     print(f"load average {os.getloadavg()[0]:.1f} at end")
 
 

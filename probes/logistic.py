@@ -149,9 +149,14 @@ class SoftmaxLoss:
         self.penalized[-1] = 0
         # The Hessian of a site is close to (class curvature) ⊗ (feature covariance) + l2, and equal to it
         # at the start, where every token is predicted with the class prior. The feature factor is fixed;
-        # the class factor, mean_i(diag(p_i) − p_i p_iᵀ), is refreshed at every evaluated point.
+        # the class factor, mean_i(diag(p_i) − p_i p_iᵀ), is refreshed at every evaluated point, averaged
+        # over the first chunk of tokens only (all of them unless classes × tokens exceeds LOGITS_PER_CHUNK:
+        # at 1,024 classes the full average would cost more than the loss and gradient), and its
+        # eigendecomposition is computed once per point, when a preconditioning step first needs it.
         self.feature_values, self.feature_vectors = torch.linalg.eigh(torch.bmm(Zt, Zt.mT).div_(n_tokens))
         self.class_curvature = Zt.new_zeros(n_sites, n_classes, n_classes)
+        self.class_values, self.class_vectors = Zt.new_zeros(n_sites, n_classes), self.class_curvature.clone()
+        self.stale = torch.ones(n_sites, dtype=torch.bool)
 
     def start(self) -> Float[Tensor, "site d_model+1 n_classes"]:
         """Zero weights and the bias that predicts the class prior: the optimum of the bias alone."""
@@ -174,7 +179,12 @@ class SoftmaxLoss:
 
         Shifting every class by the same amount changes nothing, so the all-ones class direction
         gets a nominal curvature and is projected out."""
-        class_values, U = torch.linalg.eigh(self.class_curvature[sites] + 1 / q.shape[-1])
+        stale = sites[self.stale[sites]]
+        if len(stale):
+            self.class_values[stale], self.class_vectors[stale] = torch.linalg.eigh(
+                self.class_curvature[stale] + 1 / q.shape[-1])
+            self.stale[stale] = False
+        class_values, U = self.class_values[sites], self.class_vectors[sites]
         V, feature_values = self.feature_vectors[sites], self.feature_values[sites]
         curvature = feature_values.unsqueeze(-1) * class_values.unsqueeze(1) + self.l2
         step = V @ ((V.mT @ q @ U) / curvature) @ U.mT
@@ -186,16 +196,17 @@ class SoftmaxLoss:
         n_tokens = Zt.shape[1]
         log_likelihood = x.new_zeros(())
         expected = x.new_zeros(x.shape[1], x.shape[0])  # Σ_i p_i x_iᵀ / n; its last column is mean_i p_i
-        second_moment = x.new_zeros(x.shape[1], x.shape[1])  # Σ_i p_i p_iᵀ / n
         for start in range(0, n_tokens, self.chunk):
             Z = Zt[:, start:start + self.chunk]
             probs = torch.mm(x.T, Z).softmax(0)  # [n_classes, chunk]
             target_probs = probs.gather(0, self.targets[:, start:start + self.chunk])
             log_likelihood += target_probs.clamp_min(torch.finfo(x.dtype).tiny).log().sum()
             expected.addmm_(probs, Z.T)
-            second_moment.addmm_(probs, probs.T)
+            if start == 0:  # mean_i(diag(p_i) − p_i p_iᵀ) over the first chunk: positive semi-definite
+                curvature = torch.diag(probs.mean(1)) - torch.mm(probs, probs.T).div_(probs.shape[1])
         expected.div_(n_tokens)
         weights = x * self.penalized
         loss = -log_likelihood / n_tokens + 0.5 * self.l2 * (weights * weights).sum()
-        self.class_curvature[site] = torch.diag(expected[:, -1]) - second_moment.div_(n_tokens)
+        self.class_curvature[site] = curvature
+        self.stale[site] = True
         return loss, (expected - self.class_sums[site]).T + self.l2 * weights

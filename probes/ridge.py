@@ -20,8 +20,8 @@ class RidgePositionProbe(SiteProbe):
 
     `X` is `[site, n_tokens, d_model]`, or `[n_tokens, d_model]` for one site (outputs then have
     no site axis); `y` is `[n_tokens]` numbers. Accepts tensors or numpy arrays, returns tensors.
-    Computes in float64 by default: the whole fit is one `[site, d_model, d_model]` solve (in
-    groups of sites that fit in `memory_limit` bytes beside the inputs).
+    Computes in float64 by default: the whole fit is one `[site, d_model, d_model]` Cholesky solve
+    (in groups of sites that fit in `memory_limit` bytes beside the inputs).
 
     Fitted attributes: `weight_` `[site, d_model]` and `bias_` `[site]` acting on standardised
     features (`(X - mean_) / scale_`).
@@ -42,7 +42,9 @@ class RidgePositionProbe(SiteProbe):
         for group in self._site_groups(X, bytes_per_site):
             Zt, mean, scale = self._standardise_fit(X[group])
             gram = torch.bmm(Zt, Zt.mT) + alpha * torch.eye(d_model, dtype=self.dtype)
-            weights.append(torch.linalg.solve(gram, Zt @ centred))
+            # gram is symmetric positive definite: a Cholesky solve (the batched LU solve of this torch/MKL build
+            # fails with "DLASWP" errors and hangs on [site, 768, 768] float64 batches)
+            weights.append(torch.cholesky_solve((Zt @ centred).unsqueeze(-1), torch.linalg.cholesky(gram)).squeeze(-1))
             means.append(mean)
             scales.append(scale)
             del Zt, gram

@@ -77,7 +77,7 @@ def test_a_trained_nope_model_still_tests_as_nope(trained_runs):
     assert positional_encodings(model)["pe_kind"].tolist() == ["none", "none"]
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "neox-parallel"])
+@pytest.mark.parametrize("kind", list(PE_KINDS))
 def test_capture_probe_sweep_and_patching_run_on_a_bridge(kind, bridge):
     model = bridge(kind)
     tokens = random_sequences(model, 24, 10, seed=0)
