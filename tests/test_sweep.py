@@ -13,10 +13,11 @@ import pandas as pd
 import pytest
 import torch
 
-from poslens.analyses.experiments.reproduce import reproduce
+from poslens.analyses.experiments.reproduce import REPRODUCE_VARIANTS, SHIFTED, SHIFTED_VARIANTS, reproduce
 from poslens.analyses.sweep import Unit, UnitsFailed, check_parallelism, run_units, usable_cores
 from poslens.analyses.tables import read_table
 
+UNITS = len(REPRODUCE_VARIANTS) + len(SHIFTED_VARIANTS)  # one seed of the tiny preset
 TABLES = ("training", "invariance", "probe", "correlation", "residual_cuts", "activation_patching", "position_swap")
 
 
@@ -37,7 +38,7 @@ def assert_same_study(left: Path, right: Path) -> None:
         pd.testing.assert_frame_equal(read_table(left / "tables" / f"{name}.json"),
                                       read_table(right / "tables" / f"{name}.json"), check_exact=True)
     weights = sorted((left / "runs").glob("*/model.safetensors"))
-    assert len(weights) == 5
+    assert len(weights) == UNITS
     for path in weights:
         assert path.read_bytes() == (right / path.relative_to(left)).read_bytes(), path
 
@@ -87,10 +88,10 @@ def test_a_study_with_a_broken_run_finishes_the_others(tmp_path, run_cli):
     (out / "runs" / "nope-causal+cut0-seed0").mkdir(parents=True)
     (out / "runs" / "nope-causal+cut0-seed0" / "notes.txt").write_text("not a run")
     code, _, err = run_cli("reproduce", "--preset", "tiny", "--out", str(out), "--executor", "serial", "--quiet")
-    assert code == 2 and "1 of 5 units failed (nope-causal+cut0-seed0: FileExistsError:" in err
+    assert code == 2 and f"1 of {UNITS} units failed (nope-causal+cut0-seed0: FileExistsError:" in err
     finished = sorted(path.parent.parent.name for path in out.glob("runs/*/measures/stamp.json"))
-    assert finished == ["learned-causal-seed0", "nope-bidirectional-seed0", "nope-causal+cut0,1-seed0",
-                        "nope-causal-seed0"]
+    assert finished == sorted(["learned-causal-seed0", "nope-bidirectional-seed0", "nope-causal+cut0,1-seed0",
+                               "nope-causal-seed0", *(f"{variant}{SHIFTED}-seed0" for variant in SHIFTED_VARIANTS)])
 
 
 def test_a_killed_study_trains_only_what_is_missing(serial_study, tmp_path):
