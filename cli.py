@@ -23,6 +23,7 @@ from poslens.analyses.report import compact
 from poslens.analyses.runs import load_models_by_variant, load_task
 from poslens.analyses.sweep import EXECUTORS, UnitsFailed
 from poslens.analyses.tables import EXPORT_SUFFIXES, check_writable, render_table, side_by_side
+from poslens.demos.lm_panels import DEFAULT_SEQUENCES, MAX_PROMPT_TOKENS, load_lm_demo
 from poslens.demos.panels import DEFAULT_MODEL_DIR, default_model, discover_models
 from poslens.demos.static import write_static_page
 from poslens.tasks import TASKS, make_task
@@ -110,13 +111,17 @@ def _model_data(model, args: argparse.Namespace):
 
 
 def _load_model(args: argparse.Namespace):
-    """`--model` with its `--tokenizer` (a folder or hub id, for AutoTokenizer), `--device` and `--dtype`."""
-    tokenizer = None
-    if args.tokenizer:
-        from transformers import AutoTokenizer
+    """`--model` with its `--tokenizer`, `--device` and `--dtype`."""
+    return load_any(args.model, tokenizer=_tokenizer(args), device=args.device, dtype=MODEL_DTYPES[args.dtype])
 
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    return load_any(args.model, tokenizer=tokenizer, device=args.device, dtype=MODEL_DTYPES[args.dtype])
+
+def _tokenizer(args: argparse.Namespace):
+    """`--tokenizer` (a folder or hub id, for AutoTokenizer), or None."""
+    if not args.tokenizer:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(args.tokenizer)
 
 
 def _display_name(model, spec: str) -> str:
@@ -177,15 +182,29 @@ def _reproduce(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
+    if args.model and args.static:
+        raise ValueError("--static writes the addition demo's page; the language-model demo (--model) is served only")
+    given = [option for option, value in (("--tokenizer", args.tokenizer), ("--dtype", args.dtype),
+                                          ("--text", args.text), ("--sequences", args.sequences),
+                                          ("--max-len", args.max_len)) if value is not None]
+    if given and not args.model:
+        raise ValueError(f"{', '.join(given)} go with --model SPEC (the language-model demo)")
     if args.static:
         check_html_path(args.static, overwrite=args.overwrite)
     else:
         try:  # the server needs the optional `demo` extra (dash); the static page does not
             from poslens.demos.app import serve
+            from poslens.demos.lm_app import serve as serve_language_model
             from poslens.demos.server import check_port
         except ImportError as error:
             raise ValueError(f"the demo server needs dash: pip install 'poslens[demo]' ({error})") from error
         check_port(args.port)
+    if args.model:
+        demo = load_lm_demo(args.model, tokenizer=_tokenizer(args), device=args.device,
+                            dtype=MODEL_DTYPES[args.dtype or "float32"], text=args.text,
+                            n_sequences=DEFAULT_SEQUENCES if args.sequences is None else args.sequences,
+                            max_len=args.max_len, seed=args.seed)
+        return serve_language_model(demo, port=args.port, quiet=args.quiet)
     models = discover_models(args.models or default_model(device=args.device, quiet=args.quiet))
     if args.static:
         path = write_static_page(models, args.static, overwrite=args.overwrite, device=args.device, quiet=args.quiet)
@@ -329,9 +348,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study_options(p)
     p.set_defaults(run=_induction)
 
-    p = commands.add_parser("demo", help="interactive activation-patching app (local web page), or --static OUT.html")
-    p.add_argument("--models", help="a reproduce output folder or a checkpoint folder (default: train or load "
-                                    f"the built-in model in {DEFAULT_MODEL_DIR})")
+    p = commands.add_parser("demo", help="interactive activation-patching app (local web page), or --static OUT.html; "
+                                          "--model SPEC: a language model on free-text prompts")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--models", help="a reproduce output folder or a checkpoint folder (default: train or load "
+                                        f"the built-in model in {DEFAULT_MODEL_DIR})")
+    which.add_argument("--model", help="instead: a language model for free-text prompts, a Hugging Face hub id, a "
+                                       "save_pretrained folder or a poslens run directory (see README, Real models)")
+    p.add_argument("--tokenizer", help="with --model: a tokenizer folder or hub id (for a folder without one)")
+    p.add_argument("--dtype", choices=list(MODEL_DTYPES), help="with --model: weight precision (default float32)")
+    p.add_argument("--text", metavar="FILE", help="with --model: fit the position probe on this UTF-8 text, chunked "
+                                                  "with the model's tokenizer (default: random tokens)")
+    p.add_argument("--sequences", type=int, help="with --model: sequences the position probe is fitted on "
+                                                 f"(default {DEFAULT_SEQUENCES})")
+    p.add_argument("--max-len", type=int, help="with --model: tokens of a prompt and of each probe sequence, BOS "
+                                               f"included (default {MAX_PROMPT_TOKENS}, or n_ctx if smaller)")
+    p.add_argument("--seed", type=int, default=0, help="with --model: seeds the probe's random tokens")
     p.add_argument("--port", type=int, default=8050, help="port on 127.0.0.1 (default 8050; 0 = any free port)")
     p.add_argument("--static", metavar="OUT.html", help="write one self-contained HTML page instead of serving")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --static file")

@@ -21,7 +21,7 @@ Table schemas (one row per measurement):
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Int
 from plotly.subplots import make_subplots
 from torch import Tensor
+from transformer_lens.model_protocol import TransformerLensModel
 from transformer_lens.utilities import get_act_name
 
 from poslens.analyses.measures.interventions import residual_cut_effects
@@ -66,8 +67,7 @@ class DemoModel:
     def probe(self) -> PositionProbe:
         """Position probe at every residual site, fitted on a seeded sample of `n_sequences` held-out prompts."""
         prompts = self.task.sample_test(min(self.n_sequences, self.task.n_test), seed=0)[:, : self.task.prompt_len]
-        activations = capture_residuals(self.model, prompts).activations.float()
-        return PositionProbe().fit(*flatten_tokens(activations, torch.arange(len(prompts))))
+        return fit_position_probe(self.model, prompts)
 
     @cached_property
     def cut_effects(self) -> pd.DataFrame:
@@ -317,19 +317,31 @@ def attention_figure(demo: DemoModel, clean: Int[Tensor, "1 seq"], corrupted: In
     return figure
 
 
+def fit_position_probe(model: TransformerLensModel, tokens: Int[Tensor, "sequence pos"]) -> PositionProbe:
+    """A `PositionProbe` at every residual site, fitted on every token of `tokens` (activations in float32)."""
+    activations = capture_residuals(model, tokens, dtype=torch.float32).activations
+    return PositionProbe().fit(*flatten_tokens(activations, torch.arange(len(tokens))))
+
+
 @torch.no_grad()
-def probe_predictions(demo: DemoModel, clean: Int[Tensor, "1 seq"]) -> pd.DataFrame:
-    """The fitted position probe's prediction at every residual site for every prompt token."""
-    prompt = clean[:, : demo.task.prompt_len]
-    capture = capture_residuals(demo.model, prompt)
-    probabilities = demo.probe.predict_proba(capture.activations[:, 0].float())  # [site, position, class]
-    text = demo.model.to_string(prompt[0])
-    rows = [{"site": site, "position": position, "token": text[position],
+def probe_rows(model: TransformerLensModel, probe: PositionProbe, prompt: Int[Tensor, "1 pos"],
+               tokens: Sequence[str]) -> pd.DataFrame:
+    """A fitted position probe's prediction at every residual site for every token of `prompt`
+    (`tokens` are their labels; schema `probe_predictions` in the module docstring)."""
+    capture = capture_residuals(model, prompt, dtype=torch.float32)
+    probabilities = probe.predict_proba(capture.activations[:, 0])  # [site, position, class]
+    rows = [{"site": site, "position": position, "token": token,
              "predicted": int(probabilities[index, position].argmax()),
              "probability": float(probabilities[index, position].max()),
              "true_probability": float(probabilities[index, position, position])}
-            for index, site in enumerate(capture.sites) for position in range(len(text))]
+            for index, site in enumerate(capture.sites) for position, token in enumerate(tokens)]
     return pd.DataFrame(rows)
+
+
+def probe_predictions(demo: DemoModel, clean: Int[Tensor, "1 seq"]) -> pd.DataFrame:
+    """The fitted position probe's prediction at every residual site for every prompt token."""
+    prompt = clean[:, : demo.task.prompt_len]
+    return probe_rows(demo.model, demo.probe, prompt, list(demo.model.to_string(prompt[0])))
 
 
 def probe_figure(table: pd.DataFrame, title: str = "") -> go.Figure:

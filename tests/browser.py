@@ -1,4 +1,5 @@
-"""Headless Chromium for the browser tests: Debian's chromium and chromium-driver, driven by Selenium.
+"""Headless Chromium for the browser tests: Debian's chromium and chromium-driver, driven by Selenium;
+and `serving`, a Dash app on a free loopback port in a background thread.
 
 Tests fail (never skip) when either is missing: `.ci/run` installs both. Selenium Manager never
 downloads a browser: the system driver is passed explicitly.
@@ -6,6 +7,11 @@ downloads a browser: the system driver is passed explicitly.
 
 from __future__ import annotations
 
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,6 +19,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+WAIT_S = 60
 
 
 def chromium(width: int = 1400, height: int = 1000) -> webdriver.Chrome:
@@ -27,3 +34,35 @@ def chromium(width: int = 1400, height: int = 1000) -> webdriver.Chrome:
                      f"--window-size={width},{height}"):
         options.add_argument(argument)
     return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+
+
+def address(server) -> str:
+    """The address of a server `serving` runs."""
+    return f"http://127.0.0.1:{server.server_port}/"
+
+
+@contextmanager
+def serving(app) -> Iterator:
+    """A Dash app served by `demos.server.make_server` on a free loopback port in a background
+    thread; yields the server once it answers (at `address(server)`)."""
+    from poslens.demos.server import make_server
+
+    server = make_server(app, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            try:
+                with urllib.request.urlopen(address(server), timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield server
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        server.server_close()

@@ -10,49 +10,27 @@ steps on real models (default: the built-in demo model) and writes the README sc
 from __future__ import annotations
 
 import argparse
-import threading
-import time
-import urllib.request
 from contextlib import contextmanager
 
 import pytest
-from browser import chromium
+from browser import WAIT_S, address, chromium, serving
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from poslens.demos.app import make_app, make_server
+from poslens.demos.app import make_app
 from poslens.demos.panels import ModelStore, default_model, discover_models
 from poslens.demos.static import write_static_page
 
-WAIT_S = 60
 GRAPH = "document.querySelector('#{id}.js-plotly-plot, #{id} .js-plotly-plot')"  # Dash wraps it, the static page not
 
 
 @contextmanager
 def running(store: ModelStore):
-    """The demo app served on a free loopback port in a background thread; yields its URL."""
-    server = make_server(make_app(store), port=0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_port}/"
-    try:
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            try:
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        yield url
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
-        server.server_close()
+    """The demo app over `store` served on a free loopback port in a background thread; yields its URL."""
+    with serving(make_app(store)) as server:
+        yield address(server)
 
 
 def wait(driver, condition, message: str):

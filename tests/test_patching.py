@@ -6,11 +6,22 @@ import torch
 
 from poslens.analyses.figures.patching import patching_heatmap
 from poslens.analyses.measures.interventions import position_swap, residual_cut_effects, swap_readout
-from poslens.analyses.measures.patching import activation_patching, corrupt, patching_sample
+from poslens.analyses.measures.patching import (
+    KL_RESTORED,
+    LOGIT_DIFF,
+    PATCHING_COLUMNS,
+    NothingToRestore,
+    activation_patching,
+    corrupt,
+    model_sites,
+    next_token_restoration,
+    patching_sample,
+    prompt_patch_table,
+)
 from poslens.hooks import capture_residuals, residual_sites
 from poslens.probes import PositionProbe, flatten_tokens, split_by_sequence
 from poslens.tasks import Addition
-from poslens.variants import build, evaluate, load
+from poslens.variants import build, evaluate, load, load_any
 from poslens.variants.config import SUBLAYERS
 from poslens.variants.tokens import detokenize
 
@@ -301,3 +312,91 @@ def test_residual_cut_rows_equal_models_built_with_the_cut(cut_table, model, add
         assert row.exact_match == exact_match, row
         assert row.answer_logprob == pytest.approx(answer_logprob, rel=1e-5), row
         assert row.probe_accuracy == probe_accuracy, row
+
+
+# free text: any prompts of equal token length -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def text_models(model, tiny_hf, word_tokenizer):
+    """Our trained NoPE model (prompts of its characters) and tiny random GPT-2 and parallel-residual
+    GPT-NeoX bridges (word tokens), each with a clean prompt."""
+    prompt = torch.tensor([[1, 5, 9, 4, 30, 12, 7]])
+    return {"ours": (model, model.to_tokens("123+456=")),
+            "gpt2": (load_any(tiny_hf("gpt2"), tokenizer=word_tokenizer()), prompt),
+            "neox-parallel": (load_any(tiny_hf("neox-parallel"), tokenizer=word_tokenizer()), prompt)}
+
+
+@torch.no_grad()
+def single_token_change(model, clean, changes_top: bool):
+    """The first copy of `clean` with one token changed that changes the most likely next token
+    (`changes_top`; the last position tried first, where that is likeliest) or keeps it (the first
+    position first), and the changed position."""
+    top = model(clean)[0, -1].argmax()
+    positions = range(clean.shape[1])
+    for position in reversed(positions) if changes_top else positions:
+        for token in range(model.cfg.d_vocab):
+            corrupted = clean.clone()
+            corrupted[0, position] = token
+            if token != clean[0, position] and (model(corrupted)[0, -1].argmax() != top) == changes_top:
+                return corrupted, position
+    raise AssertionError(f"no single-token change {'changes' if changes_top else 'keeps'} the top next token")
+
+
+@pytest.mark.parametrize("name", ["ours", "gpt2"])
+def test_next_token_restoration_scores_the_corrupted_run_0_and_the_clean_run_1(name, text_models, offline):
+    model, clean = text_models[name]
+    changed, kept = single_token_change(model, clean, True)[0], single_token_change(model, clean, False)[0]
+    other = torch.randint(model.cfg.d_vocab, clean.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        clean_logits, other_logits = model(clean), model(other)
+        for corrupted, expected in ((changed, LOGIT_DIFF), (kept, KL_RESTORED)):
+            metric, metric_name = next_token_restoration(model, clean, corrupted)
+            assert metric_name == expected
+            assert float(metric(clean_logits)) == pytest.approx(1.0, abs=1e-6)
+            assert float(metric(model(corrupted))) == pytest.approx(0.0, abs=1e-6)
+            assert abs(float(metric(other_logits))) > 1e-3  # a third run is neither
+        metric = next_token_restoration(model, clean, changed)[0]
+        good, bad = clean_logits[0, -1].argmax(), model(changed)[0, -1].argmax()  # the logit difference by hand
+        diff = [logits[0, -1, good] - logits[0, -1, bad] for logits in (other_logits, model(changed), clean_logits)]
+        assert float(metric(other_logits)) == pytest.approx(float((diff[0] - diff[1]) / (diff[2] - diff[1])), abs=1e-5)
+    with pytest.raises(ValueError, match="either all differ or all agree in their next-token answer, got 1 of 2"):
+        next_token_restoration(model, torch.cat([clean, clean]), torch.cat([changed, kept]))
+    with pytest.raises(ValueError, match="equal token length: the clean prompt has 7 tokens, the corrupted one 6"):
+        next_token_restoration(model, clean[:, :7], changed[:, :6])
+    with pytest.raises(NothingToRestore, match="the same next-token logits"):
+        next_token_restoration(model, clean, clean)
+
+
+@pytest.mark.parametrize("name", ["ours", "gpt2", "neox-parallel"])
+def test_prompt_patch_table_exact_cells(name, text_models, offline):
+    """Cells whose value the architecture fixes: the one changed token's embedding restores the
+    clean run, the other embeddings nothing, and the last block's output at the last position is
+    the clean run (the unembedding reads only that position)."""
+    model, clean = text_models[name]
+    sites = [site for site in ("resid_pre", "resid_mid", "resid_post") if site in model_sites(model)]
+    assert ("resid_mid" in sites) == (name != "neox-parallel")
+    n_layers, n_pos = model.cfg.n_layers, clean.shape[1]
+    for changes_top, metric in ((True, LOGIT_DIFF), (False, KL_RESTORED)):
+        corrupted, changed = single_token_change(model, clean, changes_top)
+        table, metric_name = prompt_patch_table(model, clean, corrupted, sites)
+        assert list(table.columns) == list(PATCHING_COLUMNS) and metric_name == metric
+        assert len(table) == len(sites) * n_layers * n_pos
+        assert table["role"][:n_pos].tolist() == [str(t) if p != changed else f"{t}→{int(corrupted[0, p])}"
+                                                  for p, t in enumerate(clean[0].tolist())]
+        value = table.set_index(["site", "layer", "position"])["value"]
+        assert value[("resid_pre", 0, changed)] == pytest.approx(1.0, abs=1e-5)
+        assert value[("resid_post", n_layers - 1, n_pos - 1)] == pytest.approx(1.0, abs=1e-5)
+        for position in range(n_pos):
+            if position != changed:
+                assert value[("resid_pre", 0, position)] == pytest.approx(0.0, abs=1e-6)
+            if position != n_pos - 1:
+                assert value[("resid_post", n_layers - 1, position)] == pytest.approx(0.0, abs=1e-6)
+            for layer in range(n_layers - 1):
+                assert value[("resid_post", layer, position)] == pytest.approx(
+                    value[("resid_pre", layer + 1, position)], abs=1e-5)
+    if name == "neox-parallel":
+        with pytest.raises(ValueError, match=r"resid_mid cannot be patched in this model \(some block has no "
+                                             r"hook_resid_mid hook\); allowed: \['resid_pre', 'resid_post', "):
+            prompt_patch_table(model, clean, corrupted, ["resid_mid"])
+    with pytest.raises(ValueError, match="labels must name each of the 7 positions, got 2"):
+        prompt_patch_table(model, clean[:, :7], corrupted[:, :7], ["resid_pre"], labels=["a", "b"])

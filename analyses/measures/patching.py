@@ -1,10 +1,13 @@
-"""Activation patching on addition prompts, through `transformer_lens.patching` unchanged.
+"""Activation patching, through `transformer_lens.patching` unchanged: on addition prompts, and on
+any pair of prompts of equal token length.
 
 A corruption swaps two operand digits (or permutes all of them), so the clean and corrupted
 prompts differ only in *where* digits are. Each (layer, position) activation of the clean run
 is copied into the corrupted run in turn, and a restoration metric says how much of the clean
 first answer digit comes back: 0 = the corrupted run, 1 = the clean run. `poslens reproduce`
-and the demo compute every patching number with the functions here. `activation_patching`
+and the demos compute every patching number with the functions here. For free text (a language
+model, `prompt_patch_table`) there is no correct answer to read: the metric compares the two
+runs' own most likely next tokens instead (`next_token_restoration`). `activation_patching`
 draws its prompts with `task.sample_test` (an unbiased sample; the first rows of the sorted
 test set all have a small first operand) and marks the cells whose value the architecture
 fixes (`analyses.measures.construction.patch_fixed`): they are not evidence.
@@ -21,6 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import patching
+from transformer_lens.model_protocol import TransformerLensModel
 from transformer_lens.utilities import get_act_name
 
 from poslens.analyses.measures.construction import patch_fixed
@@ -82,18 +86,22 @@ def corrupt(task: Addition, tokens: Int[Tensor, "batch seq"], kind: str = "swap"
     return task.encode(*task.decode_operands(tokens[:, order]))
 
 
-def first_answer_logit_diff(clean: Int[Tensor, "batch seq"], corrupted: Int[Tensor, "batch seq"],
-                            prompt_len: int) -> Metric:
-    """Metric on prompt logits: mean over the batch of logit(clean first answer digit) −
-    logit(corrupted first answer digit) at the last prompt position."""
-    rows = torch.arange(len(clean))
-    good, bad = clean[:, prompt_len], corrupted[:, prompt_len]
+def logit_diff(good: Int[Tensor, " batch"], bad: Int[Tensor, " batch"]) -> Metric:
+    """Metric on prompt logits: mean over the batch of logit(`good`) − logit(`bad`) at the last position."""
+    rows = torch.arange(len(good))
 
     def metric(logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
         last = logits[:, -1]
         return (last[rows, good] - last[rows, bad]).mean()
 
     return metric
+
+
+def first_answer_logit_diff(clean: Int[Tensor, "batch seq"], corrupted: Int[Tensor, "batch seq"],
+                            prompt_len: int) -> Metric:
+    """Metric on prompt logits: mean over the batch of logit(clean first answer digit) −
+    logit(corrupted first answer digit) at the last prompt position."""
+    return logit_diff(clean[:, prompt_len], corrupted[:, prompt_len])
 
 
 def first_answer_kl(clean_logits: Float[Tensor, "batch pos vocab"]) -> Metric:
@@ -121,19 +129,56 @@ def restoration_metric(model: HookedTransformer, clean: Int[Tensor, "batch seq"]
     device = model.cfg.device
     clean, corrupted = clean.to(device), corrupted.to(device)
     clean_logits, corrupted_logits = model(clean[:, :prompt_len]), model(corrupted[:, :prompt_len])
-    differs = clean[:, prompt_len] != corrupted[:, prompt_len]
+    return _normalised(clean[:, prompt_len], corrupted[:, prompt_len], clean_logits, corrupted_logits, "first-digit")
+
+
+@torch.no_grad()
+def next_token_restoration(model: TransformerLensModel, clean: Int[Tensor, "batch pos"],
+                           corrupted: Int[Tensor, "batch pos"]) -> tuple[Metric, str]:
+    """`restoration_metric` for prompts without a known answer (free text): 0 for the corrupted
+    run, 1 for the clean run, and its name.
+
+    The answers are the runs' own most likely next tokens at the last position. When the clean
+    run's differs from the corrupted run's in every pair, the metric is the normalised logit
+    difference between those two tokens; when they agree in every pair, the fraction of
+    KL(clean ‖ corrupted) of the next-token distribution that a patch removes. A batch that mixes
+    the two cases, and prompts of unequal token length, are refused.
+    """
+    check_equal_lengths(clean, corrupted)
+    device = model.cfg.device
+    clean_logits, corrupted_logits = model(clean.to(device)), model(corrupted.to(device))
+    return _normalised(clean_logits[:, -1].argmax(-1), corrupted_logits[:, -1].argmax(-1), clean_logits,
+                       corrupted_logits, "next-token")
+
+
+def _normalised(good: Int[Tensor, " batch"], bad: Int[Tensor, " batch"], clean_logits: Float[Tensor, "batch pos vocab"],
+                corrupted_logits: Float[Tensor, "batch pos vocab"], answer: str) -> tuple[Metric, str]:
+    """The restoration metric of clean answers `good` and corrupted answers `bad` (see
+    `restoration_metric`), rescaled so that the corrupted run scores 0 and the clean run 1;
+    `answer` (`first-digit`, `next-token`) names the answers in errors."""
+    differs = good != bad
     if differs.all():
-        raw, name = first_answer_logit_diff(clean, corrupted, prompt_len), LOGIT_DIFF
+        raw, name = logit_diff(good, bad), LOGIT_DIFF
     elif not differs.any():
         raw, name = first_answer_kl(clean_logits), KL_RESTORED
     else:
-        raise ValueError("the clean and corrupted prompts must either all differ or all agree in their first answer "
-                         f"digit, got {int(differs.sum())} of {len(differs)} differing")
+        raise ValueError(f"the clean and corrupted prompts must either all differ or all agree in their {answer} "
+                         f"answer, got {int(differs.sum())} of {len(differs)} differing")
     clean_value, corrupted_value = raw(clean_logits), raw(corrupted_logits)
     if abs(float(clean_value - corrupted_value)) < 1e-6:
-        raise NothingToRestore(f"the model gives the same first-digit logits on the clean and the corrupted prompts "
-                         f"({name} undefined): patching has nothing to restore")
+        raise NothingToRestore(f"the model gives the same {answer} logits on the clean and the corrupted prompts "
+                               f"({name} undefined): patching has nothing to restore")
     return (lambda logits: (raw(logits) - corrupted_value) / (clean_value - corrupted_value)), name
+
+
+def check_equal_lengths(clean: Int[Tensor, "batch pos"], corrupted: Int[Tensor, "batch pos"]) -> None:
+    """Refuse a clean and a corrupted prompt batch of different token lengths (or batch sizes)."""
+    if clean.shape[-1] != corrupted.shape[-1]:
+        raise ValueError(f"patching needs a clean and a corrupted prompt of equal token length: the clean prompt has "
+                         f"{clean.shape[-1]} tokens, the corrupted one {corrupted.shape[-1]}")
+    if clean.shape != corrupted.shape:
+        raise ValueError(f"clean and corrupted prompts must have the same shape, got {tuple(clean.shape)} and "
+                         f"{tuple(corrupted.shape)}")
 
 
 def check_site(site: str) -> str:
@@ -153,14 +198,50 @@ def patch_table(model: HookedTransformer, task: Addition, clean: Int[Tensor, "ba
     model.eval()
     metric, name = restoration_metric(model, clean, corrupted, task.prompt_len)
     prompts = slice(0, task.prompt_len)
-    _, clean_cache = model.run_with_cache(clean[:, prompts].to(model.cfg.device))
-    corrupted_prompts = corrupted[:, prompts].to(model.cfg.device)
+    return _patch_rows(model, clean[:, prompts], corrupted[:, prompts], sites, metric, task.roles, quiet), name
+
+
+def model_sites(model: TransformerLensModel) -> list[str]:
+    """The `SITES` whose hook every block of `model` has (GPT-NeoX's parallel residual has no `resid_mid`)."""
+    return [site for site in SITES
+            if all(get_act_name(site, layer) in model.hook_dict for layer in range(model.cfg.n_layers))]
+
+
+@torch.no_grad()
+def prompt_patch_table(model: TransformerLensModel, clean: Int[Tensor, "batch pos"], corrupted: Int[Tensor, "batch pos"],
+                       sites: Sequence[str] = RESIDUAL_SITES, *, labels: Sequence[str] | None = None,
+                       quiet: bool = True) -> tuple[pd.DataFrame, str]:
+    """`patch_table` for any prompts of equal token length (free text on a language model): patch
+    every (layer, position) of each site from the clean into the corrupted prompts; the tidy table
+    (`PATCHING_COLUMNS`, value = `next_token_restoration`) and the metric's name.
+
+    A site the model lacks (`model_sites`) is refused. `role` is `labels[position]`, by default the
+    first pair's token ids at that position (`clean→corrupted` where they differ)."""
+    check_equal_lengths(clean, corrupted)
+    allowed = model_sites(model)
+    for site in sites:
+        if site not in allowed:
+            raise ValueError(f"{check_site(site)} cannot be patched in this model (some block has no "
+                             f"{get_act_name(site, 0).split('.', 2)[-1]} hook); allowed: {allowed}")
+    if labels is None:
+        labels = [str(a) if a == b else f"{a}→{b}" for a, b in zip(clean[0].tolist(), corrupted[0].tolist())]
+    if len(labels) != clean.shape[-1]:
+        raise ValueError(f"labels must name each of the {clean.shape[-1]} positions, got {len(labels)}")
+    metric, name = next_token_restoration(model, clean, corrupted)
+    return _patch_rows(model, clean, corrupted, sites, metric, labels, quiet), name
+
+
+def _patch_rows(model: TransformerLensModel, clean: Int[Tensor, "batch pos"], corrupted: Int[Tensor, "batch pos"],
+                sites: Sequence[str], metric: Metric, roles: Sequence[str], quiet: bool) -> pd.DataFrame:
+    """The `PATCHING_COLUMNS` table of `SITES[site]` patching (clean → corrupted prompts) for each site."""
+    _, clean_cache = model.run_with_cache(clean.to(model.cfg.device))
+    corrupted = corrupted.to(model.cfg.device)
     with quiet_patching(quiet):
-        grids = {site: SITES[site](model, corrupted_prompts, clean_cache, metric) for site in sites}
-    rows = [{"site": site, "layer": layer, "position": position, "role": task.roles[position],
+        grids = {site: SITES[site](model, corrupted, clean_cache, metric) for site in sites}
+    rows = [{"site": site, "layer": layer, "position": position, "role": roles[position],
              "value": float(grid[layer, position])}
             for site, grid in grids.items() for layer in range(grid.shape[0]) for position in range(grid.shape[1])]
-    return pd.DataFrame(rows, columns=list(PATCHING_COLUMNS)), name
+    return pd.DataFrame(rows, columns=list(PATCHING_COLUMNS))
 
 
 def patching_sample(task: Addition, *, kind: str = "swap", positions: tuple[int, int] = (0, 2),
