@@ -1,7 +1,7 @@
 """What a position-probe sweep of a real GPT-2 costs: the sweep on a randomly initialised GPT-2-small-shaped model.
 
     python benchmarks/real_model_sweep.py [--sequences 256] [--max-len 128] [--float16] [--sklearn-sites 2]
-        [--threads N] [--repeats 3]
+        [--threads N] [--repeats 3] [--device cuda]
 
 Builds `GPT2LMHeadModel(GPT2Config())` locally (12 blocks, d_model 768, 12 heads, vocabulary 50,257,
 n_ctx 1024; random weights, nothing downloaded) with a stand-in word-level tokenizer of the same size
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds of the capture-overhead comparison")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    parser.add_argument("--device", default="cpu", help="where the model runs (the probes fit on the CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"$ python {shlex.join(sys.argv)}")
@@ -71,7 +72,7 @@ def main() -> None:
     config = transformers.GPT2Config()
     torch.manual_seed(1)  # fresh_twin, the random-init control, draws with seed 0: a different model
     hf = transformers.GPT2LMHeadModel(config).eval()
-    model = load_any(hf, tokenizer=stand_in_tokenizer(config.vocab_size))
+    model = load_any(hf, tokenizer=stand_in_tokenizer(config.vocab_size), device=args.device)
     sites = residual_sites(model)
     tokens = random_sequences(model, args.sequences, args.max_len, seed=0)
     print(f"model: random GPT-2 small, {hf.num_parameters() / 1e6:.1f} M parameters "
@@ -86,7 +87,7 @@ def main() -> None:
     @torch.no_grad()
     def plain() -> None:
         for batch in tokens.split(args.batch_size):
-            model(batch)
+            model(batch.to(args.device))
 
     def capture() -> None:
         capture_residuals(model, tokens, batch_size=args.batch_size)

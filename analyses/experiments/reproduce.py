@@ -120,11 +120,13 @@ def measure_run(run_dir: str, variant: str, seed: int, preset_name: str, shift: 
     result = train(cfg, task, out_dir=run_dir, resume=True, quiet=True, seed=seed, **settings.training)
     stamp = {"preset": preset_name, "shift": shift, "version": ANALYSIS_VERSION}
     return cached_results(Path(run_dir) / "measures", stamp,
-                          lambda: _measures(result, _label(variant, shift), seed, settings, task), force=force)
+                          lambda: measure_trained(result, _label(variant, shift), seed, settings, task), force=force)
 
 
-def _measures(result: TrainResult, label: str, seed: int, settings: ReproducePreset,
-              task: Addition) -> dict[str, pd.DataFrame | Tensor]:
+def measure_trained(result: TrainResult, label: str, seed: int, settings: ReproducePreset,
+                    task: Addition) -> dict[str, pd.DataFrame | Tensor]:
+    """Every per-run measure of `reproduce` on one trained run (`RUN_TABLES` that apply to its
+    format, labelled `label` and `seed`), at `settings`' sample sizes."""
     model, labels = result.model.eval(), {"variant": label, "seed": seed}
     history = pd.DataFrame(result.history)
     sample = task.sample_test(settings.n_probe_sequences, seed=seed)
