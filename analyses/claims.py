@@ -69,15 +69,14 @@ def _last_minus_middle(probe: pd.DataFrame, variant: str) -> pd.Series:
     """Per seed: position-probe accuracy at the last block's output minus at the middle block's
     (block (n_blocks − 1) // 2). The reference site is fixed in advance: against the best of the
     earlier sites, the last would lose by the noise the maximum selects even where nothing is lost."""
-    rows = probe[(probe["variant"] == variant) & (probe["probe"] == "position") & (probe["metric"] == "accuracy")
-                 & (probe["baseline"] == "trained") & probe["site"].str.fullmatch(r"blocks\.\d+\.hook_resid_post")]
-    if rows.empty:
+    blocks = probe.loc[probe["variant"] == variant, "site"].str.extract(r"^blocks\.(\d+)\.", expand=False).dropna()
+    if blocks.empty:
         raise ValueError(f"no probe rows for {variant}")
-    n_blocks = 1 + rows["site"].str.split(".").str[1].astype(int).max()
+    n_blocks = 1 + blocks.astype(int).max()
     if n_blocks < 2:
         raise ValueError(f"{variant} has one block: no middle block to compare its last with")
     last, middle = f"blocks.{n_blocks - 1}.hook_resid_post", f"blocks.{(n_blocks - 1) // 2}.hook_resid_post"
-    return _per_seed(rows, "value", site=last) - _per_seed(rows, "value", site=middle)
+    return _probe(probe, variant, last, "trained") - _probe(probe, variant, middle, "trained")
 
 
 def _trained_minus_random(table: pd.DataFrame, variant: str, sites: list[str], score: str) -> pd.Series:
