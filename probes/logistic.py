@@ -6,7 +6,10 @@ features — mean cross-entropy + |W|² / (2·C·n_tokens), bias unpenalised —
 compared with it. The solver is a batched L-BFGS (`probes.lbfgs`) preconditioned with a
 Kronecker-factored Hessian (exact at the start, so the first step is a Newton step): on the
 correlated features of a residual stream it needs several times fewer passes over the data
-than plain L-BFGS. Each pass evaluates the sites one after another, so that a site's activations
+than plain L-BFGS. With few tokens per class (below `KRONECKER_MIN_TOKENS_PER_CLASS`: 1,024
+positions over a few dozen sequences) every class is nearly separable, the loss is far from its
+quadratic model, and Newton-like steps overshoot; there plain L-BFGS is 2-7x faster and stops
+where scikit-learn's does (measured in `benchmarks/probe_scale.py`), so it is used instead. Each pass evaluates the sites one after another, so that a site's activations
 stay in cache between the forward and backward products, and a site's tokens in chunks of at
 most `LOGITS_PER_CHUNK` logits (1,024 positions × 100k tokens × 25 sites would be ~10 GB of
 logits at once; below ~700k tokens with 12 classes a site is one chunk); the solver's
@@ -27,6 +30,7 @@ from poslens.probes.inputs import ArrayLike, activations, class_labels, positive
 from poslens.probes.lbfgs import HISTORY, minimize
 
 LOGITS_PER_CHUNK = 2**23  # logits (classes × tokens) of one chunk of one site: 32 MB in float32
+KRONECKER_MIN_TOKENS_PER_CLASS = 32  # below it, plain L-BFGS: see the module docstring
 
 
 class PositionProbe(SiteProbe):
@@ -134,7 +138,8 @@ class SoftmaxLoss:
     Features come feature-major with a last row of ones, so a site's parameters are one
     `[d_model + 1, n_classes]` matrix whose last row is the (unpenalised) bias. `targets` index
     the `n_classes` columns, and every class must occur. Each evaluation walks over the tokens
-    in chunks of `LOGITS_PER_CHUNK // n_classes`.
+    in chunks of `LOGITS_PER_CHUNK // n_classes`. With fewer than `KRONECKER_MIN_TOKENS_PER_CLASS`
+    tokens per class, `precondition` only projects out the all-ones class direction.
     """
 
     def __init__(self, Zt: Float[Tensor, "site d_model+1 n_tokens"], targets: Int[Tensor, " n_tokens"], n_classes: int,
@@ -152,6 +157,9 @@ class SoftmaxLoss:
                                        for site in Zt]).div_(n_tokens)
         self.penalized = Zt.new_ones(n_features, 1)
         self.penalized[-1] = 0
+        self.kronecker = n_tokens >= KRONECKER_MIN_TOKENS_PER_CLASS * n_classes
+        if not self.kronecker:
+            return
         # The Hessian of a site is close to (class curvature) ⊗ (feature covariance) + l2, and equal to it
         # at the start, where every token is predicted with the class prior. The feature factor is fixed;
         # the class factor, mean_i(diag(p_i) − p_i p_iᵀ), is refreshed at every evaluated point, averaged
@@ -184,6 +192,8 @@ class SoftmaxLoss:
 
         Shifting every class by the same amount changes nothing, so the all-ones class direction
         gets a nominal curvature and is projected out."""
+        if not self.kronecker:
+            return q - q.mean(-1, keepdim=True)
         stale = sites[self.stale[sites]]
         if len(stale):
             self.class_values[stale], self.class_vectors[stale] = torch.linalg.eigh(
@@ -208,11 +218,12 @@ class SoftmaxLoss:
             target_probs = probs.gather(0, self.targets[:, start:start + self.chunk])
             log_likelihood += target_probs.clamp_min(torch.finfo(x.dtype).tiny).log().sum()
             expected.addmm_(probs, Z.T)
-            if start == 0:  # mean_i(diag(p_i) − p_i p_iᵀ) over the first chunk: positive semi-definite
+            if start == 0 and self.kronecker:  # mean_i(diag(p_i) − p_i p_iᵀ) over the first chunk: positive semi-definite
                 curvature = torch.diag(probs.mean(1)) - torch.mm(probs, probs.T).div_(probs.shape[1])
         expected.div_(n_tokens)
         weights = x * self.penalized
         loss = -log_likelihood / n_tokens + 0.5 * self.l2 * (weights * weights).sum()
-        self.class_curvature[site] = curvature
-        self.stale[site] = True
+        if self.kronecker:
+            self.class_curvature[site] = curvature
+            self.stale[site] = True
         return loss, (expected - self.class_sums[site]).T + self.l2 * weights

@@ -137,6 +137,34 @@ def test_agrees_with_scikit_learn(three_sites):
         assert abs(ours[site].item() - theirs) <= 0.01
 
 
+def test_few_tokens_per_class_use_plain_lbfgs_and_reach_the_same_optimum(monkeypatch):
+    """Below `KRONECKER_MIN_TOKENS_PER_CLASS` the Kronecker preconditioner is dropped (it overshoots
+    on nearly separable classes); both solvers reach the same optimum at a tight tolerance, and the
+    default fit scores as scikit-learn's does."""
+    import threadpoolctl
+    from sklearn import linear_model as sklearn_linear
+    from sklearn import preprocessing
+
+    import poslens.probes.logistic as logistic
+
+    X_train, y_train, X_test, y_test = split_tokens(positional_activations(noise=(2.0,), n_sequences=20))
+    assert X_train.shape[1] < logistic.KRONECKER_MIN_TOKENS_PER_CLASS * N_POSITIONS
+    Zt = torch.cat([X_train[0].T, torch.ones(1, X_train.shape[1])])[None]
+    assert not logistic.SoftmaxLoss(Zt, y_train, N_POSITIONS, l2=1e-3).kronecker
+    tight = {"tol": 1e-7, "max_iter": 2000, "dtype": torch.float64}
+    plain, default = PositionProbe(**tight).fit(X_train, y_train), PositionProbe().fit(X_train, y_train)
+    monkeypatch.setattr(logistic, "KRONECKER_MIN_TOKENS_PER_CLASS", 0)
+    assert logistic.SoftmaxLoss(Zt, y_train, N_POSITIONS, l2=1e-3).kronecker
+    kronecker = PositionProbe(**tight).fit(X_train, y_train)
+    torch.testing.assert_close(plain.predict_proba(X_test), kronecker.predict_proba(X_test), atol=1e-4, rtol=0)
+    scaler = preprocessing.StandardScaler().fit(X_train[0].numpy())
+    with threadpoolctl.threadpool_limits(1):
+        reference = sklearn_linear.LogisticRegression(max_iter=1000).fit(scaler.transform(X_train[0].numpy()),
+                                                                         y_train.numpy())
+    theirs = reference.score(scaler.transform(X_test[0].numpy()), y_test.numpy())
+    assert abs(default.score(X_test, y_test).item() - theirs) <= 0.02
+
+
 def test_scikit_learn_clone_and_params(three_sites):
     from sklearn.base import clone
     probe = PositionProbe(C=0.5, max_iter=50, dtype=torch.float64)
