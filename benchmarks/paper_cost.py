@@ -1,6 +1,9 @@
 """What one seed of `poslens reproduce --preset paper` costs here, from a short run of one variant.
 
     python benchmarks/paper_cost.py [--variant nope-causal] [--steps 200] [--threads 1] [--device cpu]
+        [--presets quick,paper]
+
+`--presets paper --steps 6000` times one whole paper-preset unit instead of extrapolating.
 
 The paper preset (6 blocks, d_model 128, 6,000 AdamW steps of batch 256) takes hours per run on a
 CPU, so this times `--steps` training steps of `--variant` at the paper sizes (`train` as
@@ -50,14 +53,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="training steps timed per preset")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--presets", default="quick,paper", help="comma-separated presets to time, in order")
     args = parser.parse_args()
+    presets = args.presets.split(",")
+    if unknown := [name for name in presets if name not in PRESETS]:
+        parser.error(f"unknown preset(s) {unknown}; allowed: {sorted(PRESETS)}")
     torch.set_num_threads(args.threads)
     print(f"$ python {shlex.join(sys.argv)}")
     print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs ({platform.machine()}), "
           f"device {args.device}; load average {os.getloadavg()[0]:.1f} at start")
     units = len(REPRODUCE_VARIANTS) + len(SHIFTED_VARIANTS)
     with tempfile.TemporaryDirectory() as folder:
-        for name in ("quick", "paper"):
+        for name in presets:
             per_step, measures = unit_cost(name, args.variant, args.steps, args.device, Path(folder))
             unit = per_step * PRESETS[name].steps + measures
             print(f"{name:>5}: {per_step * 1e3:6.0f} ms/step x {PRESETS[name].steps} steps + measures {measures:5.0f} s "
