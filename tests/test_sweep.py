@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from poslens.analyses import sweep
 from poslens.analyses.experiments.reproduce import REPRODUCE_VARIANTS, SHIFTED, SHIFTED_VARIANTS, reproduce
 from poslens.analyses.sweep import Unit, UnitsFailed, check_parallelism, run_units, usable_cores
 from poslens.analyses.tables import read_table
@@ -43,6 +44,13 @@ def assert_same_study(left: Path, right: Path) -> None:
         assert path.read_bytes() == (right / path.relative_to(left)).read_bytes(), path
 
 
+@pytest.fixture
+def two_cores(monkeypatch):
+    """Two local workers even where this process may use one core (they then share it): these tests
+    are about what the workers compute, not about how fast."""
+    monkeypatch.setattr(sweep, "usable_cores", lambda: max(2, usable_cores()))
+
+
 @pytest.fixture(scope="module")
 def serial_study(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("serial") / "study"
@@ -50,7 +58,7 @@ def serial_study(tmp_path_factory) -> Path:
     return out
 
 
-def test_local_workers_and_a_ray_cluster_give_the_serial_bits(serial_study, tmp_path):
+def test_local_workers_and_a_ray_cluster_give_the_serial_bits(serial_study, tmp_path, two_cores):
     reproduce(tmp_path / "local", preset_name="tiny", executor="local", workers=2, quiet=True)
     assert_same_study(serial_study, tmp_path / "local")
     import ray  # the `cluster` extra the test command installs
@@ -67,13 +75,13 @@ def test_local_workers_and_a_ray_cluster_give_the_serial_bits(serial_study, tmp_
 
 
 @pytest.mark.parametrize("executor, workers", [("serial", None), ("local", 2)])
-def test_every_unit_runs_with_the_threads_asked_for(executor, workers):
+def test_every_unit_runs_with_the_threads_asked_for(executor, workers, two_cores):
     result = run_units([Unit(f"u{i}", threads_and_echo, {"value": i}) for i in range(3)], executor=executor,
                        workers=workers, threads=1, quiet=True)
     assert result.results == {f"u{i}": (1, i) for i in range(3)}
 
 
-def test_a_failing_unit_is_reported_by_name_while_the_others_finish():
+def test_a_failing_unit_is_reported_by_name_while_the_others_finish(two_cores):
     units = [Unit(f"u{i}", fails_on, {"value": i, "bad": 1}) for i in range(4)]
     for executor in ("serial", "local"):
         result = run_units(units, executor=executor, workers=2 if executor == "local" else None, quiet=True)
