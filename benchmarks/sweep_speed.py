@@ -80,8 +80,8 @@ def main() -> None:
         for process in busy:
             process.kill()
     ratio = f"**{serial / parallel:.2f}×**" if finished else f"**> {serial / parallel:.2f}×** (serial stopped)"
-    print(f"| {args.preset} | {args.seeds} | {args.busy} | {'' if finished else '> '}{serial:.0f} s | {parallel:.0f} s | "
-          f"{ratio} |")
+    serial_cell = f"{serial:.0f} s" if finished else f"> {serial:.0f} s"
+    print(f"| {args.preset} | {args.seeds} | {args.busy} | {serial_cell} | {parallel:.0f} s | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,12 @@ correlated features of a residual stream it needs several times fewer passes ove
 than plain L-BFGS. With few tokens per class (below `KRONECKER_MIN_TOKENS_PER_CLASS`: 1,024
 positions over a few dozen sequences) every class is nearly separable, the loss is far from its
 quadratic model, and Newton-like steps overshoot; there plain L-BFGS is 2-7x faster and stops
-where scikit-learn's does (measured in `benchmarks/probe_scale.py`), so it is used instead. Each pass evaluates the sites one after another, so that a site's activations
-stay in cache between the forward and backward products, and a site's tokens in chunks of at
-most `LOGITS_PER_CHUNK` logits (1,024 positions × 100k tokens × 25 sites would be ~10 GB of
-logits at once; below ~700k tokens with 12 classes a site is one chunk); the solver's
-bookkeeping is batched. Sites are fitted in groups that fit in `memory_limit` (`probes.base`).
+where scikit-learn's does (measured in `benchmarks/probe_scale.py`), so it is used instead.
+Each pass evaluates the sites one after another, so that a site's activations stay in cache
+between the forward and backward products, and a site's tokens in chunks of at most
+`LOGITS_PER_CHUNK` logits (1,024 positions × 100k tokens × 25 sites would be ~10 GB of logits at
+once; below ~700k tokens with 12 classes a site is one chunk); the solver's bookkeeping is
+batched. Sites are fitted in groups that fit in `memory_limit` (`probes.base`).
 """
 
 from __future__ import annotations
@@ -218,7 +219,7 @@ class SoftmaxLoss:
             target_probs = probs.gather(0, self.targets[:, start:start + self.chunk])
             log_likelihood += target_probs.clamp_min(torch.finfo(x.dtype).tiny).log().sum()
             expected.addmm_(probs, Z.T)
-            if start == 0 and self.kronecker:  # mean_i(diag(p_i) − p_i p_iᵀ) over the first chunk: positive semi-definite
+            if start == 0 and self.kronecker:  # mean_i(diag(p_i) − p_i p_iᵀ) over the first chunk: PSD
                 curvature = torch.diag(probs.mean(1)) - torch.mm(probs, probs.T).div_(probs.shape[1])
         expected.div_(n_tokens)
         weights = x * self.penalized
