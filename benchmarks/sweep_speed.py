@@ -19,7 +19,6 @@ reported as "> F×" (measured, not extrapolated), with the serial run's training
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 from poslens.analyses.sweep import usable_cores
+from poslens.variants.storage import read_json
 
 
 def timed(command: list[str], limit: float | None = None) -> tuple[float, bool]:
@@ -46,9 +46,12 @@ def training_progress(out: Path) -> str:
     """Steps trained and seconds per step of each run of a study folder, from its histories."""
     runs = []
     for history in sorted(out.glob("runs/*/history.json")):
-        last = json.loads(history.read_text())[-1]
-        runs.append(f"{history.parent.name} step {last['step']} ({last['elapsed_s'] / last['step']:.3f} s/step)")
-    return "; ".join(runs) or "no evaluation logged yet"
+        if rows := read_json(history):  # a run writes `[]` before its first evaluation
+            last = rows[-1]
+            runs.append(f"{history.parent.name} step {last['step']} ({last['elapsed_s'] / last['step']:.3f} s/step)")
+        else:
+            runs.append(f"{history.parent.name} no evaluation yet")
+    return "; ".join(runs) or "no run started"
 
 
 def main() -> None:
