@@ -11,7 +11,7 @@ import torch
 
 from poslens.analyses.experiments.dynamics import write_dynamics
 from poslens.analyses.experiments.induction import write_induction
-from poslens.analyses.experiments.presets import DYNAMICS_TASKS, MARKOV_VARIANT, PRESETS
+from poslens.analyses.experiments.presets import DEFAULT_PRESET, DYNAMICS_TASKS, MARKOV_VARIANT, PRESETS
 from poslens.analyses.experiments.reproduce import reproduce
 from poslens.analyses.figures import check_html_path, file_name, write_figure
 from poslens.analyses.figures.probes import probe_accuracy_figure, probe_position_figure
@@ -32,7 +32,7 @@ from poslens.variants.checkpoint import restamp
 from poslens.variants.config import DTYPES, check_device
 from poslens.variants.hub import model_name
 from poslens.variants.locking import DirectoryLocked
-from poslens.variants.training import restamp_run
+from poslens.variants.training import PRECISIONS, restamp_run
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_LEN = 128  # tokens per text / random sequence when --max-len is not given
@@ -43,7 +43,8 @@ def _train(args: argparse.Namespace) -> None:
     task = make_task(args.task)
     sizes = {key: value for key, value in (("n_layers", args.layers), ("d_model", args.d_model)) if value is not None}
     cfg = preset(args.variant, task=task, seed=args.seed, device=args.device, **sizes)
-    settings = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+    settings = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                "precision": args.precision}
     result = train(cfg, task, out_dir=args.out, resume=args.resume, quiet=args.quiet,
                    **{k: v for k, v in settings.items() if v is not None})
     final = result.history[-1] if result.history else {}
@@ -251,8 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainSettings()
 
     p = commands.add_parser("reproduce", help="the paper's experiment set on 3-digit addition, end to end (resumable)")
-    p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="model and run sizes (default quick)")
-    p.add_argument("--seeds", type=int, default=1, help="training seeds per variant (default 1)")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                   help=f"model, training and analysis sizes (default {DEFAULT_PRESET})")
+    p.add_argument("--seeds", type=int, help="training seeds per variant (default: the preset's; "
+                   f"{PRESETS[DEFAULT_PRESET].seeds} for {DEFAULT_PRESET}, 1 for the others)")
     p.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
     p.add_argument("--force", action="store_true", help="recompute tables and figures (trained runs are kept)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
@@ -266,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help=f"optimiser steps (default {defaults.steps})")
     p.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
     p.add_argument("--lr", type=float, help=f"peak learning rate (default {defaults.lr})")
+    p.add_argument("--precision", choices=PRECISIONS, help=f"training precision (default {defaults.precision}; "
+                   "bfloat16: autocast forward and backward, float32 weights)")
     p.add_argument("--layers", type=int, help="number of blocks (default: the preset's)")
     p.add_argument("--d-model", type=int, help="residual width (default: the preset's)")
     p.add_argument("--out", required=True, help="run directory (refused if it already holds a run, unless --resume)")

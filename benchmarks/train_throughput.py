@@ -1,9 +1,24 @@
-"""Training throughput of our `HookedTransformer` against a hook-free plain-PyTorch twin.
+"""Training-step throughput: the step as it was (eager float32), as it is, in bfloat16, compiled,
+and a hook-free plain-PyTorch twin, side by side in one run.
 
     python benchmarks/train_throughput.py [--variant nope-causal] [--steps N] [--batch-size 256]
-        [--layers 4] [--d-model 64] [--device cpu|cuda] [--repeats R] [--warmup W]
+        [--layers 4] [--d-model 64] [--device cpu|cuda] [--repeats R] [--warmup W] [--threads T]
+        [--no-compile]
 
-One run:
+The rows, each a full training step as `variants.training.train` runs it (set lr, forward on
+`tokens[:, :-1]`, answer-token cross-entropy, zero_grad, backward, grad-norm clip, AdamW with
+the same two parameter groups, `loss.item()`), on the same batches:
+- `before`: the step of poslens before the speed work, AdamW looping over tensors (`foreach=False`);
+- `float32`: today's step (fused AdamW);
+- `bfloat16`: today's step under `TrainSettings(precision="bfloat16")` (autocast);
+- `compiled float32` / `compiled bfloat16`: `torch.compile` of the model (compile time reported
+  apart, not in the rate; `--no-compile` skips them);
+- `plain twin`: the hook-free model below, float32.
+Each row's tokens per second is the median over `--repeats` interleaved blocks; its share of the
+float32 and of the bfloat16 square-matmul peak (both measured in the same run) is the step's
+analytic matmul FLOP rate over that peak.
+
+The twin:
 1. builds `build(preset(variant, ...))` and `PlainTransformer` below: the same pre-LN decoder
    (embedding, optional learned/sinusoidal/rotary positions, per-head Q/K/V/O, GELU MLP, final LN,
    unembedding, causal or bidirectional mask, residual cuts) written as idiomatic PyTorch with no
@@ -21,6 +36,7 @@ One run:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import platform
@@ -181,12 +197,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(device: str, n: int, repeats: int) -> float:
-    """Median fp32 GFLOP/s of an n × n × n matmul (2·n³ FLOPs) on `device`."""
+def matmul_peak(device: str, n: int, repeats: int, dtype: torch.dtype = torch.float32) -> float:
+    """Median GFLOP/s of an n × n × n matmul (2·n³ FLOPs) in `dtype` on `device`."""
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=generator).to(device)
-    b = torch.randn(n, n, generator=generator).to(device)
-    out = torch.empty(n, n, device=device)
+    a = torch.randn(n, n, generator=generator).to(device, dtype)
+    b = torch.randn(n, n, generator=generator).to(device, dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
     for _ in range(2):
         torch.mm(a, b, out=out)
     sync(device)
@@ -205,19 +221,25 @@ def matmul_peak(device: str, n: int, repeats: int) -> float:
 
 
 class Trainer:
-    """One model's training step, exactly as `variants.training.train` does it."""
+    """One model's training step, exactly as `variants.training.train` does it (or, with `before`,
+    as it did before the speed work)."""
 
-    def __init__(self, model: nn.Module, settings: TrainSettings, prompt_len: int):
+    def __init__(self, model: nn.Module, settings: TrainSettings, prompt_len: int, device: str,
+                 before: bool = False):
         self.model = model.train()
         self.optimizer = make_optimizer(model, settings)
-        self.settings = settings
-        self.prompt_len = prompt_len
+        if before:  # the per-tensor AdamW loop poslens used
+            self.optimizer = torch.optim.AdamW(self.optimizer.param_groups, lr=settings.lr, betas=settings.betas,
+                                               foreach=False)
+        self.forward = model
+        self.settings, self.prompt_len, self.device = settings, prompt_len, device
         self.step_index = 0
 
     def step(self, tokens: Tensor) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = self.settings.lr_at(self.step_index)
-        loss = answer_loss(self.model(tokens[:, :-1]), tokens, self.prompt_len)
+        with self.settings.autocast(self.device):
+            loss = answer_loss(self.forward(tokens[:, :-1]), tokens, self.prompt_len)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
@@ -225,14 +247,14 @@ class Trainer:
         self.step_index += 1
         return loss.item()
 
-    def run(self, batches: list[Tensor], device: str) -> tuple[float, float]:
-        """(wall seconds, process CPU seconds) for one step on each batch, synchronised at both ends."""
-        sync(device)
-        start, cpu_start = time.perf_counter(), time.process_time()
+    def run(self, batches: list[Tensor]) -> float:
+        """Wall seconds for one step on each batch, synchronised at both ends."""
+        sync(self.device)
+        start = time.perf_counter()
         for tokens in batches:
             self.step(tokens)
-        sync(device)
-        return time.perf_counter() - start, time.process_time() - cpu_start
+        sync(self.device)
+        return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -243,87 +265,86 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=9, help="timed blocks per model, interleaved A B A B ...")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per model first")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--peak-size", type=int, default=None, help="matmul size for the peak (default 1536 cpu, 8192 cuda)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed blocks per row, interleaved")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per row first")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--peak-size", type=int, default=None, help="matmul size for the peaks (default 2048 cpu, 8192 cuda)")
     args = parser.parse_args(argv)
     device = args.device
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
-        parser.error("need --steps >= 1, --repeats >= 1, --warmup >= 0")
+    if args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("need --steps >= 1, --repeats >= 1, --warmup >= 0, --threads >= 1")
+    torch.set_num_threads(args.threads)
 
     print("command:", shlex.join([sys.executable, *sys.argv]))
     print(f"torch {torch.__version__}, python {platform.python_version()}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else f" ({platform.processor() or platform.machine()})")
-          + f", intra-op threads {torch.get_num_threads()}, inter-op threads {torch.get_num_interop_threads()}"
-          + f", {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+          + f", intra-op threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
 
     torch.manual_seed(0)
     task = Addition()
     cfg = preset(args.variant, task=task, n_layers=args.layers, d_model=args.d_model, device=device)
-    ours = build(cfg)
-    plain = PlainTransformer(cfg).to(device)
-    copy_weights(ours, plain)
-    n_ours = sum(p.numel() for p in ours.parameters())
-    n_plain = sum(p.numel() for p in plain.parameters())
-    assert n_ours == n_plain, f"parameter counts differ: ours {n_ours}, plain {n_plain}"
-    assert len(list(ours.parameters())) == len(list(plain.parameters())), "parameter tensor counts differ"
-
-    settings = TrainSettings(batch_size=args.batch_size, steps=10**9, warmup_steps=0)
+    float32 = TrainSettings(batch_size=args.batch_size, steps=10**9, warmup_steps=0)
+    bfloat16 = dataclasses.replace(float32, precision="bfloat16")
     n_batches = max(args.steps, args.warmup, 1)
-    batches = [task.train_batch(args.batch_size, settings.batch_seed(s)).to(device) for s in range(n_batches)]
+    batches = [task.train_batch(args.batch_size, float32.batch_seed(s)).to(device) for s in range(n_batches)]
+
+    plain = PlainTransformer(cfg).to(device)
+    copy_weights(build(cfg), plain)
     with torch.no_grad():
         check = batches[0][:, :-1]
-        diff = (ours(check) - plain(check)).abs().max().item()
-    tolerance = 1e-5 if cfg.dtype == torch.float32 else 1e-10
-    assert diff <= tolerance, f"logits differ by {diff:.3g} (> {tolerance:g}): the plain model is not a twin"
+        diff = (build(cfg)(check) - plain(check)).abs().max().item()
+    assert diff <= 1e-5, f"logits differ by {diff:.3g} (> 1e-5): the plain model is not a twin"
+
+    rows: dict[str, Trainer] = {
+        "before (eager float32)": Trainer(build(cfg), float32, task.prompt_len, device, before=True),
+        "float32": Trainer(build(cfg), float32, task.prompt_len, device),
+        "bfloat16": Trainer(build(cfg), bfloat16, task.prompt_len, device),
+    }
+    compile_seconds = {}
+    if not args.no_compile:
+        for name, settings in (("compiled float32", float32), ("compiled bfloat16", bfloat16)):
+            trainer = Trainer(build(cfg), settings, task.prompt_len, device)
+            trainer.forward = torch.compile(trainer.model)
+            started = time.perf_counter()
+            trainer.run(batches[:2])  # compiles forward and backward
+            compile_seconds[name] = time.perf_counter() - started
+            rows[name] = trainer
+    rows["plain twin (float32)"] = Trainer(plain, float32, task.prompt_len, device)
+
     n_pos = task.seq_len - 1
     tokens_per_step = args.batch_size * n_pos
     print(f"model: {cfg.name}, n_layers {cfg.n_layers}, d_model {cfg.d_model}, n_heads {cfg.n_heads} x d_head "
-          f"{cfg.d_head}, d_mlp {cfg.d_mlp}, d_vocab {cfg.d_vocab}, {n_ours} parameters in "
-          f"{len(list(ours.parameters()))} tensors (both models); logits max |ours - plain| = {diff:.2e}")
-    print(f"step: batch {args.batch_size} x {n_pos} positions = {tokens_per_step} tokens; "
-          f"{args.warmup} warm-up steps, then {args.repeats} x {args.steps} timed steps per model, interleaved")
+          f"{cfg.d_head}, d_mlp {cfg.d_mlp}; step: batch {args.batch_size} x {n_pos} positions = {tokens_per_step} "
+          f"tokens; {args.warmup} warm-up steps, then {args.repeats} x {args.steps} timed steps per row, interleaved; "
+          f"plain twin logits max |diff| {diff:.1e}"
+          + "".join(f"; {name}: {seconds:.0f} s to compile" for name, seconds in compile_seconds.items()))
 
-    trainers = {"ours": Trainer(ours, settings, task.prompt_len), "plain": Trainer(plain, settings, task.prompt_len)}
-    for trainer in trainers.values():
-        trainer.run(batches[: args.warmup], device)
-    rates: dict[str, list[float]] = {name: [] for name in trainers}
-    cpu_ms: dict[str, list[float]] = {name: [] for name in trainers}
+    for trainer in rows.values():
+        trainer.run(batches[: args.warmup])
+    rates: dict[str, list[float]] = {name: [] for name in rows}
     for repeat in range(args.repeats):
-        order = ("ours", "plain") if repeat % 2 == 0 else ("plain", "ours")  # A B, B A: no fixed position bias
+        order = list(rows) if repeat % 2 == 0 else list(reversed(rows))  # no fixed position bias
         for name in order:
-            seconds, cpu_seconds = trainers[name].run(batches[: args.steps], device)
-            rates[name].append(args.steps * tokens_per_step / seconds)
-            cpu_ms[name].append(1e3 * cpu_seconds / args.steps)
-    pair_ratios = [o / p for o, p in zip(rates["ours"], rates["plain"])]
+            rates[name].append(args.steps * tokens_per_step / rows[name].run(batches[: args.steps]))
 
-    peak_size = args.peak_size or (8192 if device.startswith("cuda") else 1536)
-    peak = matmul_peak(device, peak_size, repeats=10)
+    peak_size = args.peak_size or (8192 if device.startswith("cuda") else 2048)
+    peaks = {dtype: matmul_peak(device, peak_size, repeats=10, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
     flops = train_step_flops(cfg, args.batch_size, n_pos)
-
     median = {name: statistics.median(values) for name, values in rates.items()}
+    base = median["before (eager float32)"]
     print()
-    cpu_median = {name: statistics.median(values) for name, values in cpu_ms.items()}
-    print(f"{'model':<8}{'median tok/s':>14}{'min':>10}{'max':>10}{'ms/step':>9}{'CPU ms/step':>13}"
-          f"{'GFLOP/s':>9}{'% peak':>8}")
-    for name in ("ours", "plain"):
+    print("| step | tokens/s (median) | min | max | ms/step | × before | % fp32 peak | % bf16 peak |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in rows:
         achieved = median[name] / tokens_per_step * flops / 1e9
-        print(f"{name:<8}{median[name]:>14,.0f}{min(rates[name]):>10,.0f}{max(rates[name]):>10,.0f}"
-              f"{1e3 * tokens_per_step / median[name]:>9.2f}{cpu_median[name]:>13.2f}{achieved:>9.2f}"
-              f"{100 * achieved / peak:>7.2f}%")
-    for name in ("ours", "plain"):
-        print(f"  {name} tok/s per repeat: " + " ".join(f"{rate:,.0f}" for rate in rates[name]))
-    ratio = median["ours"] / median["plain"]
+        print(f"| {name} | {median[name]:,.0f} | {min(rates[name]):,.0f} | {max(rates[name]):,.0f} | "
+              f"{1e3 * tokens_per_step / median[name]:.1f} | {median[name] / base:.2f} | "
+              f"{100 * achieved / peaks[torch.float32]:.1f}% | {100 * achieved / peaks[torch.bfloat16]:.1f}% |")
     print()
-    print(f"ratio ours/plain (of median tok/s): {ratio:.3f}   goal >= 0.9: {'met' if ratio >= 0.9 else 'NOT met'}")
-    print(f"  per-pair ratios: median {statistics.median(pair_ratios):.3f}, min {min(pair_ratios):.3f}, "
-          f"max {max(pair_ratios):.3f};  by process CPU time (less sensitive to other load): "
-          f"{cpu_median['plain'] / cpu_median['ours']:.3f}")
-    print(f"analytic training FLOPs/step {flops / 1e9:.3f} GFLOP; fp32 matmul peak ({peak_size}^3, median of 10) "
-          f"{peak:.1f} GFLOP/s; load average now {os.getloadavg()[0]:.2f} (other jobs make every figure noisier)")
+    print(f"analytic training matmul FLOPs/step {flops / 1e9:.3f} GFLOP; peaks ({peak_size}^3 matmul, median of 10): "
+          f"float32 {peaks[torch.float32]:.0f} GFLOP/s, bfloat16 {peaks[torch.bfloat16]:.0f} GFLOP/s; "
+          f"load average now {os.getloadavg()[0]:.2f} (other jobs make every figure noisier)")
 
 
 if __name__ == "__main__":

@@ -39,14 +39,15 @@ def weights(model):
     return {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
 
-def test_resume_after_a_kill_ends_bitwise_identical(tiny, tmp_path, addition):
-    cfg = tiny("nope-causal")
-    full = train(cfg, addition, out_dir=tmp_path / "full", **SHORT)
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_resume_after_a_kill_ends_bitwise_identical(tiny, tmp_path, addition, precision):
+    cfg, settings = tiny("nope-causal"), {**SHORT, "precision": precision}
+    full = train(cfg, addition, out_dir=tmp_path / "full", **settings)
     with pytest.raises(Killed):
-        train(cfg, addition, out_dir=tmp_path / "killed", on_step=kill_at(13), **SHORT)
+        train(cfg, addition, out_dir=tmp_path / "killed", on_step=kill_at(13), **settings)
     state = json.loads((tmp_path / "killed" / "run.json").read_text())
     assert state["step"] == 10 and not state["finished"]
-    resumed = train(cfg, addition, out_dir=tmp_path / "killed", resume=True, **SHORT)
+    resumed = train(cfg, addition, out_dir=tmp_path / "killed", resume=True, **settings)
     for name, tensor in weights(full.model).items():
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
     assert [row["step"] for row in resumed.history] == [8, 16, 24]
@@ -55,11 +56,25 @@ def test_resume_after_a_kill_ends_bitwise_identical(tiny, tmp_path, addition):
     assert all(torch.equal(t, reloaded.state_dict()[n]) for n, t in weights(full.model).items())
 
 
-def test_training_is_deterministic_and_learns(tiny, tmp_path, addition):
-    runs = [train(tiny("learned-causal"), addition, out_dir=tmp_path / str(i), **{**SHORT, "steps": 40}) for i in range(2)]
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_training_is_deterministic_and_learns(tiny, tmp_path, addition, precision):
+    settings = {**SHORT, "steps": 40, "precision": precision}
+    runs = [train(tiny("learned-causal"), addition, out_dir=tmp_path / str(i), **settings) for i in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values()))
     losses = [row["test_loss"] for row in runs[0].history]
     assert losses[-1] < losses[0] - 0.2
+    assert all(tensor.dtype == torch.float32 for tensor in runs[0].model.state_dict().values())  # master weights
+    recorded = read_json(tmp_path / "0" / "run.json")["settings"]
+    assert recorded.get("precision") == (None if precision == "float32" else precision)  # default left unrecorded
+
+
+def test_bfloat16_training_computes_in_bfloat16_and_precision_is_checked(tiny, tmp_path, addition):
+    """The setting reaches the step (its weights differ from float32's) and a bad value is named."""
+    runs = {precision: train(tiny("nope-causal"), addition, out_dir=tmp_path / precision,
+                             **{**SHORT, "steps": 3, "precision": precision}) for precision in ("float32", "bfloat16")}
+    assert not torch.equal(runs["float32"].model.W_E, runs["bfloat16"].model.W_E)
+    with pytest.raises(ValueError, match=r"unknown precision 'fp8'; allowed: \['float32', 'bfloat16'\]"):
+        TrainSettings(precision="fp8")
 
 
 def test_finished_run_is_returned_and_never_overwritten(tiny, tmp_path, addition):

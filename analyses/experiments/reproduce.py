@@ -23,6 +23,7 @@ from torch import Tensor
 
 from poslens.analyses.claims import reproduce_claims
 from poslens.analyses.experiments.presets import (
+    DEFAULT_PRESET,
     LEARNED_CRITERION,
     MAX_SHIFT,
     PRESETS,
@@ -65,17 +66,31 @@ RUN_TABLES = ("training", "curves", "invariance", "probe", "probe_by_position", 
 
 
 @holds_lock("out_dir", clean=(".", "tables", "figures"))  # one writer; a killed one's temporaries removed
-def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = "quick", seeds: int = 1,
+def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = DEFAULT_PRESET, seeds: int | None = None,
               force: bool = False, device: str = "cpu", quiet: bool = False, **sweep: Any) -> dict[str, pd.DataFrame]:
     """Run (or resume) the whole experiment into `out_dir`; returns the merged tables and `claims`.
 
     Every (variant, format, seed) is one unit of `analyses.sweep.run_units` (`sweep` takes its
     executor settings): it trains into `out_dir/runs/<variant>-seed<k>/` and measures the run
-    there (cached in `measures/`). This process alone writes the merged `tables/`, `figures/`,
+    there (cached in `measures/`). Units start longest first (the shifted format's), so the last
+    round leaves no core idle for long. This process alone writes the merged `tables/`, `figures/`,
     `summary.md` and `report.html`. `force` measures every run again (weights are never deleted).
+
+    Args:
+        out_dir: the output folder (created; resumed if it holds an earlier call's work).
+        preset_name: the sizes of models, training and analyses (`PRESETS`; default `standard`).
+        seeds: training seeds per variant, 0..seeds-1 (default: the preset's, 5 for `standard`).
+        force: measure every run again.
+        device: where units train and measure (`cuda` when `sweep` asks for GPUs).
+        quiet: no progress bars.
+        **sweep: `analyses.sweep.run_units`' executor settings (`executor`, `workers`, `threads`, ...).
+
+    Returns:
+        The merged tables by name (`RUN_TABLES`) and `claims`, the verdict per claim.
     """
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; allowed: {sorted(PRESETS)}")
+    seeds = PRESETS[preset_name].seeds if seeds is None else seeds
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
     out_dir = Path(out_dir)
@@ -85,7 +100,8 @@ def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = "qui
                   {"run_dir": str(out_dir / "runs" / f"{_label(variant, shift)}-seed{seed}"), "variant": variant,
                    "seed": seed, "preset_name": preset_name, "shift": shift, "device": device, "force": force})
              for variant, shift in studied for seed in range(seeds)]
-    study = run_units(units, desc="reproduce", quiet=quiet, **sweep)
+    longest_first = sorted(units, key=lambda unit: -unit.kwargs["shift"])  # stable: the rest keep their order
+    study = run_units(longest_first, desc="reproduce", quiet=quiet, **sweep)
     study.raise_failures()
     runs = [study.results[unit.name] for unit in units]
     tables = {name: pd.concat([run[name] for run in runs if name in run], ignore_index=True) for name in RUN_TABLES}
@@ -105,7 +121,7 @@ def _label(variant: str, shift: int) -> str:
 def _meta(preset_name: str, seeds: int) -> str:
     settings = PRESETS[preset_name]
     return (f"{settings.n_layers} blocks, d_model {settings.d_model}, heads of {settings.d_head}; {settings.steps} "
-            f"steps of batch {settings.batch_size}; seeds 0..{seeds - 1}; every run measured on its own seeded "
+            f"steps of batch {settings.batch_size} in {settings.precision}; seeds 0..{seeds - 1}; every run measured on its own seeded "
             f"sample of {settings.n_probe_sequences} held-out sums (patching: {settings.n_patch_sequences}). "
             f"Shifted format: up to {MAX_SHIFT} filler tokens before the operands.")
 

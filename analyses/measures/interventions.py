@@ -135,24 +135,35 @@ def residual_cut_effects(model: HookedTransformer, task: Addition, *, n_sequence
     accuracy of a position probe fitted afresh on the final residual stream of the cut model
     (is position still linearly readable downstream?). Deltas are against the intact model.
     All on a seeded sample of `n_sequences` held-out sequences (`seed` also splits the probe's data).
+
+    A causal model's cut is measured in one teacher-forced pass (logits and final stream
+    together): its greedy answer is all right exactly when every answer token is the argmax given
+    the right earlier answer tokens, which is what that pass shows. A bidirectional model's
+    earlier positions would see the answer, so its exact match is greedy-decoded.
     """
     tokens = task.sample_test(min(n_sequences, task.n_test), seed)
     train_seq, test_seq = split_by_sequence(len(tokens), test_fraction=0.25, seed=seed)
     final_site = residual_sites(model)[-1]
+    answers = tokens[:, task.prompt_len :]
     rows = []
     cuts = [(None, "none")] + [(block, sublayer) for block in range(model.cfg.n_layers) for sublayer in SUBLAYERS]
     for block, sublayer in cuts:
         hooks = [] if block is None else cut_residual(block, sublayer)
         with model.hooks(fwd_hooks=hooks):
-            scores = evaluate(model, task, tokens)
-            logits = model(tokens[:, :-1].to(model.cfg.device)).cpu()
-            capture = capture_residuals(model, tokens, sites=[final_site])
+            if model.cfg.attention_dir == "causal":
+                logits, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=[final_site])
+                logits, acts = logits[:, :-1].cpu(), cache[final_site][None].cpu()
+                exact_match = float((logits[:, task.prompt_len - 1 :].argmax(-1) == answers).all(-1).double().mean())
+            else:
+                exact_match = evaluate(model, task, tokens)["exact_match"]
+                logits = model(tokens[:, :-1].to(model.cfg.device)).cpu()
+                acts = capture_residuals(model, tokens, sites=[final_site]).activations
         log_probs = logits[:, task.prompt_len - 1 :].log_softmax(-1)
-        answer_logprob = log_probs.gather(-1, tokens[:, task.prompt_len :, None]).squeeze(-1).sum(-1).mean()
-        acts = capture.activations.float()
+        answer_logprob = log_probs.gather(-1, answers[..., None]).squeeze(-1).sum(-1).mean()
+        acts = acts.float()
         probe = PositionProbe(C=C).fit(*flatten_tokens(acts, train_seq))
-        rows.append({"block": -1 if block is None else block, "sublayer": sublayer,
-                     "exact_match": scores["exact_match"], "answer_logprob": float(answer_logprob),
+        rows.append({"block": -1 if block is None else block, "sublayer": sublayer, "exact_match": exact_match,
+                     "answer_logprob": float(answer_logprob),
                      "probe_accuracy": float(probe.score(*flatten_tokens(acts, test_seq))[0])})
     table = pd.DataFrame(rows)
     for column in ("exact_match", "answer_logprob", "probe_accuracy"):
