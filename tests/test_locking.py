@@ -76,7 +76,7 @@ def test_a_dead_holders_lock_is_taken_over(tiny, addition, tmp_path):
 
     def die_holding_the_lock():
         with locked_directory(out):
-            (out / ".run.json.abcdefgh.tmp").write_text("half")  # as a killed writer leaves it
+            (out / ".run.json.poslens-abcdefgh.tmp").write_text("half")  # as a killed writer leaves it
             os.kill(os.getpid(), signal.SIGKILL)
 
     pid = fork(die_holding_the_lock)
