@@ -92,7 +92,7 @@ def _acquire(path: Path) -> int:
             locked = lock_descriptor(fd, blocking=False)
         except OSError as error:
             os.close(fd)
-            raise OSError(error.errno, f"cannot lock {path}: {error.strerror or error}") from None
+            raise OSError(error.errno, f"cannot be locked here: {error.strerror or error}", str(path)) from None
         if not locked:
             holder = _holder(fd)
             os.close(fd)
