@@ -229,7 +229,8 @@ def _restamp(args: argparse.Namespace) -> None:
         if (directory / "run.json").is_file():  # a run: its model, snapshots and training state
             done = restamp_run(directory)
         else:  # a bare checkpoint
-            done = [f"recorded the weights digest in {directory / 'config.json'}"] if restamp(directory) else []
+            done = [f"recorded the digests of config and weights in {directory / 'config.json'}"] \
+                if restamp(directory) else []
         print(f"{directory}: " + ("; ".join(done) if done else "already current, verified"))
 
 
@@ -371,8 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars or request log")
     p.set_defaults(run=_demo)
 
-    p = commands.add_parser("restamp", help="record the weights digest of checkpoints written without one, and "
-                                            "upgrade finished runs written by an older poslens (after checking them)")
+    p = commands.add_parser("restamp", help="record the digests (config and weights) of checkpoints written without "
+                                            "them, and upgrade finished runs written by an older poslens (after "
+                                            "checking them)")
     p.add_argument("directories", nargs="+", metavar="DIR", help="run or checkpoint directories")
     p.set_defaults(run=_restamp)
     return parser

@@ -228,6 +228,24 @@ def dumps_json(obj: Any) -> str:
         raise ValueError(f"refusing to write non-finite numbers (NaN or infinity) as JSON: {error}") from error
 
 
+def json_digest(obj: Any) -> str:
+    """sha256 of `obj` as canonical JSON (sorted keys, no spaces): the same for the same content,
+    however a file holding it is laid out.
+
+    Args:
+        obj: anything `json.dumps` takes.
+
+    Returns:
+        The hex digest.
+    """
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def write_json(path: str | os.PathLike, obj: Any, *, overwrite: bool = True) -> Path:
     """Atomically write `obj` as pretty, key-sorted, strict JSON."""
     return atomic_write(path, dumps_json(obj), overwrite=overwrite)

@@ -313,7 +313,7 @@ def _publish(out_dir: Path, model: HookedTransformer, record: dict, progress: Pr
 
 def restamp_run(run_dir: str | Path) -> list[str]:
     """Bring a run directory written by an older poslens up to the current checks; returns what
-    was done. Records the weights digest of its model and snapshots where missing
+    was done. Records the digests (config and weights) of its model and snapshots where missing
     (`checkpoint.restamp`), and rewrites an old-format `train_state.safetensors` of a *finished*
     run in the current format, after checking that it holds the final weights and that
     `run.json` says it finished (an unfinished old run cannot be verified: train it again).
@@ -323,7 +323,7 @@ def restamp_run(run_dir: str | Path) -> list[str]:
 
 
 def _restamp_run(run_dir: Path) -> list[str]:
-    done = [f"recorded the weights digest in {path / 'config.json'}"
+    done = [f"recorded the digests of config and weights in {path / 'config.json'}"
             for path in [run_dir, *(path for _, path in list_snapshots(run_dir))]
             if (path / "config.json").is_file() and restamp(path)]
     if not (run_dir / STATE_FILE).is_file():
