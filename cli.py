@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +31,7 @@ from poslens.tasks import TASKS, make_task
 from poslens.variants import HookedTransformer, TrainSettings, load_any, preset, train
 from poslens.variants.checkpoint import restamp
 from poslens.variants.config import DTYPES, check_device
-from poslens.variants.hub import model_name
+from poslens.variants.hub import load_tokenizer, model_name
 from poslens.variants.locking import DirectoryLocked
 from poslens.variants.training import restamp_run
 
@@ -111,17 +112,43 @@ def _model_data(model, args: argparse.Namespace):
 
 
 def _load_model(args: argparse.Namespace):
-    """`--model` with its `--tokenizer`, `--device` and `--dtype`."""
-    return load_any(args.model, tokenizer=_tokenizer(args), device=args.device, dtype=MODEL_DTYPES[args.dtype])
+    """`--model` with its `--tokenizer`, `--device` and `--dtype`, and the loading options."""
+    return load_any(args.model, tokenizer=_tokenizer(args), dtype=MODEL_DTYPES[args.dtype], **_load_options(args))
+
+
+def _load_options(args: argparse.Namespace) -> dict:
+    """`--device` (unless `--device-map` or `--n-devices` places the model), `--device-map`, `--n-devices`,
+    `--trust-remote-code` and `--allow-pickle`; says so on stdout when code shipped with the model may run."""
+    device_map = args.device_map
+    if isinstance(device_map, str) and device_map.startswith("{"):
+        try:
+            device_map = json.loads(device_map)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--device-map {args.device_map} is not a JSON object: {error}") from None
+    placed = device_map is not None or args.n_devices is not None
+    if args.trust_remote_code:
+        print(f"note: --trust-remote-code is on: Python code shipped with {args.model} may run")
+    return {"device": None if placed else args.device, "device_map": device_map, "n_devices": args.n_devices,
+            "trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
 
 
 def _tokenizer(args: argparse.Namespace):
     """`--tokenizer` (a folder or hub id, for AutoTokenizer), or None."""
-    if not args.tokenizer:
-        return None
-    from transformers import AutoTokenizer
+    return load_tokenizer(args.tokenizer, trust_remote_code=args.trust_remote_code) if args.tokenizer else None
 
-    return AutoTokenizer.from_pretrained(args.tokenizer)
+
+def _add_model_load_options(p: argparse.ArgumentParser) -> None:
+    """How a `--model` folder or hub id is loaded and placed (variants.load_any)."""
+    p.add_argument("--device-map", help="with --model: how transformers places a large model's layers, e.g. auto, "
+                                        "balanced, cpu, or a JSON object such as '{\"\": \"cuda:0\"}' (replaces --device)")
+    p.add_argument("--n-devices", type=int, help="with --model: split the model over this many CUDA devices "
+                                                 "(replaces --device)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="with --model: let the model run the Python code it ships (its config's auto_map); off "
+                        "unless given")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="with --model: accept a folder whose only weights are pickle files (pytorch_model.bin), "
+                        "read through torch's weights_only loader; off unless given")
 
 
 def _display_name(model, spec: str) -> str:
@@ -186,7 +213,10 @@ def _demo(args: argparse.Namespace) -> None:
         raise ValueError("--static writes the addition demo's page; the language-model demo (--model) is served only")
     given = [option for option, value in (("--tokenizer", args.tokenizer), ("--dtype", args.dtype),
                                           ("--text", args.text), ("--sequences", args.sequences),
-                                          ("--max-len", args.max_len)) if value is not None]
+                                          ("--max-len", args.max_len), ("--device-map", args.device_map),
+                                          ("--n-devices", args.n_devices)) if value is not None]
+    given += [option for option, value in (("--trust-remote-code", args.trust_remote_code),
+                                           ("--allow-pickle", args.allow_pickle)) if value]
     if given and not args.model:
         raise ValueError(f"{', '.join(given)} go with --model SPEC (the language-model demo)")
     if args.static:
@@ -200,10 +230,9 @@ def _demo(args: argparse.Namespace) -> None:
             raise ValueError(f"the demo server needs dash: pip install 'poslens[demo]' ({error})") from error
         check_port(args.port)
     if args.model:
-        demo = load_lm_demo(args.model, tokenizer=_tokenizer(args), device=args.device,
-                            dtype=MODEL_DTYPES[args.dtype or "float32"], text=args.text,
-                            n_sequences=DEFAULT_SEQUENCES if args.sequences is None else args.sequences,
-                            max_len=args.max_len, seed=args.seed)
+        demo = load_lm_demo(args.model, tokenizer=_tokenizer(args), dtype=MODEL_DTYPES[args.dtype or "float32"],
+                            text=args.text, n_sequences=DEFAULT_SEQUENCES if args.sequences is None else args.sequences,
+                            max_len=args.max_len, seed=args.seed, **_load_options(args))
         return serve_language_model(demo, port=args.port, quiet=args.quiet)
     models = discover_models(args.models or default_model(device=args.device, quiet=args.quiet))
     if args.static:
@@ -299,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bos", action="store_true", help="do not put the BOS token first")
     p.add_argument("--tokenizer", help="with --model: a tokenizer folder or hub id (for a folder without one)")
     p.add_argument("--dtype", default="float32", choices=list(MODEL_DTYPES), help="with --model: weight precision")
+    _add_model_load_options(p)
     p.add_argument("--out", required=True, help="tidy table: .csv, .md, .tex or .json; OUT_STEM.by_position and "
                                                 "OUT_STEM.models tables are written beside it")
     p.add_argument("--sites", nargs="+", help="residual sites (default: embed and every resid_mid / resid_post)")
@@ -323,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="a tokenizer folder or hub id (for a folder without one)")
     p.add_argument("--dtype", default="float32", choices=list(MODEL_DTYPES), help="weight precision")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    _add_model_load_options(p)
     p.set_defaults(run=_inspect)
 
     p = commands.add_parser("dynamics", help="train with log-spaced snapshots; loss, probes and attention entropy "
@@ -358,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "save_pretrained folder or a poslens run directory (see README, Real models)")
     p.add_argument("--tokenizer", help="with --model: a tokenizer folder or hub id (for a folder without one)")
     p.add_argument("--dtype", choices=list(MODEL_DTYPES), help="with --model: weight precision (default float32)")
+    _add_model_load_options(p)
     p.add_argument("--text", metavar="FILE", help="with --model: fit the position probe on this UTF-8 text, chunked "
                                                   "with the model's tokenizer (default: random tokens)")
     p.add_argument("--sequences", type=int, help="with --model: sequences the position probe is fitted on "
