@@ -72,6 +72,9 @@ def _probe(args: argparse.Namespace) -> None:
     else:
         if args.text or args.random_tokens:
             raise ValueError("--text and --random-tokens go with --model; checkpoints are probed on their task")
+        if _load_options_given(args):
+            raise ValueError(f"{', '.join(_load_options_given(args))} go with --model SPEC; checkpoints load on "
+                             "--device")
         tasks = {load_task(directory) for directory in args.checkpoints}
         if len(tasks) != 1:
             raise ValueError(f"checkpoints were trained on different tasks ({sorted(map(str, tasks))}); "
@@ -130,6 +133,13 @@ def _load_options(args: argparse.Namespace) -> dict:
         print(f"note: --trust-remote-code is on: Python code shipped with {args.model} may run")
     return {"device": None if placed else args.device, "device_map": device_map, "n_devices": args.n_devices,
             "trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
+
+
+def _load_options_given(args: argparse.Namespace) -> list[str]:
+    """The `_add_model_load_options` options given on the command line."""
+    return [option for option, value in (("--device-map", args.device_map), ("--n-devices", args.n_devices),
+                                         ("--trust-remote-code", args.trust_remote_code),
+                                         ("--allow-pickle", args.allow_pickle)) if value not in (None, False)]
 
 
 def _tokenizer(args: argparse.Namespace):
@@ -213,10 +223,8 @@ def _demo(args: argparse.Namespace) -> None:
         raise ValueError("--static writes the addition demo's page; the language-model demo (--model) is served only")
     given = [option for option, value in (("--tokenizer", args.tokenizer), ("--dtype", args.dtype),
                                           ("--text", args.text), ("--sequences", args.sequences),
-                                          ("--max-len", args.max_len), ("--device-map", args.device_map),
-                                          ("--n-devices", args.n_devices)) if value is not None]
-    given += [option for option, value in (("--trust-remote-code", args.trust_remote_code),
-                                           ("--allow-pickle", args.allow_pickle)) if value]
+                                          ("--max-len", args.max_len)) if value is not None]
+    given += _load_options_given(args)
     if given and not args.model:
         raise ValueError(f"{', '.join(given)} go with --model SPEC (the language-model demo)")
     if args.static:

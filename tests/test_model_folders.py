@@ -207,6 +207,8 @@ def test_a_model_is_placed_with_a_device_map(gpt2_folder, tiny_hf, trained_runs,
     assert code == 2 and err.startswith("poslens inspect: error: --device-map {not json is not a JSON object")
     code, _, err = run_cli("demo", "--device-map", "cpu", "--port", "0")
     assert code == 2 and "--device-map go with --model SPEC" in err
+    code, _, err = run_cli("probe", str(trained_runs[("nope-causal", 2)]), "--allow-pickle", "--out", "x.csv")
+    assert code == 2 and "--allow-pickle go with --model SPEC" in err
     if torch.cuda.device_count() < 2:
         with pytest.raises(ValueError, match=rf"could not load {folder}: n_devices=2 requires"):
             load_any(folder, n_devices=2)
