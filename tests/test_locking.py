@@ -156,8 +156,10 @@ def test_a_symlinked_output_folder_or_subfolder_is_refused_before_anything_is_to
     assert err.count("\n") == 1 and tree(elsewhere) == before and sorted(p.name for p in out.iterdir()) == ["tables"]
     (tmp_path / "linked").symlink_to(tmp_path / "real", target_is_directory=True)
     (tmp_path / "real").mkdir()
+    real_before = os.stat(tmp_path / "real").st_mtime_ns
     code, _, err = run_cli(*TRAIN, "--out", str(tmp_path / "linked"))
     assert code == 2 and f"{tmp_path}/linked is a symbolic link" in err and list((tmp_path / "real").iterdir()) == []
+    assert os.stat(tmp_path / "real").st_mtime_ns == real_before  # not even a write check went through the link
 
 
 def test_a_planted_lock_that_is_not_a_regular_file_is_refused_and_its_target_untouched(tmp_path, run_cli):

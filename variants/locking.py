@@ -63,8 +63,8 @@ def locked_directory(directory: str | os.PathLike, *, clean: Sequence[str] = (".
         ValueError: the directory, a folder inside it or its lock file is a symbolic link, or the
             lock file is not a regular file.
     """
+    check_real_folders(directory)  # first: the write check below would write through a linked output folder
     directory = check_output_dir(directory)
-    check_real_folders(directory)
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_FILE
