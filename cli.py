@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +31,7 @@ from poslens.tasks import TASKS, make_task
 from poslens.variants import HookedTransformer, TrainSettings, load_any, preset, train
 from poslens.variants.checkpoint import restamp
 from poslens.variants.config import DTYPES, check_device
-from poslens.variants.hub import model_name
+from poslens.variants.hub import load_tokenizer, model_name
 from poslens.variants.locking import DirectoryLocked
 from poslens.variants.training import PRECISIONS, restamp_run
 
@@ -72,6 +73,9 @@ def _probe(args: argparse.Namespace) -> None:
     else:
         if args.text or args.random_tokens:
             raise ValueError("--text and --random-tokens go with --model; checkpoints are probed on their task")
+        if _load_options_given(args):
+            raise ValueError(f"{', '.join(_load_options_given(args))} go with --model SPEC; checkpoints load on "
+                             "--device")
         tasks = {load_task(directory) for directory in args.checkpoints}
         if len(tasks) != 1:
             raise ValueError(f"checkpoints were trained on different tasks ({sorted(map(str, tasks))}); "
@@ -112,17 +116,50 @@ def _model_data(model, args: argparse.Namespace):
 
 
 def _load_model(args: argparse.Namespace):
-    """`--model` with its `--tokenizer`, `--device` and `--dtype`."""
-    return load_any(args.model, tokenizer=_tokenizer(args), device=args.device, dtype=MODEL_DTYPES[args.dtype])
+    """`--model` with its `--tokenizer`, `--device` and `--dtype`, and the loading options."""
+    return load_any(args.model, tokenizer=_tokenizer(args), dtype=MODEL_DTYPES[args.dtype], **_load_options(args))
+
+
+def _load_options(args: argparse.Namespace) -> dict:
+    """`--device` (unless `--device-map` or `--n-devices` places the model), `--device-map`, `--n-devices`,
+    `--trust-remote-code` and `--allow-pickle`; says so on stdout when code shipped with the model may run."""
+    device_map = args.device_map
+    if isinstance(device_map, str) and device_map.startswith("{"):
+        try:
+            device_map = json.loads(device_map)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--device-map {args.device_map} is not a JSON object: {error}") from None
+    placed = device_map is not None or args.n_devices is not None
+    if args.trust_remote_code:
+        print(f"note: --trust-remote-code is on: Python code shipped with {args.model} may run")
+    return {"device": None if placed else args.device, "device_map": device_map, "n_devices": args.n_devices,
+            "trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
+
+
+def _load_options_given(args: argparse.Namespace) -> list[str]:
+    """The `_add_model_load_options` options given on the command line."""
+    return [option for option, value in (("--device-map", args.device_map), ("--n-devices", args.n_devices),
+                                         ("--trust-remote-code", args.trust_remote_code),
+                                         ("--allow-pickle", args.allow_pickle)) if value not in (None, False)]
 
 
 def _tokenizer(args: argparse.Namespace):
     """`--tokenizer` (a folder or hub id, for AutoTokenizer), or None."""
-    if not args.tokenizer:
-        return None
-    from transformers import AutoTokenizer
+    return load_tokenizer(args.tokenizer, trust_remote_code=args.trust_remote_code) if args.tokenizer else None
 
-    return AutoTokenizer.from_pretrained(args.tokenizer)
+
+def _add_model_load_options(p: argparse.ArgumentParser) -> None:
+    """How a `--model` folder or hub id is loaded and placed (variants.load_any)."""
+    p.add_argument("--device-map", help="with --model: how transformers places a large model's layers, e.g. auto, "
+                                        "balanced, cpu, or a JSON object such as '{\"\": \"cuda:0\"}' (replaces --device)")
+    p.add_argument("--n-devices", type=int, help="with --model: split the model over this many CUDA devices "
+                                                 "(replaces --device)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="with --model: let the model run the Python code it ships (its config's auto_map); off "
+                        "unless given")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="with --model: accept a folder whose only weights are pickle files (pytorch_model.bin), "
+                        "read through torch's weights_only loader; off unless given")
 
 
 def _display_name(model, spec: str) -> str:
@@ -188,6 +225,7 @@ def _demo(args: argparse.Namespace) -> None:
     given = [option for option, value in (("--tokenizer", args.tokenizer), ("--dtype", args.dtype),
                                           ("--text", args.text), ("--sequences", args.sequences),
                                           ("--max-len", args.max_len)) if value is not None]
+    given += _load_options_given(args)
     if given and not args.model:
         raise ValueError(f"{', '.join(given)} go with --model SPEC (the language-model demo)")
     if args.static:
@@ -201,10 +239,9 @@ def _demo(args: argparse.Namespace) -> None:
             raise ValueError(f"the demo server needs dash: pip install 'poslens[demo]' ({error})") from error
         check_port(args.port)
     if args.model:
-        demo = load_lm_demo(args.model, tokenizer=_tokenizer(args), device=args.device,
-                            dtype=MODEL_DTYPES[args.dtype or "float32"], text=args.text,
-                            n_sequences=DEFAULT_SEQUENCES if args.sequences is None else args.sequences,
-                            max_len=args.max_len, seed=args.seed)
+        demo = load_lm_demo(args.model, tokenizer=_tokenizer(args), dtype=MODEL_DTYPES[args.dtype or "float32"],
+                            text=args.text, n_sequences=DEFAULT_SEQUENCES if args.sequences is None else args.sequences,
+                            max_len=args.max_len, seed=args.seed, **_load_options(args))
         return serve_language_model(demo, port=args.port, quiet=args.quiet)
     models = discover_models(args.models or default_model(device=args.device, quiet=args.quiet))
     if args.static:
@@ -230,7 +267,8 @@ def _restamp(args: argparse.Namespace) -> None:
         if (directory / "run.json").is_file():  # a run: its model, snapshots and training state
             done = restamp_run(directory)
         else:  # a bare checkpoint
-            done = [f"recorded the weights digest in {directory / 'config.json'}"] if restamp(directory) else []
+            done = [f"recorded the digests of config and weights in {directory / 'config.json'}"] \
+                if restamp(directory) else []
         print(f"{directory}: " + ("; ".join(done) if done else "already current, verified"))
 
 
@@ -303,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bos", action="store_true", help="do not put the BOS token first")
     p.add_argument("--tokenizer", help="with --model: a tokenizer folder or hub id (for a folder without one)")
     p.add_argument("--dtype", default="float32", choices=list(MODEL_DTYPES), help="with --model: weight precision")
+    _add_model_load_options(p)
     p.add_argument("--out", required=True, help="tidy table: .csv, .md, .tex or .json; OUT_STEM.by_position and "
                                                 "OUT_STEM.models tables are written beside it")
     p.add_argument("--sites", nargs="+", help="residual sites (default: embed and every resid_mid / resid_post)")
@@ -327,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="a tokenizer folder or hub id (for a folder without one)")
     p.add_argument("--dtype", default="float32", choices=list(MODEL_DTYPES), help="weight precision")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    _add_model_load_options(p)
     p.set_defaults(run=_inspect)
 
     p = commands.add_parser("dynamics", help="train with log-spaced snapshots; loss, probes and attention entropy "
@@ -362,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "save_pretrained folder or a poslens run directory (see README, Real models)")
     p.add_argument("--tokenizer", help="with --model: a tokenizer folder or hub id (for a folder without one)")
     p.add_argument("--dtype", choices=list(MODEL_DTYPES), help="with --model: weight precision (default float32)")
+    _add_model_load_options(p)
     p.add_argument("--text", metavar="FILE", help="with --model: fit the position probe on this UTF-8 text, chunked "
                                                   "with the model's tokenizer (default: random tokens)")
     p.add_argument("--sequences", type=int, help="with --model: sequences the position probe is fitted on "
@@ -376,8 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars or request log")
     p.set_defaults(run=_demo)
 
-    p = commands.add_parser("restamp", help="record the weights digest of checkpoints written without one, and "
-                                            "upgrade finished runs written by an older poslens (after checking them)")
+    p = commands.add_parser("restamp", help="record the digests (config and weights) of checkpoints written without "
+                                            "them, and upgrade finished runs written by an older poslens (after "
+                                            "checking them)")
     p.add_argument("directories", nargs="+", metavar="DIR", help="run or checkpoint directories")
     p.set_defaults(run=_restamp)
     return parser

@@ -105,12 +105,13 @@ class LMDemoModel:
 
 def load_lm_demo(spec: Any, *, tokenizer: Any = None, device: str | None = None, dtype: torch.dtype | None = None,
                  text: str | Path | None = None, n_sequences: int = DEFAULT_SEQUENCES, max_len: int | None = None,
-                 seed: int = 0) -> LMDemoModel:
+                 seed: int = 0, **load_options: Any) -> LMDemoModel:
     """The demo model of `spec` (anything `variants.load_any` takes, with its `tokenizer`, `device`
-    and `dtype`); its probe will be fitted on `n_sequences` chunks of the UTF-8 file `text`, or on
-    random tokens, of `max_len` tokens (default `MAX_PROMPT_TOKENS`, or the model's context if
-    shorter). A model that cannot read text (no tokenizer) is refused here."""
-    model = load_any(spec, tokenizer=tokenizer, device=device, dtype=dtype)
+    and `dtype`, and `load_options` such as `device_map`, `trust_remote_code`, `allow_pickle`); its
+    probe will be fitted on `n_sequences` chunks of the UTF-8 file `text`, or on random tokens, of
+    `max_len` tokens (default `MAX_PROMPT_TOKENS`, or the model's context if shorter). A model that
+    cannot read text (no tokenizer) is refused here."""
+    model = load_any(spec, tokenizer=tokenizer, device=device, dtype=dtype, **load_options)
     encode_text(model, "")  # a clear error now, not at the first prompt, when the model has no tokenizer
     max_len = min(MAX_PROMPT_TOKENS, model.cfg.n_ctx) if max_len is None else max_len
     if isinstance(max_len, bool) or not isinstance(max_len, int) or not 2 <= max_len <= model.cfg.n_ctx:

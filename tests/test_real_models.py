@@ -171,8 +171,7 @@ def test_traps_give_clear_errors_or_are_fixed(tiny_hf, word_tokenizer, trained_r
 
     folder = tmp_path / "gpt2"
     tiny_hf("gpt2").save_pretrained(folder)
-    with pytest.raises(ValueError, match="has 1 tokens but the model's vocabulary has 96: it is not this model's "
-                                         "tokenizer"):
+    with pytest.raises(ValueError, match="has no tokenizer files"):
         load_any(folder)
     word_tokenizer().save_pretrained(folder)
     assert load_any(folder).to_tokens("w3", prepend_bos=False).tolist() == [[7]]

@@ -13,11 +13,14 @@ from poslens.variants.storage import (
     atomic_write,
     check_output_dir,
     check_output_file,
+    check_real_folders,
+    commit_folder,
     content_digest,
     is_temporary,
     read_tensors,
     remove_temporaries,
     save_tensors,
+    temporary_folder,
     write_json,
 )
 
@@ -85,3 +88,51 @@ def test_output_checks_name_the_path_and_the_problem(tmp_path):
         check_output_file(tmp_path)
     assert check_output_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
     assert not (tmp_path / "new").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_only_marked_temporaries_are_removed_never_what_poslens_did_not_write(tmp_path):
+    """A dead writer's marked files and marked folders go; a file merely named like a temporary, a
+    folder without the marker and a link (to a file or a folder) stay, and so do the links' targets."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "album").mkdir(parents=True)
+    (elsewhere / "album" / "photo.jpg").write_bytes(b"jpeg")
+    (elsewhere / "diary.txt").write_text("mine")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".notes.txt.ab12cd34.tmp").write_text("a user's file")  # the pattern before poslens marked its own
+    (out / ".photos.20240101.tmp").mkdir()
+    (out / ".photos.20240101.tmp" / "a.jpg").write_bytes(b"jpeg")
+    unmarked = out / ".step-000001.poslens-abcd1234.tmp"  # named like ours, but no marker inside
+    unmarked.mkdir()
+    (unmarked / "keep.txt").write_text("x")
+    (out / ".a.txt.poslens-link0001.tmp").symlink_to(elsewhere / "diary.txt")
+    (out / ".b.poslens-link0002.tmp").symlink_to(elsewhere / "album", target_is_directory=True)
+    left = out / ".run.json.poslens-k1lled00.tmp"
+    left.write_text("half")
+    folder = temporary_folder(out / "checkpoints" / "step-000002")  # a snapshot killed while being filled
+    (folder / "model.safetensors").write_bytes(b"partial")
+    assert is_temporary(left.name) and not is_temporary(".notes.txt.ab12cd34.tmp")
+    assert remove_temporaries(out) == [left.name] and remove_temporaries(out / "checkpoints") == [folder.name]
+    assert sorted(p.name for p in out.iterdir()) == [".a.txt.poslens-link0001.tmp", ".b.poslens-link0002.tmp",
+                                                     ".notes.txt.ab12cd34.tmp", ".photos.20240101.tmp",
+                                                     unmarked.name, "checkpoints"]
+    assert (unmarked / "keep.txt").read_text() == "x" and (out / ".photos.20240101.tmp" / "a.jpg").exists()
+    assert (elsewhere / "diary.txt").read_text() == "mine" and (elsewhere / "album" / "photo.jpg").exists()
+    final = commit_folder(temporary_folder(out / "snap"), out / "snap")  # committed: no marker left inside
+    assert list(final.iterdir()) == [] and remove_temporaries(out / "snap") == []
+
+
+def test_folders_poslens_writes_into_must_be_real_folders(tmp_path):
+    (tmp_path / "target").mkdir()
+    out = tmp_path / "out"
+    (out / "runs" / "a").mkdir(parents=True)
+    (out / "file-link").symlink_to(tmp_path / "target" / "x.csv")  # a link to a file is replaced, never followed
+    check_real_folders(out)
+    check_real_folders(tmp_path / "not-yet")
+    (out / "runs" / "a" / "measures").symlink_to(tmp_path / "target", target_is_directory=True)
+    with pytest.raises(ValueError, match=rf"{out}/runs/a/measures is a symbolic link \(to {tmp_path}/target\); "
+                                         "poslens writes only into real folders"):
+        check_real_folders(out)
+    (tmp_path / "linked-out").symlink_to(out, target_is_directory=True)
+    with pytest.raises(ValueError, match="linked-out is a symbolic link"):
+        check_real_folders(tmp_path / "linked-out")

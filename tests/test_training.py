@@ -9,6 +9,7 @@ import torch
 from poslens.analyses.runs import load_task
 from poslens.tasks import MarkovICL
 from poslens.variants import build, load, train
+from poslens.variants.checkpoint import _stamped
 from poslens.variants.config import available_devices
 from poslens.variants.storage import read_json, read_tensors, save_tensors
 from poslens.variants.training import (
@@ -108,11 +109,11 @@ def test_load_refuses_corruption_and_mismatch(tiny, tmp_path, addition):
     weights_file.write_bytes(good)
     record = json.loads((tmp_path / "config.json").read_text())
     record["config"]["n_layers"] = 3
-    (tmp_path / "config.json").write_text(json.dumps(record))
+    (tmp_path / "config.json").write_text(json.dumps(_stamped(record)))  # edited, and its digest recomputed
     with pytest.raises(ValueError, match="do not match the config: missing blocks.2"):
         load(tmp_path)
     record["config"]["n_layers"], record["config"]["d_mlp"] = 2, 128
-    (tmp_path / "config.json").write_text(json.dumps(record))
+    (tmp_path / "config.json").write_text(json.dumps(_stamped(record)))
     with pytest.raises(ValueError, match=r"blocks.0.mlp.W_in has shape \(32, 64\), config expects \(32, 128\)"):
         load(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
@@ -291,17 +292,19 @@ def test_resume_refuses_another_runs_state_and_a_corrupted_one(tiny, addition, t
 def test_load_requires_the_weights_digest_and_restamp_records_it(tiny, addition, tmp_path, run_cli):
     train(tiny("nope-causal"), addition, out_dir=tmp_path, **SHORT)
     record = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in record.items() if k != "weights_sha256"}))
+    unstamped = {k: v for k, v in record.items() if k not in ("weights_sha256", "sha256")}  # as poslens wrote at first
+    (tmp_path / "config.json").write_text(json.dumps(unstamped))
     with pytest.raises(ValueError, match=r"records no weights_sha256, so .*model.safetensors cannot be verified; .*"
                                          r"`poslens restamp "):
         load(tmp_path)
     code, text, _ = run_cli("restamp", str(tmp_path))
-    assert code == 0 and "recorded the weights digest" in text
+    assert code == 0 and "recorded the digests of config and weights" in text
     assert json.loads((tmp_path / "config.json").read_text()) == record and load(tmp_path) is not None
     code, text, _ = run_cli("restamp", str(tmp_path))
     assert code == 0 and text == f"{tmp_path}: already current, verified\n"
     record["config"]["n_layers"] = 3
-    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in record.items() if k != "weights_sha256"}))
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in record.items()
+                                                      if k not in ("weights_sha256", "sha256")}))
     code, _, err = run_cli("restamp", str(tmp_path))
     assert code == 2 and "do not match the config: missing blocks.2" in err
 

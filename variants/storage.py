@@ -1,11 +1,20 @@
 """Crash-safe file writing, pickle-free tensor files, and early checks of output paths.
 
 Every file poslens writes goes through `atomic_write`: the bytes land in a temporary file
-beside the target (`.NAME.XXXXXXXX.tmp`), are fsynced, renamed over it, and the directory is
-fsynced, so a kill at any moment leaves either the old file or the new one, never half of
+beside the target (`.NAME.poslens-XXXXXXXX.tmp`), are fsynced, renamed over it, and the directory
+is fsynced, so a kill at any moment leaves either the old file or the new one, never half of
 either (a dead writer's temporaries are removed by `remove_temporaries` once its successor
 holds the directory's lock, `variants.locking`). Tensors are stored with safetensors only;
 nothing is ever unpickled. JSON is strict: NaN and infinities are refused, not written.
+
+**Only poslens's own files are removed.** A temporary carries poslens's mark in its name
+(`.poslens-` before its random part); a temporary folder (`temporary_folder`) also holds a
+marker file (`.poslens-temporary`) until it is renamed into place. `remove_temporaries` removes
+marked regular files and marked folders that hold the marker, nothing else: never a symbolic
+link, never a folder without the marker, never anything named like a temporary by someone else
+(`.notes.txt.ab12cd34.tmp`). The folders poslens locks must be real folders, not symbolic links,
+all the way down (`check_real_folders`): a link is refused by name before anything is touched,
+rather than resolved, so that no write or cleanup can land outside the output folder.
 
 Crash tests: every durable write point (a temporary file complete, before its rename; a
 rename done) is counted per process. With `POSLENS_KILL_AT=N` in the environment the process
@@ -22,6 +31,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,7 +43,9 @@ from safetensors.torch import save as save_safetensors_bytes
 
 KILL_AT_ENV = "POSLENS_KILL_AT"
 WRITE_LOG_ENV = "POSLENS_WRITE_LOG"
-_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp")
+TEMPORARY_MARK = "poslens-"  # in every temporary's name, before mkstemp's 8 random characters
+FOLDER_MARKER = ".poslens-temporary"  # inside a temporary folder until it is renamed into place
+_TEMPORARY = re.compile(rf"\.(?P<name>.+)\.{TEMPORARY_MARK}[a-z0-9_]{{8}}\.tmp")
 _points = {"pid": os.getpid(), "count": 0}
 
 
@@ -82,8 +94,40 @@ def atomic_rename(source: str | os.PathLike, target: str | os.PathLike) -> Path:
 
 
 def temporary_name(path: Path) -> str:
-    """The prefix of the temporaries `atomic_write` and folder writers create for `path`."""
-    return f".{path.name}."
+    """The prefix of the temporaries `atomic_write` and `temporary_folder` create for `path`."""
+    return f".{path.name}.{TEMPORARY_MARK}"
+
+
+def temporary_folder(final: str | os.PathLike) -> Path:
+    """A new, marked temporary folder beside `final` (mode 0o755, holding `FOLDER_MARKER`), to be
+    filled and then renamed into place with `commit_folder`.
+
+    Args:
+        final: the folder's final path; its parent is created if missing.
+
+    Returns:
+        The temporary folder's path (`.NAME.poslens-XXXXXXXX.tmp`).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=final.parent, prefix=temporary_name(final), suffix=".tmp"))
+    folder.chmod(0o755)  # mkdtemp's 0700 would make the folder private to its writer
+    (folder / FOLDER_MARKER).write_text("a poslens temporary folder; removed when its writer is gone\n")
+    return folder
+
+
+def commit_folder(folder: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Rename a filled `temporary_folder` to `final` in one step, durably, without its marker.
+
+    Args:
+        folder: the temporary folder, as `temporary_folder` returned it.
+        final: its final path.
+
+    Returns:
+        `final`.
+    """
+    (Path(folder) / FOLDER_MARKER).unlink()
+    return atomic_rename(folder, final)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str, *, overwrite: bool = True) -> Path:
@@ -109,20 +153,66 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, overwrite: bool 
 
 
 def remove_temporaries(directory: str | os.PathLike) -> list[str]:
-    """Delete the temporaries (`.NAME.XXXXXXXX.tmp`, files or folders) that a killed writer left
-    directly in `directory`; returns their names. Only call it while holding the directory's
-    lock, so that no live writer's temporary is touched."""
+    """Delete the temporaries that a killed writer left directly in `directory`: regular files
+    named `.NAME.poslens-XXXXXXXX.tmp`, and real folders of that name holding `FOLDER_MARKER`.
+    Anything else is left alone (a symbolic link, a folder without the marker, a file merely named
+    like a temporary). Only call it while holding the directory's lock, so that no live writer's
+    temporary is touched.
+
+    Args:
+        directory: the folder to clean (nothing happens if it is not a real folder).
+
+    Returns:
+        The names of the removed temporaries, sorted.
+    """
     directory = Path(directory)
     removed = []
-    for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+    if directory.is_symlink() or not directory.is_dir():
+        return removed
+    for path in sorted(directory.iterdir()):
         if not _TEMPORARY.fullmatch(path.name):
             continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
+        kind = os.lstat(path).st_mode
+        if stat.S_ISREG(kind):
             path.unlink()
+        elif stat.S_ISDIR(kind) and stat.S_ISREG(_lstat_mode(path / FOLDER_MARKER)):
+            shutil.rmtree(path)  # a folder poslens created: rmtree never follows the links inside it
+        else:
+            continue
         removed.append(path.name)
     return removed
+
+
+def _lstat_mode(path: Path) -> int:
+    """`path`'s mode without following a link (0 if it does not exist)."""
+    try:
+        return os.lstat(path).st_mode
+    except FileNotFoundError:
+        return 0
+
+
+def check_real_folders(directory: str | os.PathLike) -> None:
+    """Refuse, naming it, a `directory` that is a symbolic link or holds one to a folder at any depth,
+    so that nothing poslens writes or cleans up in it can land outside it. Links to files are
+    left alone: poslens replaces a file by renaming over it, which replaces a link, never its target.
+
+    Args:
+        directory: an output folder (which need not exist yet).
+
+    Raises:
+        ValueError: naming the first link found and where it points.
+    """
+    directory = Path(directory)
+    links = [directory] if directory.is_symlink() else []
+    if not links and directory.is_dir():
+        for parent, folders, _ in os.walk(directory):  # never follows links
+            links = [Path(parent, name) for name in sorted(folders) if Path(parent, name).is_symlink()]
+            if links:
+                break
+    if links:
+        raise ValueError(f"{links[0]} is a symbolic link (to {os.readlink(links[0])}); poslens writes only into real "
+                         "folders inside its output, so it does not follow it: replace the link by a folder, or "
+                         "choose another output folder")
 
 
 def is_temporary(name: str) -> bool:
@@ -136,6 +226,24 @@ def dumps_json(obj: Any) -> str:
         return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
     except ValueError as error:
         raise ValueError(f"refusing to write non-finite numbers (NaN or infinity) as JSON: {error}") from error
+
+
+def json_digest(obj: Any) -> str:
+    """sha256 of `obj` as canonical JSON (sorted keys, no spaces): the same for the same content,
+    however a file holding it is laid out.
+
+    Args:
+        obj: anything `json.dumps` takes.
+
+    Returns:
+        The hex digest.
+    """
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def write_json(path: str | os.PathLike, obj: Any, *, overwrite: bool = True) -> Path:
@@ -228,7 +336,7 @@ def _nearest_existing(path: Path) -> Path:
 
 def _try_write(directory: Path) -> None:
     try:
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=".poslens-write-check.", suffix=".tmp")
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=temporary_name(Path("write-check")), suffix=".tmp")
     except OSError as error:
         raise PermissionError(f"cannot write into {directory}: {error.strerror}") from None
     os.close(fd)

@@ -26,7 +26,6 @@ import json
 import math
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,13 +43,14 @@ from poslens.variants.config import VariantConfig, check_integer, check_number
 from poslens.variants.locking import LOCK_FILE, locked_directory
 from poslens.variants.model import HookedTransformer, build
 from poslens.variants.storage import (
-    atomic_rename,
+    commit_folder,
     content_digest,
     dumps_json,
+    is_temporary,
     read_json,
     read_tensors,
     save_tensors,
-    temporary_name,
+    temporary_folder,
     write_json,
 )
 
@@ -328,7 +328,7 @@ def _publish(out_dir: Path, model: HookedTransformer, record: dict, progress: Pr
 
 def restamp_run(run_dir: str | Path) -> list[str]:
     """Bring a run directory written by an older poslens up to the current checks; returns what
-    was done. Records the weights digest of its model and snapshots where missing
+    was done. Records the digests (config and weights) of its model and snapshots where missing
     (`checkpoint.restamp`), and rewrites an old-format `train_state.safetensors` of a *finished*
     run in the current format, after checking that it holds the final weights and that
     `run.json` says it finished (an unfinished old run cannot be verified: train it again).
@@ -338,7 +338,7 @@ def restamp_run(run_dir: str | Path) -> list[str]:
 
 
 def _restamp_run(run_dir: Path) -> list[str]:
-    done = [f"recorded the weights digest in {path / 'config.json'}"
+    done = [f"recorded the digests of config and weights in {path / 'config.json'}"
             for path in [run_dir, *(path for _, path in list_snapshots(run_dir))]
             if (path / "config.json").is_file() and restamp(path)]
     if not (run_dir / STATE_FILE).is_file():
@@ -427,14 +427,12 @@ def _save_snapshot(model: HookedTransformer, out_dir: Path, step: int) -> None:
     final = snapshot_path(out_dir, step)
     if final.exists():
         return
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=temporary_name(final), suffix=".tmp"))
+    tmp = temporary_folder(final)
     try:
-        tmp.chmod(0o755)  # mkdtemp's 0700 would make the snapshot private to its writer
         save(model, tmp)
-        atomic_rename(tmp, final)
+        commit_folder(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # the folder this call created
         raise
 
 
@@ -477,7 +475,9 @@ def train(
     if cfg.n_ctx < task.seq_len:
         raise ValueError(f"n_ctx = {cfg.n_ctx} is shorter than the task's sequences ({task.seq_len} tokens)")
     record = _run_record(cfg, task, settings_obj, schedule)
-    with locked_directory(out_dir, clean=(".", SNAPSHOT_DIR)) as out_dir:
+
+    def check_run_dir(out_dir: Path) -> None:
+        """Refuse, before its leftovers are cleaned, a directory that is not this run's."""
         if (out_dir / "run.json").exists():
             if not resume:
                 raise FileExistsError(f"{out_dir} already holds a training run; pass resume=True to continue it "
@@ -488,8 +488,10 @@ def train(
                     what = "snapshot schedule" if key == "snapshots" else key
                     raise ValueError(f"cannot resume {out_dir}: its {what} differs from the one given "
                                      f"(saved {saved[key]}, given {given[key]})")
-        elif any(path.name != LOCK_FILE for path in out_dir.iterdir()):
+        elif any(path.name != LOCK_FILE and not is_temporary(path.name) for path in out_dir.iterdir()):
             raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory for a training run")
+
+    with locked_directory(out_dir, clean=(".", SNAPSHOT_DIR), check=check_run_dir) as out_dir:
         return _train(cfg, task, out_dir, record, settings_obj, schedule, quiet=quiet, on_step=on_step)
 
 

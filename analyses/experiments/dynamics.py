@@ -193,7 +193,7 @@ def dynamics_run(run_dir: str, variant: str, task: str, seed: int, checkpoints: 
         return {name: table.assign(variant=label) for name, table in found.items()} | {"patterns": result.patterns}
 
     stamp = {"n_sequences": n_sequences, "version": ANALYSIS_VERSION}
-    return cached_results(Path(run_dir) / "measures", stamp, measure, force=force)
+    return cached_results(Path(run_dir) / "measures", stamp, measure, weights=run_dir, force=force)
 
 
 def _label(variant: str, lr_schedule: str) -> str:

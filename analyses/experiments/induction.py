@@ -47,7 +47,7 @@ def induction_run(run_dir: str, variant: str, seed: int, n_sequences: int, steps
         return {name: table.assign(variant=variant, seed=seed) for name, table in report.tables.items()}
 
     stamp = {"n_sequences": n_sequences, "version": ANALYSIS_VERSION}
-    return cached_results(Path(run_dir) / "measures", stamp, measure, force=force)
+    return cached_results(Path(run_dir) / "measures", stamp, measure, weights=run_dir, force=force)
 
 
 @holds_lock("out_dir", clean=(".", "tables", "figures"))  # one writer; a killed one's temporaries removed

@@ -136,7 +136,8 @@ def measure_run(run_dir: str, variant: str, seed: int, preset_name: str, shift: 
     result = train(cfg, task, out_dir=run_dir, resume=True, quiet=True, seed=seed, **settings.training)
     stamp = {"preset": preset_name, "shift": shift, "version": ANALYSIS_VERSION}
     return cached_results(Path(run_dir) / "measures", stamp,
-                          lambda: measure_trained(result, _label(variant, shift), seed, settings, task), force=force)
+                          lambda: measure_trained(result, _label(variant, shift), seed, settings, task), weights=run_dir,
+                          force=force)
 
 
 def measure_trained(result: TrainResult, label: str, seed: int, settings: ReproducePreset,
