@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from poslens.analyses.measures.probe_sweep import CONTROLS, TARGETS, sidecar_pat
 from poslens.analyses.measures.sequences import random_sequences, read_text, text_sequences
 from poslens.analyses.report import compact
 from poslens.analyses.runs import load_models_by_variant, load_task
-from poslens.analyses.sweep import EXECUTORS, UnitsFailed
+from poslens.analyses.sweep import EXECUTORS, Stopped, UnitsFailed, check_executor, stop_on_signals
 from poslens.analyses.tables import EXPORT_SUFFIXES, check_writable, render_table, side_by_side
 from poslens.demos.lm_panels import DEFAULT_SEQUENCES, MAX_PROMPT_TOKENS, load_lm_demo
 from poslens.demos.panels import DEFAULT_MODEL_DIR, default_model, discover_models
@@ -29,10 +30,11 @@ from poslens.demos.static import write_static_page
 from poslens.tasks import TASKS, make_task
 from poslens.variants import HookedTransformer, TrainSettings, load_any, preset, train
 from poslens.variants.checkpoint import restamp
-from poslens.variants.config import DTYPES, check_device
+from poslens.variants.config import DTYPES, MAX_SEED, check_device, check_integer, check_number
 from poslens.variants.hub import model_name
 from poslens.variants.locking import DirectoryLocked
-from poslens.variants.training import restamp_run
+from poslens.variants.threads import torch_threads, usable_cores
+from poslens.variants.training import MAX_LR, restamp_run
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_LEN = 128  # tokens per text / random sequence when --max-len is not given
@@ -76,7 +78,7 @@ def _probe(args: argparse.Namespace) -> None:
             raise ValueError(f"checkpoints were trained on different tasks ({sorted(map(str, tasks))}); "
                              "probe them separately")
         models, data = load_models_by_variant(args.checkpoints, device=args.device), tasks.pop()
-        n_sequences = args.sequences or 1000
+        n_sequences = 1000 if args.sequences is None else args.sequences
     first = next(iter(models.values()))[0]
     sites = args.sites or (layer_sites(first, args.layers) if args.layers else None)
     result = sweep_probes(models, data, n_sequences=n_sequences, sites=sites, controls=args.control,
@@ -100,13 +102,14 @@ def _model_data(model, args: argparse.Namespace):
     """What `poslens probe --model` probes, and how many sequences of it: a text, random tokens, or a
     poslens run's own task."""
     if args.text or args.random_tokens:
-        max_len = args.max_len or min(DEFAULT_MAX_LEN, model.cfg.n_ctx)
-        n_sequences, bos = args.sequences or DEFAULT_MODEL_SEQUENCES, not args.no_bos
+        max_len = min(DEFAULT_MAX_LEN, model.cfg.n_ctx) if args.max_len is None else args.max_len
+        n_sequences = DEFAULT_MODEL_SEQUENCES if args.sequences is None else args.sequences
+        bos = not args.no_bos
         if args.text:
             return text_sequences(model, read_text(args.text), max_len, bos=bos, max_sequences=n_sequences), None
         return random_sequences(model, n_sequences, max_len, bos=bos, seed=args.seed), None
     if isinstance(model, HookedTransformer) and Path(args.model).is_dir():
-        return load_task(args.model), args.sequences or 1000
+        return load_task(args.model), 1000 if args.sequences is None else args.sequences
     raise ValueError(f"say what to probe {args.model} on: --text FILE or --random-tokens")
 
 
@@ -213,14 +216,59 @@ def _demo(args: argparse.Namespace) -> None:
         serve(models, port=args.port, device=args.device, quiet=args.quiet)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (`poslens train: error: argument --lr: ...`), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from `minimum` (to `maximum`), refused with the range otherwise."""
+
+    def integer(text: str) -> int:
+        try:
+            return check_integer("the value", int(text), minimum=minimum, maximum=maximum)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error).removeprefix("the value ") if text.strip().lstrip("+-").isdigit()
+                                             else f"must be an integer, got {text!r}") from None
+
+    return integer
+
+
+def _number(**bounds: float) -> Callable[[str], float]:
+    """An argparse type: a finite number within `bounds` (`variants.config.check_number`'s)."""
+
+    def number(text: str) -> float:
+        try:
+            return check_number("the value", float(text), **bounds)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error).removeprefix("the value ") if _is_float(text)
+                                             else f"must be a number, got {text!r}") from None
+
+    return number
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+POSITIVE, SEED = _integer(1), _integer(0, MAX_SEED)
+
+
 def _add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", default="local", choices=EXECUTORS,
                    help="where the (variant, seed) units run: serial, local worker processes (default), or ray")
-    p.add_argument("--workers", type=int, help="worker processes (local; default: usable cores // --threads) or CPUs "
+    p.add_argument("--workers", type=POSITIVE, help="worker processes (local; default: usable cores // --threads) or CPUs "
                                                "of a Ray instance started here")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per unit (default 1; numbers depend on it)")
+    p.add_argument("--threads", type=POSITIVE, default=1, help="torch threads per unit (default 1, at most the usable "
+                                                               "cores; numbers depend on it)")
     p.add_argument("--ray-address", help="a running Ray cluster (an address, or 'auto'); default: start one here")
-    p.add_argument("--gpus-per-unit", type=float, default=0.0,
+    p.add_argument("--gpus-per-unit", type=_number(at_least=0), default=0.0,
                    help="GPU share of each Ray unit (e.g. 0.25 packs four runs on one GPU; runs on cuda)")
 
 
@@ -236,8 +284,8 @@ def _restamp(args: argparse.Namespace) -> None:
 def _add_study_options(p: argparse.ArgumentParser) -> None:
     """What every multi-run study subcommand takes besides its own settings (dynamics, induction)."""
     p.add_argument("--out", required=True, help="output directory; the training runs go to OUT/runs/VARIANT-seedK")
-    p.add_argument("--seed", type=int, default=0, help="the first seed (initial weights and data order; default 0)")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per variant: --seed, --seed + 1, ... (default 1)")
+    p.add_argument("--seed", type=SEED, default=0, help="the first seed (initial weights and data order; default 0)")
+    p.add_argument("--seeds", type=POSITIVE, default=1, help="seeds per variant: --seed, --seed + 1, ... (default 1)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--force", action="store_true", help="recompute existing outputs (the trained runs are kept)")
@@ -246,13 +294,13 @@ def _add_study_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every `poslens` subcommand."""
-    parser = argparse.ArgumentParser(prog="poslens", description="Where does a transformer keep token position?")
+    parser = _Parser(prog="poslens", description="Where does a transformer keep token position?")
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = TrainSettings()
 
     p = commands.add_parser("reproduce", help="the paper's experiment set on 3-digit addition, end to end (resumable)")
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="model and run sizes (default quick)")
-    p.add_argument("--seeds", type=int, default=1, help="training seeds per variant (default 1)")
+    p.add_argument("--seeds", type=POSITIVE, default=1, help="training seeds per variant (default 1)")
     p.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
     p.add_argument("--force", action="store_true", help="recompute tables and figures (trained runs are kept)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
@@ -263,26 +311,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="train a variant on a task (resumable)")
     p.add_argument("--variant", required=True, help="e.g. nope-causal, learned-causal, nope-causal+cut0,1")
     p.add_argument("--task", default="addition", choices=sorted(TASKS))
-    p.add_argument("--steps", type=int, help=f"optimiser steps (default {defaults.steps})")
-    p.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default {defaults.lr})")
-    p.add_argument("--layers", type=int, help="number of blocks (default: the preset's)")
-    p.add_argument("--d-model", type=int, help="residual width (default: the preset's)")
+    p.add_argument("--steps", type=POSITIVE, help=f"optimiser steps (default {defaults.steps})")
+    p.add_argument("--batch-size", type=POSITIVE, help=f"default {defaults.batch_size}")
+    p.add_argument("--lr", type=_number(above=0, at_most=MAX_LR), help=f"peak learning rate (default {defaults.lr})")
+    p.add_argument("--layers", type=POSITIVE, help="number of blocks (default: the preset's)")
+    p.add_argument("--d-model", type=POSITIVE, help="residual width (default: the preset's)")
     p.add_argument("--out", required=True, help="run directory (refused if it already holds a run, unless --resume)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the data order")
+    p.add_argument("--seed", type=SEED, default=0, help="seeds the initial weights and the data order")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=POSITIVE, help="torch threads (default 1: variants.threads; at most the usable cores)")
     p.set_defaults(run=_train)
 
     p = commands.add_parser("invariance", help="last-position logit change under permutations of earlier tokens")
     p.add_argument("--variant", action="append", help="variant with random weights (repeatable)")
     p.add_argument("--checkpoint", action="append", help="trained run directory (repeatable)")
-    p.add_argument("--layers", type=int, help="number of blocks for --variant models")
+    p.add_argument("--layers", type=POSITIVE, help="number of blocks for --variant models")
     p.add_argument("--dtype", default="float64", choices=sorted(DTYPES))
-    p.add_argument("--perms", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--perms", type=POSITIVE, default=20)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--format", default="md", choices=[suffix.lstrip(".") for suffix in EXPORT_SUFFIXES])
+    p.add_argument("--threads", type=POSITIVE, help="torch threads (default 1: variants.threads; at most the usable cores)")
     p.set_defaults(run=_invariance)
 
     p = commands.add_parser("probe", help="linear position probes at every residual site, with controls")
@@ -293,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--text", metavar="FILE", help="with --model: probe a UTF-8 text, chunked into sequences of "
                                                        "--max-len tokens with the model's tokenizer, BOS first")
     source.add_argument("--random-tokens", action="store_true", help="with --model: probe uniformly random tokens")
-    p.add_argument("--max-len", type=int, help=f"tokens per text / random sequence, BOS included "
+    p.add_argument("--max-len", type=POSITIVE, help=f"tokens per text / random sequence, BOS included "
                                                f"(default {DEFAULT_MAX_LEN}, or n_ctx if smaller)")
     p.add_argument("--no-bos", action="store_true", help="do not put the BOS token first")
     p.add_argument("--tokenizer", help="with --model: a tokenizer folder or hub id (for a folder without one)")
@@ -301,20 +351,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="tidy table: .csv, .md, .tex or .json; OUT_STEM.by_position and "
                                                 "OUT_STEM.models tables are written beside it")
     p.add_argument("--sites", nargs="+", help="residual sites (default: embed and every resid_mid / resid_post)")
-    p.add_argument("--layers", nargs="+", type=int, help="instead of --sites: embed and the sites of these blocks")
+    p.add_argument("--layers", nargs="+", type=_integer(0), help="instead of --sites: embed and the sites of these blocks")
     p.add_argument("--targets", nargs="+", default=["position"], choices=list(TARGETS),
                    help="what to probe (role needs a task with role labels; default position)")
     p.add_argument("--control", nargs="+", default=list(CONTROLS), choices=list(CONTROLS),
                    help="baselines to compute beside the trained probes (default: all)")
-    p.add_argument("--sequences", type=int, help="sequences to probe, split by sequence (default 1000 held-out task "
+    p.add_argument("--sequences", type=POSITIVE, help="sequences to probe, split by sequence (default 1000 held-out task "
                                                  f"sequences, {DEFAULT_MODEL_SEQUENCES} of text or random tokens)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the random tokens")
+    p.add_argument("--seed", type=SEED, default=0, help="seeds the random tokens")
     p.add_argument("--float16", action="store_true", help="keep the captured activations in float16 (half the memory)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--figure", help="also write the accuracy-vs-layer figure as a standalone .html (and one "
                                     "accuracy-by-position figure per variant beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=POSITIVE, help="torch threads (default 1: variants.threads; at most the usable cores)")
     p.set_defaults(run=_probe)
 
     p = commands.add_parser("inspect", help="a model's layers, residual sites and per-layer positional encoding")
@@ -329,12 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", required=True, action="append",
                    help="e.g. nope-causal, rotary-causal (repeat for several variants)")
     p.add_argument("--task", required=True, choices=list(DYNAMICS_TASKS))
-    p.add_argument("--checkpoints", type=int, default=12, help="log-spaced snapshots besides step 0 (default 12)")
-    p.add_argument("--steps", type=int, help="optimiser steps (default: the quick preset on addition, "
+    p.add_argument("--checkpoints", type=POSITIVE, default=12, help="log-spaced snapshots besides step 0 (default 12)")
+    p.add_argument("--steps", type=POSITIVE, help="optimiser steps (default: the quick preset on addition, "
                                              "MARKOV_TRAINING on markov; analyses.experiments.presets)")
-    p.add_argument("--layers", type=int, help="number of blocks (default: the task's)")
-    p.add_argument("--d-model", type=int, help="residual width (default: the task's)")
-    p.add_argument("--sequences", type=int, help="held-out sequences measured (default 1000 addition, 200 markov)")
+    p.add_argument("--layers", type=POSITIVE, help="number of blocks (default: the task's)")
+    p.add_argument("--d-model", type=POSITIVE, help="residual width (default: the task's)")
+    p.add_argument("--sequences", type=POSITIVE, help="held-out sequences measured (default 1000 addition, 200 markov)")
     p.add_argument("--constant-lr-control", action="store_true",
                    help="also train every run under a constant learning rate (the control for an entropy rebound)")
     _add_study_options(p)
@@ -343,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("induction", help="train on n-gram Markov in-context learning; copier and classifier "
                                               "heads, head scores, loss against Bayes")
     p.add_argument("--variant", action="append", help=f"repeatable (default {MARKOV_VARIANT})")
-    p.add_argument("--steps", type=int, help="optimiser steps (default: MARKOV_TRAINING of analyses.experiments.presets)")
-    p.add_argument("--sequences", type=int, default=1000, help="fresh sequences analysed per model (default 1000)")
+    p.add_argument("--steps", type=POSITIVE, help="optimiser steps (default: MARKOV_TRAINING of analyses.experiments.presets)")
+    p.add_argument("--sequences", type=POSITIVE, default=1000, help="fresh sequences analysed per model (default 1000)")
     _add_study_options(p)
     p.set_defaults(run=_induction)
 
@@ -359,16 +410,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(MODEL_DTYPES), help="with --model: weight precision (default float32)")
     p.add_argument("--text", metavar="FILE", help="with --model: fit the position probe on this UTF-8 text, chunked "
                                                   "with the model's tokenizer (default: random tokens)")
-    p.add_argument("--sequences", type=int, help="with --model: sequences the position probe is fitted on "
+    p.add_argument("--sequences", type=POSITIVE, help="with --model: sequences the position probe is fitted on "
                                                  f"(default {DEFAULT_SEQUENCES})")
-    p.add_argument("--max-len", type=int, help="with --model: tokens of a prompt and of each probe sequence, BOS "
+    p.add_argument("--max-len", type=POSITIVE, help="with --model: tokens of a prompt and of each probe sequence, BOS "
                                                f"included (default {MAX_PROMPT_TOKENS}, or n_ctx if smaller)")
-    p.add_argument("--seed", type=int, default=0, help="with --model: seeds the probe's random tokens")
-    p.add_argument("--port", type=int, default=8050, help="port on 127.0.0.1 (default 8050; 0 = any free port)")
+    p.add_argument("--seed", type=SEED, default=0, help="with --model: seeds the probe's random tokens")
+    p.add_argument("--port", type=_integer(0, 65535), default=8050, help="port on 127.0.0.1 (default 8050; 0 = any free port)")
     p.add_argument("--static", metavar="OUT.html", help="write one self-contained HTML page instead of serving")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --static file")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or request log")
+    p.add_argument("--threads", type=POSITIVE, help="torch threads (default 1: variants.threads; at most the usable cores)")
     p.set_defaults(run=_demo)
 
     p = commands.add_parser("restamp", help="record the weights digest of checkpoints written without one, and "
@@ -386,17 +438,42 @@ def error_line(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+RESUME_HINTS = {"train": "; rerun with --resume to continue", "reproduce": "; rerun the same command to resume",
+                "dynamics": "; rerun the same command to resume", "induction": "; rerun the same command to resume"}
+
+
+def _threads(args: argparse.Namespace) -> int | None:
+    """The torch threads of this process: `--threads` (checked against the usable cores), or None
+    for the policy's default (`variants.threads`). A study's driver only merges, so it takes at
+    most the usable cores whatever its units get (those are checked by `run_units`)."""
+    threads = getattr(args, "threads", None)
+    if threads is not None and hasattr(args, "executor"):
+        return min(threads, usable_cores())
+    return threads
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `poslens` subcommand; a user error (bad value, path problem, locked directory,
-    diverged training) is one line on stderr and exit code 2, never a traceback."""
+    diverged training) is one line on stderr and exit code 2, never a traceback. SIGTERM, SIGHUP
+    and SIGINT stop it cleanly (workers stopped, locks released) with one line and exit code
+    128 + the signal's number."""
     args = build_parser().parse_args(argv)
-    try:
-        if getattr(args, "device", None) is not None:
-            check_device(args.device)
-        args.run(args)
-    except (ValueError, OSError, DirectoryLocked, FloatingPointError, UnitsFailed) as error:
-        print(f"poslens {args.command}: error: {error_line(error)}", file=sys.stderr)
-        return 2
+    with stop_on_signals():
+        try:
+            if getattr(args, "device", None) is not None:
+                check_device(args.device)
+            if hasattr(args, "executor"):  # a study: its executor settings, before any folder is touched
+                check_executor(**_sweep_options(args))
+            with torch_threads(_threads(args)):
+                args.run(args)
+        except (ValueError, OSError, DirectoryLocked, FloatingPointError, UnitsFailed) as error:
+            print(f"poslens {args.command}: error: {error_line(error)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as stop:  # `Stopped` by a signal, or Ctrl-C where no handler could be set
+            signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+            print(f"poslens {args.command}: stopped by {signal.Signals(signum).name}"
+                  f"{RESUME_HINTS.get(args.command, '')}", file=sys.stderr)
+            return 128 + signum
     return 0
 
 

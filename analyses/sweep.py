@@ -198,9 +198,30 @@ def check_ray_address(address: str | None) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as error:
-        reason = "no answer" if isinstance(error, TimeoutError) else error.strerror or type(error).__name__
-        raise ValueError(f"no Ray cluster answers at {address} ({reason} within {CONNECT_TIMEOUT_S:g} s); start one "
+        reason = (f"no answer within {CONNECT_TIMEOUT_S:g} s" if isinstance(error, TimeoutError)
+                  else error.strerror or type(error).__name__)
+        raise ValueError(f"no Ray cluster answers at {address} ({reason}); start one "
                          "with `ray start --head`, or leave ray_address out to start one here") from None
+
+
+def check_executor(executor: str, workers: int | None, threads: int, ray_address: str | None,
+                   gpus_per_unit: float) -> tuple[int, float]:
+    """Check every executor setting before any work: threads and workers against the usable cores
+    (`check_parallelism`), the GPU share (`check_gpus`), and that a cluster address answers
+    (`check_ray_address`). The cluster's own resources are checked once Ray has reached it.
+
+    Args:
+        executor, workers, threads, ray_address, gpus_per_unit: as for `run_units`.
+
+    Returns:
+        The worker count and the GPU share to use.
+    """
+    workers = check_parallelism(executor, workers, threads, ray_address=ray_address)
+    gpus_per_unit = check_gpus(executor, gpus_per_unit, ray_address)
+    if executor != "ray" and ray_address is not None:
+        raise ValueError(f"ray_address is for executor 'ray', got executor {executor!r}")
+    check_ray_address(ray_address)
+    return workers, gpus_per_unit
 
 
 def run_units(units: Sequence[Unit], *, executor: str = "local", workers: int | None = None, threads: int = 1,
@@ -225,11 +246,7 @@ def run_units(units: Sequence[Unit], *, executor: str = "local", workers: int | 
     names = [unit.name for unit in units]
     if len(set(names)) != len(names):
         raise ValueError(f"unit names must be distinct, got {names}")
-    workers = check_parallelism(executor, workers, threads, ray_address=ray_address)
-    gpus_per_unit = check_gpus(executor, gpus_per_unit, ray_address)
-    if executor != "ray" and ray_address is not None:
-        raise ValueError(f"ray_address is for executor 'ray', got executor {executor!r}")
-    check_ray_address(ray_address)
+    workers, gpus_per_unit = check_executor(executor, workers, threads, ray_address, gpus_per_unit)
     runner = {"serial": _serial, "local": _local, "ray": _ray}[executor]
     results, failures = {}, {}
     progress = tqdm(total=len(units), desc=desc, disable=quiet)

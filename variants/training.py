@@ -377,6 +377,9 @@ def snapshot_schedule(snapshots: int | Sequence[int], total: int) -> list[int]:
     in 0..total (0 is the initial weights).
     """
     if isinstance(snapshots, int) and not isinstance(snapshots, bool):
+        if not 0 <= snapshots <= total:
+            raise ValueError(f"snapshots must be an integer in 0..{total} (distinct log-spaced steps of the {total} "
+                             f"training steps), got {snapshots}")
         return log_spaced_steps(total, snapshots)
     steps = list(snapshots)
     bad = [step for step in steps
