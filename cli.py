@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -223,52 +223,43 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer from `minimum` (to `maximum`), refused with the range otherwise."""
-
-    def integer(text: str) -> int:
-        try:
-            return check_integer("the value", int(text), minimum=minimum, maximum=maximum)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error).removeprefix("the value ") if text.strip().lstrip("+-").isdigit()
-                                             else f"must be an integer, got {text!r}") from None
-
-    return integer
+OPTION_RANGES = {  # every numeric option's range, checked before any work (0 is never a stand-in for a default)
+    **dict.fromkeys(("steps", "batch_size", "layers", "d_model", "perms", "sequences", "max_len", "checkpoints",
+                     "seeds", "workers", "threads"), {"minimum": 1}),
+    "seed": {"minimum": 0, "maximum": MAX_SEED},
+    "lr": {"above": 0, "at_most": MAX_LR},
+    "gpus_per_unit": {"at_least": 0},
+}
 
 
-def _number(**bounds: float) -> Callable[[str], float]:
-    """An argparse type: a finite number within `bounds` (`variants.config.check_number`'s)."""
-
-    def number(text: str) -> float:
-        try:
-            return check_number("the value", float(text), **bounds)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error).removeprefix("the value ") if _is_float(text)
-                                             else f"must be a number, got {text!r}") from None
-
-    return number
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-POSITIVE, SEED = _integer(1), _integer(0, MAX_SEED)
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse a numeric option outside its range (`OPTION_RANGES`), naming the option and the range;
+    `probe --layers` takes block indices (>= 0) and `demo --port` is checked by the demo."""
+    for dest, bounds in OPTION_RANGES.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if dest == "layers" and isinstance(value, list):
+            bounds = {"minimum": 0}
+        for item in value if isinstance(value, list) else [value]:
+            name = "--" + dest.replace("_", "-")
+            if isinstance(item, float):
+                check_number(name, item, **bounds)
+            else:
+                check_integer(name, item, **bounds)
+    if getattr(args, "seeds", None) and hasattr(args, "seed") and args.seed + args.seeds - 1 > MAX_SEED:
+        raise ValueError(f"--seed + --seeds - 1 must be at most {MAX_SEED}, got {args.seed + args.seeds - 1}")
 
 
 def _add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", default="local", choices=EXECUTORS,
                    help="where the (variant, seed) units run: serial, local worker processes (default), or ray")
-    p.add_argument("--workers", type=POSITIVE, help="worker processes (local; default: usable cores // --threads) or CPUs "
+    p.add_argument("--workers", type=int, help="worker processes (local; default: usable cores // --threads) or CPUs "
                                                "of a Ray instance started here")
-    p.add_argument("--threads", type=POSITIVE, default=1, help="torch threads per unit (default 1, at most the usable "
+    p.add_argument("--threads", type=int, default=1, help="torch threads per unit (default 1, at most the usable "
                                                                "cores; numbers depend on it)")
     p.add_argument("--ray-address", help="a running Ray cluster (an address, or 'auto'); default: start one here")
-    p.add_argument("--gpus-per-unit", type=_number(at_least=0), default=0.0,
+    p.add_argument("--gpus-per-unit", type=float, default=0.0,
                    help="GPU share of each Ray unit (e.g. 0.25 packs four runs on one GPU; runs on cuda)")
 
 
@@ -284,8 +275,8 @@ def _restamp(args: argparse.Namespace) -> None:
 def _add_study_options(p: argparse.ArgumentParser) -> None:
     """What every multi-run study subcommand takes besides its own settings (dynamics, induction)."""
     p.add_argument("--out", required=True, help="output directory; the training runs go to OUT/runs/VARIANT-seedK")
-    p.add_argument("--seed", type=SEED, default=0, help="the first seed (initial weights and data order; default 0)")
-    p.add_argument("--seeds", type=POSITIVE, default=1, help="seeds per variant: --seed, --seed + 1, ... (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="the first seed (initial weights and data order; default 0)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per variant: --seed, --seed + 1, ... (default 1)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--force", action="store_true", help="recompute existing outputs (the trained runs are kept)")
@@ -300,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("reproduce", help="the paper's experiment set on 3-digit addition, end to end (resumable)")
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="model and run sizes (default quick)")
-    p.add_argument("--seeds", type=POSITIVE, default=1, help="training seeds per variant (default 1)")
+    p.add_argument("--seeds", type=int, default=1, help="training seeds per variant (default 1)")
     p.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
     p.add_argument("--force", action="store_true", help="recompute tables and figures (trained runs are kept)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
@@ -311,28 +302,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="train a variant on a task (resumable)")
     p.add_argument("--variant", required=True, help="e.g. nope-causal, learned-causal, nope-causal+cut0,1")
     p.add_argument("--task", default="addition", choices=sorted(TASKS))
-    p.add_argument("--steps", type=POSITIVE, help=f"optimiser steps (default {defaults.steps})")
-    p.add_argument("--batch-size", type=POSITIVE, help=f"default {defaults.batch_size}")
-    p.add_argument("--lr", type=_number(above=0, at_most=MAX_LR), help=f"peak learning rate (default {defaults.lr})")
-    p.add_argument("--layers", type=POSITIVE, help="number of blocks (default: the preset's)")
-    p.add_argument("--d-model", type=POSITIVE, help="residual width (default: the preset's)")
+    p.add_argument("--steps", type=int, help=f"optimiser steps (default {defaults.steps})")
+    p.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {defaults.lr})")
+    p.add_argument("--layers", type=int, help="number of blocks (default: the preset's)")
+    p.add_argument("--d-model", type=int, help="residual width (default: the preset's)")
     p.add_argument("--out", required=True, help="run directory (refused if it already holds a run, unless --resume)")
-    p.add_argument("--seed", type=SEED, default=0, help="seeds the initial weights and the data order")
+    p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the data order")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--threads", type=POSITIVE, help="torch threads (default 1: variants.threads; at most the usable cores)")
+    p.add_argument("--threads", type=int, help="torch threads (default 1: variants.threads; at most the usable cores)")
     p.set_defaults(run=_train)
 
     p = commands.add_parser("invariance", help="last-position logit change under permutations of earlier tokens")
     p.add_argument("--variant", action="append", help="variant with random weights (repeatable)")
     p.add_argument("--checkpoint", action="append", help="trained run directory (repeatable)")
-    p.add_argument("--layers", type=POSITIVE, help="number of blocks for --variant models")
+    p.add_argument("--layers", type=int, help="number of blocks for --variant models")
     p.add_argument("--dtype", default="float64", choices=sorted(DTYPES))
-    p.add_argument("--perms", type=POSITIVE, default=20)
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--perms", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", default="md", choices=[suffix.lstrip(".") for suffix in EXPORT_SUFFIXES])
-    p.add_argument("--threads", type=POSITIVE, help="torch threads (default 1: variants.threads; at most the usable cores)")
+    p.add_argument("--threads", type=int, help="torch threads (default 1: variants.threads; at most the usable cores)")
     p.set_defaults(run=_invariance)
 
     p = commands.add_parser("probe", help="linear position probes at every residual site, with controls")
@@ -343,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--text", metavar="FILE", help="with --model: probe a UTF-8 text, chunked into sequences of "
                                                        "--max-len tokens with the model's tokenizer, BOS first")
     source.add_argument("--random-tokens", action="store_true", help="with --model: probe uniformly random tokens")
-    p.add_argument("--max-len", type=POSITIVE, help=f"tokens per text / random sequence, BOS included "
+    p.add_argument("--max-len", type=int, help=f"tokens per text / random sequence, BOS included "
                                                f"(default {DEFAULT_MAX_LEN}, or n_ctx if smaller)")
     p.add_argument("--no-bos", action="store_true", help="do not put the BOS token first")
     p.add_argument("--tokenizer", help="with --model: a tokenizer folder or hub id (for a folder without one)")
@@ -351,21 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="tidy table: .csv, .md, .tex or .json; OUT_STEM.by_position and "
                                                 "OUT_STEM.models tables are written beside it")
     p.add_argument("--sites", nargs="+", help="residual sites (default: embed and every resid_mid / resid_post)")
-    p.add_argument("--layers", nargs="+", type=_integer(0), help="instead of --sites: embed and the sites of these blocks")
+    p.add_argument("--layers", nargs="+", type=int, help="instead of --sites: embed and the sites of these blocks")
     p.add_argument("--targets", nargs="+", default=["position"], choices=list(TARGETS),
                    help="what to probe (role needs a task with role labels; default position)")
     p.add_argument("--control", nargs="+", default=list(CONTROLS), choices=list(CONTROLS),
                    help="baselines to compute beside the trained probes (default: all)")
-    p.add_argument("--sequences", type=POSITIVE, help="sequences to probe, split by sequence (default 1000 held-out task "
+    p.add_argument("--sequences", type=int, help="sequences to probe, split by sequence (default 1000 held-out task "
                                                  f"sequences, {DEFAULT_MODEL_SEQUENCES} of text or random tokens)")
-    p.add_argument("--seed", type=SEED, default=0, help="seeds the random tokens")
+    p.add_argument("--seed", type=int, default=0, help="seeds the random tokens")
     p.add_argument("--float16", action="store_true", help="keep the captured activations in float16 (half the memory)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--figure", help="also write the accuracy-vs-layer figure as a standalone .html (and one "
                                     "accuracy-by-position figure per variant beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--threads", type=POSITIVE, help="torch threads (default 1: variants.threads; at most the usable cores)")
+    p.add_argument("--threads", type=int, help="torch threads (default 1: variants.threads; at most the usable cores)")
     p.set_defaults(run=_probe)
 
     p = commands.add_parser("inspect", help="a model's layers, residual sites and per-layer positional encoding")
@@ -380,12 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", required=True, action="append",
                    help="e.g. nope-causal, rotary-causal (repeat for several variants)")
     p.add_argument("--task", required=True, choices=list(DYNAMICS_TASKS))
-    p.add_argument("--checkpoints", type=POSITIVE, default=12, help="log-spaced snapshots besides step 0 (default 12)")
-    p.add_argument("--steps", type=POSITIVE, help="optimiser steps (default: the quick preset on addition, "
+    p.add_argument("--checkpoints", type=int, default=12, help="log-spaced snapshots besides step 0 (default 12)")
+    p.add_argument("--steps", type=int, help="optimiser steps (default: the quick preset on addition, "
                                              "MARKOV_TRAINING on markov; analyses.experiments.presets)")
-    p.add_argument("--layers", type=POSITIVE, help="number of blocks (default: the task's)")
-    p.add_argument("--d-model", type=POSITIVE, help="residual width (default: the task's)")
-    p.add_argument("--sequences", type=POSITIVE, help="held-out sequences measured (default 1000 addition, 200 markov)")
+    p.add_argument("--layers", type=int, help="number of blocks (default: the task's)")
+    p.add_argument("--d-model", type=int, help="residual width (default: the task's)")
+    p.add_argument("--sequences", type=int, help="held-out sequences measured (default 1000 addition, 200 markov)")
     p.add_argument("--constant-lr-control", action="store_true",
                    help="also train every run under a constant learning rate (the control for an entropy rebound)")
     _add_study_options(p)
@@ -394,8 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("induction", help="train on n-gram Markov in-context learning; copier and classifier "
                                               "heads, head scores, loss against Bayes")
     p.add_argument("--variant", action="append", help=f"repeatable (default {MARKOV_VARIANT})")
-    p.add_argument("--steps", type=POSITIVE, help="optimiser steps (default: MARKOV_TRAINING of analyses.experiments.presets)")
-    p.add_argument("--sequences", type=POSITIVE, default=1000, help="fresh sequences analysed per model (default 1000)")
+    p.add_argument("--steps", type=int, help="optimiser steps (default: MARKOV_TRAINING of analyses.experiments.presets)")
+    p.add_argument("--sequences", type=int, default=1000, help="fresh sequences analysed per model (default 1000)")
     _add_study_options(p)
     p.set_defaults(run=_induction)
 
@@ -410,17 +401,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(MODEL_DTYPES), help="with --model: weight precision (default float32)")
     p.add_argument("--text", metavar="FILE", help="with --model: fit the position probe on this UTF-8 text, chunked "
                                                   "with the model's tokenizer (default: random tokens)")
-    p.add_argument("--sequences", type=POSITIVE, help="with --model: sequences the position probe is fitted on "
+    p.add_argument("--sequences", type=int, help="with --model: sequences the position probe is fitted on "
                                                  f"(default {DEFAULT_SEQUENCES})")
-    p.add_argument("--max-len", type=POSITIVE, help="with --model: tokens of a prompt and of each probe sequence, BOS "
+    p.add_argument("--max-len", type=int, help="with --model: tokens of a prompt and of each probe sequence, BOS "
                                                f"included (default {MAX_PROMPT_TOKENS}, or n_ctx if smaller)")
-    p.add_argument("--seed", type=SEED, default=0, help="with --model: seeds the probe's random tokens")
-    p.add_argument("--port", type=_integer(0, 65535), default=8050, help="port on 127.0.0.1 (default 8050; 0 = any free port)")
+    p.add_argument("--seed", type=int, default=0, help="with --model: seeds the probe's random tokens")
+    p.add_argument("--port", type=int, default=8050, help="port on 127.0.0.1 (default 8050; 0 = any free port)")
     p.add_argument("--static", metavar="OUT.html", help="write one self-contained HTML page instead of serving")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --static file")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or request log")
-    p.add_argument("--threads", type=POSITIVE, help="torch threads (default 1: variants.threads; at most the usable cores)")
+    p.add_argument("--threads", type=int, help="torch threads (default 1: variants.threads; at most the usable cores)")
     p.set_defaults(run=_demo)
 
     p = commands.add_parser("restamp", help="record the weights digest of checkpoints written without one, and "
@@ -462,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if getattr(args, "device", None) is not None:
                 check_device(args.device)
+            check_options(args)
             if hasattr(args, "executor"):  # a study: its executor settings, before any folder is touched
                 check_executor(**_sweep_options(args))
             with torch_threads(_threads(args)):
