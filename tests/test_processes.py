@@ -111,11 +111,12 @@ def test_a_ray_cluster_without_the_resources_is_refused_before_any_task():
         ray.shutdown()
 
 
-def test_sighup_stops_train_which_resumes_to_the_uninterrupted_bits(tmp_path):
-    argv = [sys.executable, "-P", "-m", "poslens.cli", "train", "--variant", "nope-causal", "--layers", "1",
-            "--d-model", "32", "--steps", "1000", "--batch-size", "8", "--quiet"]
+def test_sighup_stops_train_which_resumes_to_the_uninterrupted_bits(tmp_path, run_cli):
+    argv = ["train", "--variant", "nope-causal", "--layers", "1", "--d-model", "32", "--steps", "1000", "--batch-size",
+            "8", "--quiet"]
     stopped, straight = tmp_path / "stopped", tmp_path / "straight"
-    process = subprocess.Popen([*argv, "--out", str(stopped)], stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-P", "-m", "poslens.cli", *argv, "--out", str(stopped)],
+                               stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (stopped / "train_state.safetensors").exists():
         assert time.monotonic() < deadline and process.poll() is None, "no checkpoint was written"
@@ -125,6 +126,22 @@ def test_sighup_stops_train_which_resumes_to_the_uninterrupted_bits(tmp_path):
     assert (process.returncode, err) == (128 + signal.SIGHUP,
                                          "poslens train: stopped by SIGHUP; rerun with --resume to continue\n")
     assert not (stopped / ".poslens.lock").exists()
-    for out, extra in ((stopped, ["--resume"]), (straight, [])):
-        subprocess.run([*argv, "--out", str(out), *extra], check=True, capture_output=True)
+    assert run_cli(*argv, "--out", str(stopped), "--resume")[0] == 0
+    assert run_cli(*argv, "--out", str(straight))[0] == 0
     assert (stopped / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch):
+    import errno
+
+    from poslens.cli import error_line
+    from poslens.variants import storage
+
+    def full(_fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(storage.os, "fsync", full)
+    with pytest.raises(OSError) as raised:
+        storage.atomic_write(tmp_path / "table.csv", "a,b\n")
+    assert error_line(raised.value) == f"{tmp_path / 'table.csv'}: No space left on device"
+    assert list(tmp_path.iterdir()) == []  # the temporary is gone
