@@ -310,11 +310,19 @@ def die_with_parent(parent: int) -> str:
     return mechanism
 
 
+def _exit_on(signum: int, _frame: Any) -> None:
+    """SIGTERM in a worker: exit through Python's shutdown, so that the semaphores its unit created
+    (tqdm's lock) are unregistered and the resource tracker has nothing to warn about."""
+    raise SystemExit(128 + signum)
+
+
 def _worker(connection: Any, parent: int) -> None:
     """A local worker: run the units it is sent (function, kwargs, threads) until sent None."""
     die_with_parent(parent)
     for signum in (signal.SIGINT, signal.SIGHUP):  # sent to the whole terminal group: the driver stops us
         signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on)
+    tqdm.set_lock(threading.RLock())  # not a cross-process semaphore, which a SIGKILL would leak: bars stay in here
     while True:
         try:
             job = connection.recv()
@@ -336,8 +344,8 @@ def _death(process: Any) -> str:
     """Why worker `process` ended, in words."""
     process.join(timeout=5)
     code = process.exitcode
-    if code is not None and code < 0:
-        name = signal.Signals(-code).name
+    if code is not None and (code < 0 or code - 128 in (signal.SIGTERM, signal.SIGHUP)):  # 128 + n: `_exit_on`
+        name = signal.Signals(-code if code < 0 else code - 128).name
         why = " (what the out-of-memory killer sends when memory runs out)" if code == -signal.SIGKILL else ""
         return f"its worker process (PID {process.pid}) was killed by {name}{why}"
     return f"its worker process (PID {process.pid}) exited with code {code} before returning a result"

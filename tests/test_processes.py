@@ -145,3 +145,29 @@ def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch):
         storage.atomic_write(tmp_path / "table.csv", "a,b\n")
     assert error_line(raised.value) == f"{tmp_path / 'table.csv'}: No space left on device"
     assert list(tmp_path.iterdir()) == []  # the temporary is gone
+
+
+def test_numeric_options_are_checked_with_their_range_before_any_work(run_cli, tmp_path, trained_runs):
+    run, out, file = str(trained_runs[("nope-causal", 1)]), str(tmp_path / "out"), tmp_path / "file"
+    file.write_text("x")
+    train = ("train", "--variant", "nope-causal", "--out", out, "--quiet")
+    for argv, message in (
+        (("probe", run, "--out", f"{out}.csv", "--max-len", "0"), "--max-len must be >= 1, got 0"),
+        (("probe", run, "--out", f"{out}.csv", "--sequences", "0"), "--sequences must be >= 1, got 0"),
+        ((*train, "--seed", "99999999999999999999"), "--seed must be an integer from 0 to 4294967295, got 9999"),
+        ((*train, "--lr", "1e308"), "--lr must be a finite number > 0 and <= 10, got 1e+308"),
+        ((*train, "--steps", "0"), "--steps must be >= 1, got 0"),
+        ((*train, "--d-model", "100000000"), "a 4-block d_model 100000000 model (480,000,007,800,000,012 weights) "
+                                             "cannot fit: training it at batch size 256 needs about"),
+        ((*train, "--batch-size", "100000000"), "cannot fit: training it at batch size 100000000 needs about 22,47"),
+        ((*train, "--layers", "100000"), "a 100000-block d_model 64 model (4,998,401,676 weights) cannot fit"),
+        (("dynamics", "--variant", "nope-causal", "--task", "addition", "--checkpoints", "100000", "--out", out),
+         "checkpoints must be at most the 2500 training steps (each snapshot is a distinct step), got 100000"),
+        (("reproduce", "--seeds", "0", "--out", out), "--seeds must be >= 1, got 0"),
+        (("reproduce", "--workers", "0", "--out", out), "--workers must be >= 1, got 0"),
+        (("demo", "--models", str(file), "--static", f"{out}.html"), f"{file} is not a folder; give a reproduce"),
+    ):
+        code, _, err = run_cli(*argv)
+        assert code == 2 and err.startswith(f"poslens {argv[0]}: error: ") and message in err, (argv, err)
+        assert err.count("\n") == 1, err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]
