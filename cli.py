@@ -22,7 +22,7 @@ from poslens.analyses.measures.probe_sweep import CONTROLS, TARGETS, sidecar_pat
 from poslens.analyses.measures.sequences import random_sequences, read_text, text_sequences
 from poslens.analyses.report import compact
 from poslens.analyses.runs import load_models_by_variant, load_task
-from poslens.analyses.sweep import EXECUTORS, Stopped, UnitsFailed, check_executor, stop_on_signals
+from poslens.analyses.sweep import EXECUTORS, UnitsFailed, check_executor
 from poslens.analyses.tables import EXPORT_SUFFIXES, check_writable, render_table, side_by_side
 from poslens.demos.lm_panels import DEFAULT_SEQUENCES, MAX_PROMPT_TOKENS, load_lm_demo
 from poslens.demos.panels import DEFAULT_MODEL_DIR, default_model, discover_models
@@ -33,6 +33,7 @@ from poslens.variants.checkpoint import restamp
 from poslens.variants.config import DTYPES, MAX_SEED, check_device, check_integer, check_number
 from poslens.variants.hub import model_name
 from poslens.variants.locking import DirectoryLocked
+from poslens.variants.processes import Stopped, stop_on_signals
 from poslens.variants.threads import torch_threads, usable_cores
 from poslens.variants.training import MAX_LR, restamp_run
 

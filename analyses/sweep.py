@@ -23,7 +23,7 @@ before the first unit starts. The local workers are this module's own small pool
 SIGKILL, a signal) fails only the unit it was running, named with the signal, and the study goes
 on (the executor's pool breaks and reports the same `BrokenProcessPool` once per pending unit);
 the driver knows each worker's process, so when it stops (an exception, Ctrl-C, or SIGTERM/SIGHUP
-under `stop_on_signals`) it terminates exactly its workers (not its whole process group, which
+under `variants.processes.stop_on_signals`) it terminates exactly its workers (not its whole process group, which
 in a script can hold the shell that started it) and waits for them; and each worker dies with
 its driver even when the driver is killed with SIGKILL: on Linux the worker asks the kernel for
 a parent-death signal (`prctl(PR_SET_PDEATHSIG, SIGKILL)`), elsewhere a watchdog thread polls
@@ -33,26 +33,23 @@ foreground group); their driver stops them. Ray tasks of a stopped study are can
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
 import signal
 import socket
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from poslens.variants.processes import die_with_parent
 from poslens.variants.threads import check_threads, torch_threads, usable_cores
 
 EXECUTORS = ("serial", "local", "ray")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 CONNECT_TIMEOUT_S = 5.0  # how long a cluster address may take to accept a connection
 
 
@@ -68,46 +65,6 @@ class Unit:
 
 class UnitsFailed(RuntimeError):
     """Some units of a study failed; the message names each with its error."""
-
-
-class Stopped(KeyboardInterrupt):
-    """The process was asked to stop by `signum` (see `stop_on_signals`); code that cleans up
-    after Ctrl-C cleans up after SIGTERM and SIGHUP the same way."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-        self.name = signal.Signals(signum).name
-
-
-@contextmanager
-def stop_on_signals(signums: Sequence[int] = STOP_SIGNALS) -> Iterator[None]:
-    """Within the block, SIGTERM, SIGHUP and SIGINT raise `Stopped` in the main thread, so every
-    `finally` runs: locks are released and `run_units` stops its workers. Once one has arrived the
-    others are ignored until the block ends (so the clean-up is not interrupted half way); the
-    previous handlers are restored after. Outside the main thread this does nothing.
-
-    Args:
-        signums: the signals that stop the block.
-
-    Returns:
-        A context manager.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, _frame: Any) -> None:
-        for other in signums:
-            signal.signal(other, signal.SIG_IGN)
-        raise Stopped(signum)
-
-    previous = {signum: signal.signal(signum, stop) for signum in signums}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 @dataclass
@@ -280,34 +237,6 @@ def _serial(units: list[Unit], *, threads: int, **_: Any) -> Iterator[Outcome]:
             yield unit.name, True, _call(unit.function, unit.kwargs, threads)
         except Exception as error:  # a unit's failure is reported, the study goes on
             yield unit.name, False, _error_text(error)
-
-
-def die_with_parent(parent: int) -> str:
-    """Make this process die when process `parent` does, SIGKILL of the parent included.
-
-    Args:
-        parent: the PID of the parent this process must not outlive.
-
-    Returns:
-        The mechanism used: `prctl` (Linux's parent-death signal) or `watchdog` (a thread that
-        polls the parent's PID every second).
-    """
-    mechanism = "watchdog"
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0:
-            mechanism = "prctl"
-    if os.getppid() != parent:  # the parent died before the call could take effect
-        os._exit(1)
-    if mechanism == "watchdog":
-        def watch() -> None:
-            while os.getppid() == parent:
-                time.sleep(1.0)
-            os._exit(1)
-
-        threading.Thread(target=watch, name="poslens-parent-watchdog", daemon=True).start()
-    return mechanism
 
 
 def _exit_on(signum: int, _frame: Any) -> None:

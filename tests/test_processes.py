@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from poslens.analyses import sweep
-from poslens.analyses.sweep import Unit, check_executor, die_with_parent, run_units, stop_on_signals
+from poslens.analyses.sweep import Unit, check_executor, run_units
+from poslens.variants.processes import Stopped, die_with_parent, stop_on_signals
 
 
 def is_gone(pid: int) -> bool:
@@ -70,7 +71,7 @@ def test_the_parent_death_mechanism_is_the_kernels_on_linux():
 
 def test_a_signal_raises_stopped_and_the_handlers_come_back():
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(sweep.Stopped) as stopped, stop_on_signals():
+    with pytest.raises(Stopped) as stopped, stop_on_signals():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler interrupts this
     assert (stopped.value.signum, stopped.value.name) == (signal.SIGTERM, "SIGTERM")
