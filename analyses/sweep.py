@@ -45,6 +45,7 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from tqdm.auto import tqdm
+from tqdm.std import tqdm as tqdm_base  # every tqdm class's base: its lock is theirs
 
 from poslens.variants.processes import die_with_parent
 from poslens.variants.threads import check_threads, torch_threads, usable_cores
@@ -251,7 +252,7 @@ def _worker(connection: Any, parent: int) -> None:
     for signum in (signal.SIGINT, signal.SIGHUP):  # sent to the whole terminal group: the driver stops us
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on)
-    tqdm.set_lock(threading.RLock())  # not a cross-process semaphore, which a SIGKILL would leak: bars stay in here
+    tqdm_base.set_lock(threading.RLock())  # no cross-process semaphore (a SIGKILL would leak it): bars stay here
     while True:
         try:
             job = connection.recv()
