@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from poslens.analyses.measures.probe_sweep import CONTROLS, TARGETS, sidecar_pat
 from poslens.analyses.measures.sequences import random_sequences, read_text, text_sequences
 from poslens.analyses.report import compact
 from poslens.analyses.runs import load_models_by_variant, load_task
-from poslens.analyses.sweep import EXECUTORS, UnitsFailed
+from poslens.analyses.sweep import EXECUTORS, UnitsFailed, check_executor
 from poslens.analyses.tables import EXPORT_SUFFIXES, check_writable, render_table, side_by_side
 from poslens.demos.lm_panels import DEFAULT_SEQUENCES, MAX_PROMPT_TOKENS, load_lm_demo
 from poslens.demos.panels import DEFAULT_MODEL_DIR, default_model, discover_models
@@ -30,10 +31,12 @@ from poslens.demos.static import write_static_page
 from poslens.tasks import TASKS, make_task
 from poslens.variants import HookedTransformer, TrainSettings, load_any, preset, train
 from poslens.variants.checkpoint import restamp
-from poslens.variants.config import DTYPES, check_device
+from poslens.variants.config import DTYPES, MAX_SEED, check_device, check_integer, check_number
 from poslens.variants.hub import load_tokenizer, model_name
 from poslens.variants.locking import DirectoryLocked
-from poslens.variants.training import PRECISIONS, restamp_run
+from poslens.variants.processes import Stopped, stop_on_signals
+from poslens.variants.threads import torch_threads, usable_cores
+from poslens.variants.training import MAX_LR, PRECISIONS, restamp_run
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_LEN = 128  # tokens per text / random sequence when --max-len is not given
@@ -81,7 +84,7 @@ def _probe(args: argparse.Namespace) -> None:
             raise ValueError(f"checkpoints were trained on different tasks ({sorted(map(str, tasks))}); "
                              "probe them separately")
         models, data = load_models_by_variant(args.checkpoints, device=args.device), tasks.pop()
-        n_sequences = args.sequences or 1000
+        n_sequences = 1000 if args.sequences is None else args.sequences
     first = next(iter(models.values()))[0]
     sites = args.sites or (layer_sites(first, args.layers) if args.layers else None)
     result = sweep_probes(models, data, n_sequences=n_sequences, sites=sites, controls=args.control,
@@ -105,13 +108,14 @@ def _model_data(model, args: argparse.Namespace):
     """What `poslens probe --model` probes, and how many sequences of it: a text, random tokens, or a
     poslens run's own task."""
     if args.text or args.random_tokens:
-        max_len = args.max_len or min(DEFAULT_MAX_LEN, model.cfg.n_ctx)
-        n_sequences, bos = args.sequences or DEFAULT_MODEL_SEQUENCES, not args.no_bos
+        max_len = min(DEFAULT_MAX_LEN, model.cfg.n_ctx) if args.max_len is None else args.max_len
+        n_sequences = DEFAULT_MODEL_SEQUENCES if args.sequences is None else args.sequences
+        bos = not args.no_bos
         if args.text:
             return text_sequences(model, read_text(args.text), max_len, bos=bos, max_sequences=n_sequences), None
         return random_sequences(model, n_sequences, max_len, bos=bos, seed=args.seed), None
     if isinstance(model, HookedTransformer) and Path(args.model).is_dir():
-        return load_task(args.model), args.sequences or 1000
+        return load_task(args.model), 1000 if args.sequences is None else args.sequences
     raise ValueError(f"say what to probe {args.model} on: --text FILE or --random-tokens")
 
 
@@ -251,12 +255,48 @@ def _demo(args: argparse.Namespace) -> None:
         serve(models, port=args.port, device=args.device, quiet=args.quiet)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (`poslens train: error: argument --lr: ...`), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+OPTION_RANGES = {  # every numeric option's range, checked before any work (0 is never a stand-in for a default)
+    **dict.fromkeys(("steps", "batch_size", "layers", "d_model", "perms", "sequences", "max_len", "checkpoints",
+                     "seeds", "workers", "threads"), {"minimum": 1}),
+    "seed": {"minimum": 0, "maximum": MAX_SEED},
+    "lr": {"above": 0, "at_most": MAX_LR},
+    "gpus_per_unit": {"at_least": 0},
+}
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse a numeric option outside its range (`OPTION_RANGES`), naming the option and the range;
+    `probe --layers` takes block indices (>= 0) and `demo --port` is checked by the demo."""
+    for dest, bounds in OPTION_RANGES.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if dest == "layers" and isinstance(value, list):
+            bounds = {"minimum": 0}
+        for item in value if isinstance(value, list) else [value]:
+            name = "--" + dest.replace("_", "-")
+            if isinstance(item, float):
+                check_number(name, item, **bounds)
+            else:
+                check_integer(name, item, **bounds)
+    if getattr(args, "seeds", None) and hasattr(args, "seed") and args.seed + args.seeds - 1 > MAX_SEED:
+        raise ValueError(f"--seed + --seeds - 1 must be at most {MAX_SEED}, got {args.seed + args.seeds - 1}")
+
+
 def _add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", default="local", choices=EXECUTORS,
                    help="where the (variant, seed) units run: serial, local worker processes (default), or ray")
     p.add_argument("--workers", type=int, help="worker processes (local; default: usable cores // --threads) or CPUs "
                                                "of a Ray instance started here")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per unit (default 1; numbers depend on it)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per unit (default 1, at most the usable "
+                                                               "cores; numbers depend on it)")
     p.add_argument("--ray-address", help="a running Ray cluster (an address, or 'auto'); default: start one here")
     p.add_argument("--gpus-per-unit", type=float, default=0.0,
                    help="GPU share of each Ray unit (e.g. 0.25 packs four runs on one GPU; runs on cuda)")
@@ -285,7 +325,7 @@ def _add_study_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every `poslens` subcommand."""
-    parser = argparse.ArgumentParser(prog="poslens", description="Where does a transformer keep token position?")
+    parser = _Parser(prog="poslens", description="Where does a transformer keep token position?")
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = TrainSettings()
 
@@ -316,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, help="torch threads (default 1: variants.threads; at most the usable cores)")
     p.set_defaults(run=_train)
 
     p = commands.add_parser("invariance", help="last-position logit change under permutations of earlier tokens")
@@ -326,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perms", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", default="md", choices=[suffix.lstrip(".") for suffix in EXPORT_SUFFIXES])
+    p.add_argument("--threads", type=int, help="torch threads (default 1: variants.threads; at most the usable cores)")
     p.set_defaults(run=_invariance)
 
     p = commands.add_parser("probe", help="linear position probes at every residual site, with controls")
@@ -359,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "accuracy-by-position figure per variant beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, help="torch threads (default 1: variants.threads; at most the usable cores)")
     p.set_defaults(run=_probe)
 
     p = commands.add_parser("inspect", help="a model's layers, residual sites and per-layer positional encoding")
@@ -415,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --static file")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or request log")
+    p.add_argument("--threads", type=int, help="torch threads (default 1: variants.threads; at most the usable cores)")
     p.set_defaults(run=_demo)
 
     p = commands.add_parser("restamp", help="record the digests (config and weights) of checkpoints written without "
@@ -433,17 +477,43 @@ def error_line(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+RESUME_HINTS = {"train": "; rerun with --resume to continue", "reproduce": "; rerun the same command to resume",
+                "dynamics": "; rerun the same command to resume", "induction": "; rerun the same command to resume"}
+
+
+def _threads(args: argparse.Namespace) -> int | None:
+    """The torch threads of this process: `--threads` (checked against the usable cores), or None
+    for the policy's default (`variants.threads`). A study's driver only merges, so it takes at
+    most the usable cores whatever its units get (those are checked by `run_units`)."""
+    threads = getattr(args, "threads", None)
+    if threads is not None and hasattr(args, "executor"):
+        return min(threads, usable_cores())
+    return threads
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `poslens` subcommand; a user error (bad value, path problem, locked directory,
-    diverged training) is one line on stderr and exit code 2, never a traceback."""
+    diverged training) is one line on stderr and exit code 2, never a traceback. SIGTERM, SIGHUP
+    and SIGINT stop it cleanly (workers stopped, locks released) with one line and exit code
+    128 + the signal's number."""
     args = build_parser().parse_args(argv)
-    try:
-        if getattr(args, "device", None) is not None:
-            check_device(args.device)
-        args.run(args)
-    except (ValueError, OSError, DirectoryLocked, FloatingPointError, UnitsFailed) as error:
-        print(f"poslens {args.command}: error: {error_line(error)}", file=sys.stderr)
-        return 2
+    with stop_on_signals():
+        try:
+            if getattr(args, "device", None) is not None:
+                check_device(args.device)
+            check_options(args)
+            if hasattr(args, "executor"):  # a study: its executor settings, before any folder is touched
+                check_executor(**_sweep_options(args))
+            with torch_threads(_threads(args)):
+                args.run(args)
+        except (ValueError, OSError, DirectoryLocked, FloatingPointError, UnitsFailed) as error:
+            print(f"poslens {args.command}: error: {error_line(error)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as stop:  # `Stopped` by a signal, or Ctrl-C where no handler could be set
+            signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+            print(f"poslens {args.command}: stopped by {signal.Signals(signum).name}"
+                  f"{RESUME_HINTS.get(args.command, '')}", file=sys.stderr)
+            return 128 + signum
     return 0
 
 

@@ -84,6 +84,8 @@ def discover_models(directory: str | Path) -> dict[str, Path]:
     """Checkpoint folders by name: `directory` itself if it is one (holds `config.json`), else
     the `runs/<name>/` folders of a `poslens reproduce` output, else its checkpoint subfolders."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is not a folder; give a reproduce output folder or a checkpoint folder")
     if not directory.is_dir():
         raise FileNotFoundError(f"model folder {directory} does not exist")
     if (directory / "config.json").is_file():

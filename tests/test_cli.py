@@ -122,7 +122,7 @@ def test_path_errors_device_and_settings_are_one_line(run_cli, tmp_path, trained
         (("probe", run, "--out", str(tmp_path / "p.csv"), "--figure", str(tmp_path / "p.png")),
          "p.png must end in one of ['.html', '.htm']"),
         (("train", "--variant", "nope-causal", "--lr", "inf", "--out", str(tmp_path / "r")),
-         "lr must be a finite number > 0, got inf"),
+         "--lr must be a finite number > 0 and <= 10, got inf"),
         (("invariance", "--checkpoint", str(tmp_path / "missing")), "has no config.json"),
     ):
         code, _, err = run_cli(*argv, "--quiet") if argv[0] != "invariance" else run_cli(*argv)

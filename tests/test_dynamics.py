@@ -269,9 +269,9 @@ def test_cli_rejects_bad_schedules(run_cli, tmp_path):
     base = ("dynamics", "--variant", "nope-causal", "--task", "addition", "--layers", "1", "--d-model", "32",
             "--quiet")
     code, _, err = run_cli(*base, "--checkpoints", "0", "--out", str(tmp_path / "a"))
-    assert code == 2 and "checkpoints must be an integer >= 1" in err and "got 0" in err
+    assert code == 2 and "--checkpoints must be >= 1, got 0" in err
     code, _, err = run_cli(*base, "--steps", "5", "--checkpoints", "9", "--out", str(tmp_path / "b"))
-    assert code == 2 and "k must be an integer in 0..5" in err and "got 9" in err
+    assert code == 2 and "checkpoints must be at most the 5 training steps" in err and "got 9" in err
     code, _, err = run_cli(*base, "--steps", "0", "--out", str(tmp_path / "c"))
     assert code == 2 and "steps must be >= 1, got 0" in err
     assert not any((tmp_path / name).exists() for name in "abc")

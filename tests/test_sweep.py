@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,10 +130,14 @@ def test_parallel_settings_are_checked():
         check_parallelism("local", cores + 1, 1)
     with pytest.raises(ValueError, match=r"unknown executor 'slurm'; allowed: \['serial', 'local', 'ray'\]"):
         check_parallelism("slurm", None, 1)
-    with pytest.raises(ValueError, match=r"threads must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match=rf"threads must be an integer from 1 to {cores} \(the cores this process"):
         check_parallelism("local", None, 0)
-    with pytest.raises(ValueError, match=r"gpus_per_unit must be >= 0 and needs executor 'ray'"):
+    with pytest.raises(ValueError, match=rf"threads must be an integer from 1 to {cores} .*, got 999"):
+        check_parallelism("serial", None, 999)
+    with pytest.raises(ValueError, match=r"gpus_per_unit needs executor 'ray', got 0.5 with 'local'"):
         run_units([], executor="local", gpus_per_unit=0.5, quiet=True)
+    with pytest.raises(ValueError, match=r"gpus_per_unit must be 0, a fraction up to 1 or a whole number, got 1.5"):
+        run_units([], executor="ray", gpus_per_unit=1.5, quiet=True)
     with pytest.raises(ValueError, match=r"unit names must be distinct"):
         run_units([Unit("a", threads_and_echo, {"value": 0})] * 2, executor="serial", quiet=True)
 
@@ -141,3 +146,69 @@ def test_a_missing_ray_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
     with pytest.raises(ValueError, match=r"the ray executor needs Ray: pip install 'poslens\[cluster\]'"):
         run_units([Unit("a", threads_and_echo, {"value": 0})], executor="ray", quiet=True)
+
+
+def dies_by(value: int, signals: dict[int, int]) -> int:
+    """A unit whose worker process is killed by `signals[value]`, if given (as the OOM killer would)."""
+    if value in signals:
+        os.kill(os.getpid(), signals[value])
+        time.sleep(10)
+    return value
+
+
+def session_processes(session: int) -> list[int]:
+    """Live (not zombie) processes of session `session`, from /proc."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def wait_for(condition, what: str, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen in {timeout} s"
+        time.sleep(0.05)
+
+
+def test_a_killed_worker_is_named_once_and_the_other_units_finish(two_cores):
+    kills = {1: signal.SIGKILL, 2: signal.SIGTERM}
+    result = run_units([Unit(f"u{i}", dies_by, {"value": i, "signals": kills}) for i in range(4)], executor="local",
+                       workers=2, quiet=True)
+    assert result.results == {"u0": 0, "u3": 3}
+    assert set(result.failures) == {"u1", "u2"}
+    assert re.fullmatch(r"its worker process \(PID \d+\) was killed by SIGKILL \(what the out-of-memory killer sends "
+                        r"when memory runs out\)", result.failures["u1"])
+    assert re.fullmatch(r"its worker process \(PID \d+\) was killed by SIGTERM", result.failures["u2"])
+
+
+def test_signals_stop_the_whole_study_at_several_moments_and_it_resumes_identically(serial_study, tmp_path):
+    out = tmp_path / "stopped"
+    for stop, ready in ((signal.SIGHUP, "runs/*/run.json"),  # a run just started
+                        (signal.SIGTERM, "runs/*/train_state.safetensors"),  # while units train
+                        (signal.SIGINT, "runs/*/measures/stamp.json")):  # a unit finished, others still running
+        process = subprocess.Popen([sys.executable, "-P", "-m", "poslens.cli", "reproduce", "--preset", "tiny",
+                                    "--out", str(out), "--quiet"], start_new_session=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            before = set(out.glob(ready))
+            wait_for(lambda: set(out.glob(ready)) - before or process.poll() is not None, f"a new {ready}")
+            assert process.poll() is None, process.stderr.read()
+            os.kill(process.pid, stop)
+            _, err = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+        name = signal.Signals(stop).name
+        assert (process.returncode, err) == (128 + stop, f"poslens reproduce: stopped by {name}; rerun the same "
+                                                         "command to resume\n")  # one line: no traceback, no leak
+        wait_for(lambda pid=process.pid: not session_processes(pid), "every worker gone", timeout=10)
+        assert not (out / ".poslens.lock").exists() and not (out / "tables").exists()
+    reproduce(out, preset_name="tiny", quiet=True)
+    assert_same_study(serial_study, out)

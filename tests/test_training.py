@@ -130,7 +130,7 @@ def test_train_rejects_bad_input(tiny, tmp_path, addition):
         train(tiny("nope-causal", n_ctx=8), addition, out_dir=tmp_path / "b", **SHORT)
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
         TrainSettings(steps=0)
-    with pytest.raises(ValueError, match="lr must be a finite number > 0, got -1"):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0 and <= 10, got -1"):
         TrainSettings(lr=-1)
     with pytest.raises(TypeError, match="bogus"):
         train(tiny("nope-causal"), addition, out_dir=tmp_path / "c", bogus=1)
@@ -209,15 +209,16 @@ def test_log_spaced_snapshots_and_no_snapshots(tiny, tmp_path, addition):
 
 def test_settings_and_configs_are_finite_and_in_range(tiny):
     for bad, message in (
-        ({"lr": float("inf")}, r"lr must be a finite number > 0, got inf"),
-        ({"lr": float("nan")}, r"lr must be a finite number > 0, got nan"),
+        ({"lr": float("inf")}, r"lr must be a finite number > 0 and <= 10, got inf"),
+        ({"lr": float("nan")}, r"lr must be a finite number > 0 and <= 10, got nan"),
         ({"betas": (0.9, 1.0)}, r"betas\[1\] must be a finite number >= 0 and < 1, got 1.0"),
         ({"betas": (0.9,)}, r"betas must be a pair \(beta1, beta2\), got \(0.9,\)"),
         ({"grad_clip": float("nan")}, r"grad_clip must be a finite number > 0, got nan"),
         ({"weight_decay": -0.1}, r"weight_decay must be a finite number >= 0, got -0.1"),
         ({"warmup_steps": 1.5}, r"warmup_steps must be an integer, got 1.5"),
         ({"steps": True}, r"steps must be an integer, got True"),
-        ({"seed": -1}, r"seed must be >= 0, got -1"),
+        ({"seed": -1}, r"seed must be an integer from 0 to 4294967295, got -1"),
+        ({"seed": 2**32}, r"seed must be an integer from 0 to 4294967295, got 4294967296"),
     ):
         with pytest.raises(ValueError, match=message):
             TrainSettings(**bad)

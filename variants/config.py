@@ -23,6 +23,7 @@ SUBLAYERS = ("attn", "mlp", "both")
 ACT_FNS = ("relu", "gelu", "silu")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 PRESET_NAMES = tuple(f"{pe}-{direction}" for pe in POSITIONAL_EMBEDDINGS.values() for direction in ATTENTION_DIRS)
+MAX_SEED = 2**32 - 1  # a batch's seed is seed * 2**32 + step, and torch's generators take at most 2**64 - 1
 
 
 @dataclass
@@ -69,7 +70,7 @@ class VariantConfig(TransformerLensConfig):
             check_integer("n_heads", self.n_heads, minimum=1)
         if self.d_mlp is not None:
             check_integer("d_mlp", self.d_mlp, minimum=1)
-        check_integer("seed", self.seed, minimum=0)
+        check_integer("seed", self.seed, minimum=0, maximum=MAX_SEED)
         if self.n_heads != -1 and self.n_heads * self.d_head != self.d_model:
             raise ValueError(
                 f"d_model ({self.d_model}) must equal n_heads ({self.n_heads}) × d_head ({self.d_head})"
@@ -139,26 +140,111 @@ class VariantConfig(TransformerLensConfig):
         return cls(**{**fields, **overrides})
 
 
-def check_integer(name: str, value: Any, *, minimum: int) -> int:
-    """`value` if it is an integer (not a bool) >= `minimum`, else a `ValueError` naming it."""
+def check_integer(name: str, value: Any, *, minimum: int, maximum: int | None = None) -> int:
+    """`value` if it is an integer (not a bool) from `minimum` to `maximum` (no upper bound if None),
+    else a `ValueError` naming it and the allowed range.
+
+    Args:
+        name: how the message names the value.
+        value: the value to check.
+        minimum: the smallest allowed value.
+        maximum: the largest allowed value, or None.
+
+    Returns:
+        `value`, checked.
+    """
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
+    if maximum is not None and not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be an integer from {minimum} to {maximum}, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return value
 
 
 def check_number(name: str, value: Any, *, above: float | None = None, at_least: float | None = None,
-                 below: float | None = None) -> float:
+                 below: float | None = None, at_most: float | None = None) -> float:
     """`value` if it is a finite real number in the given open (`above`, `below`) or closed
-    (`at_least`) bounds, else a `ValueError` naming it and the allowed range."""
+    (`at_least`, `at_most`) bounds, else a `ValueError` naming it and the allowed range."""
     bounds = [(symbol, test, limit) for symbol, test, limit in
-              ((">", operator.gt, above), (">=", operator.ge, at_least), ("<", operator.lt, below)) if limit is not None]
+              ((">", operator.gt, above), (">=", operator.ge, at_least), ("<", operator.lt, below),
+               ("<=", operator.le, at_most)) if limit is not None]
     number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     if not number or not all(test(value, limit) for _, test, limit in bounds):
-        allowed = "".join(f" {'and ' if i else ''}{symbol} {limit}" for i, (symbol, _, limit) in enumerate(bounds))
+        allowed = "".join(f" {'and ' if i else ''}{symbol} {limit:g}" for i, (symbol, _, limit) in enumerate(bounds))
         raise ValueError(f"{name} must be a finite number{allowed}, got {value!r}")
     return value
+
+
+def parameter_count(cfg: VariantConfig) -> int:
+    """The number of weights of `build(cfg)`, counted from the config (nothing is allocated).
+
+    Args:
+        cfg: the model's config.
+
+    Returns:
+        Embedding, unembedding, positional embedding (learned only), attention, MLP and LayerNorm weights.
+    """
+    d_model, d_mlp = cfg.d_model, cfg.d_mlp or 4 * cfg.d_model
+    heads = cfg.n_heads if cfg.n_heads != -1 else d_model // cfg.d_head
+    attention = 4 * d_model * heads * cfg.d_head + 3 * heads * cfg.d_head + d_model
+    block = attention + 2 * d_model * d_mlp + d_mlp + d_model + 4 * d_model
+    positions = cfg.n_ctx * d_model if cfg.positional_embedding_type == "standard" else 0
+    return 2 * cfg.d_vocab * d_model + cfg.d_vocab + positions + cfg.n_layers * block + 2 * d_model
+
+
+def memory_needed(cfg: VariantConfig, batch_size: int = 0) -> int:
+    """Bytes that building `cfg` needs (weights), and, with `batch_size`, that training it needs:
+    weights, gradients and AdamW's two moments, plus the activations one step keeps for its
+    backward pass (a lower bound: the stream, q, k, v, z, the MLP's hidden layer and the attention
+    scores and pattern of every block, and the logits).
+
+    Args:
+        cfg: the model's config.
+        batch_size: sequences per training step; 0 for the weights alone.
+
+    Returns:
+        The estimate in bytes.
+    """
+    size = torch.empty((), dtype=cfg.dtype).element_size()
+    if not batch_size:
+        return parameter_count(cfg) * size
+    d_mlp, heads = cfg.d_mlp or 4 * cfg.d_model, max(1, cfg.d_model // cfg.d_head)
+    per_token = cfg.n_layers * (10 * cfg.d_model + 2 * d_mlp + 2 * heads * cfg.n_ctx) + 3 * cfg.d_vocab
+    return 4 * parameter_count(cfg) * size + batch_size * cfg.n_ctx * per_token * size
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes free for new tensors on `device`: the kernel's MemAvailable for the CPU (Linux), the
+    free memory of a CUDA device; None where it cannot be told."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            fields = dict(line.split(":", 1) for line in handle)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_memory(cfg: VariantConfig, batch_size: int = 0) -> int:
+    """Refuse, before anything is allocated, a model (and training batch) that cannot fit the memory
+    free on `cfg.device`, with the size it would need.
+
+    Args:
+        cfg: the model's config.
+        batch_size: sequences per training step; 0 to check the weights alone.
+
+    Returns:
+        The estimated bytes needed (see `memory_needed`).
+    """
+    needed, free = memory_needed(cfg, batch_size), available_memory(cfg.device)
+    if free is not None and needed > free:
+        what = f"training it at batch size {batch_size}" if batch_size else "its weights"
+        raise ValueError(f"a {cfg.n_layers}-block d_model {cfg.d_model} model ({parameter_count(cfg):,} weights) "
+                         f"cannot fit: {what} needs about {needed / 2**30:,.1f} GiB and {cfg.device} has "
+                         f"{free / 2**30:,.1f} GiB free; choose smaller sizes")
+    return needed
 
 
 def available_devices() -> list[str]:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from transformer_lens import ActivationCache, FactoredMatrix, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from poslens.variants.config import VariantConfig
+from poslens.variants.config import VariantConfig, check_memory
 from poslens.variants.tokens import check_token_batch, detokenize, tokenize
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
@@ -387,5 +387,7 @@ class HookedTransformer(HookedRootModule):
 
 
 def build(cfg: VariantConfig) -> HookedTransformer:
-    """A freshly initialised model for `cfg` (weights depend only on `cfg.seed`)."""
+    """A freshly initialised model for `cfg` (weights depend only on `cfg.seed`); a model whose
+    weights cannot fit the free memory is refused first (`config.check_memory`)."""
+    check_memory(cfg)
     return HookedTransformer(cfg)

@@ -146,8 +146,10 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, overwrite: bool 
             write_point("write", path)
             os.fsync(handle.fileno())
         atomic_rename(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:  # a full disk: name the file it was writing
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
         raise
     return path
 

@@ -39,7 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from poslens.variants.checkpoint import check_state_matches, load, restamp, save
-from poslens.variants.config import VariantConfig, check_integer, check_number
+from poslens.variants.config import MAX_SEED, VariantConfig, check_integer, check_memory, check_number
 from poslens.variants.locking import LOCK_FILE, locked_directory
 from poslens.variants.model import HookedTransformer, build
 from poslens.variants.storage import (
@@ -53,6 +53,7 @@ from poslens.variants.storage import (
     temporary_folder,
     write_json,
 )
+from poslens.variants.threads import uses_threads
 
 SNAPSHOT_DIR = "checkpoints"
 _SNAPSHOT_NAME = re.compile(r"step-(\d{6,})")
@@ -77,6 +78,7 @@ PRECISIONS = ("float32", "bfloat16")
 """Training precisions: `float32`, or `bfloat16` autocast of the forward and backward passes
 (weights, gradients and optimiser moments stay float32; on CPUs with AMX and on GPUs the matmuls
 run in bfloat16). Evaluation and every measure run in the model's own float32."""
+MAX_LR = 10.0  # an AdamW step moves each weight by about lr: far below this every run already diverges
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,8 @@ class TrainSettings:
         for name in ("steps", "batch_size", "eval_every", "checkpoint_every"):
             check_integer(name, getattr(self, name), minimum=1)
         check_integer("warmup_steps", self.warmup_steps, minimum=0)
-        check_integer("seed", self.seed, minimum=0)
-        check_number("lr", self.lr, above=0)
+        check_integer("seed", self.seed, minimum=0, maximum=MAX_SEED)
+        check_number("lr", self.lr, above=0, at_most=MAX_LR)
         check_number("weight_decay", self.weight_decay, at_least=0)
         check_number("grad_clip", self.grad_clip, above=0)
         if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
@@ -390,6 +392,9 @@ def snapshot_schedule(snapshots: int | Sequence[int], total: int) -> list[int]:
     in 0..total (0 is the initial weights).
     """
     if isinstance(snapshots, int) and not isinstance(snapshots, bool):
+        if not 0 <= snapshots <= total:
+            raise ValueError(f"snapshots must be an integer in 0..{total} (distinct log-spaced steps of the {total} "
+                             f"training steps), got {snapshots}")
         return log_spaced_steps(total, snapshots)
     steps = list(snapshots)
     bad = [step for step in steps
@@ -442,6 +447,7 @@ def task_record(out_dir: str | Path) -> dict[str, Any]:
     return dict(read_run_record(out_dir)["task"])
 
 
+@uses_threads
 def train(
     cfg: VariantConfig,
     task: Task,
@@ -467,6 +473,10 @@ def train(
     saves step 0 and K log-spaced steps up to `steps`, a sequence saves exactly those steps;
     `list_snapshots(out_dir)` finds them. The schedule does not change the trained weights; it
     is recorded in `run.json`, and resuming with a different schedule is refused.
+
+    `threads=N` (a keyword added by `variants.threads.uses_threads`) pins torch to N threads for
+    the call; left out, the policy of `variants.threads` gives 1 (or the enclosing
+    `torch_threads` block's). The weights depend on it: same settings, seed and threads, same bits.
     """
     settings_obj = TrainSettings(**settings)
     schedule = snapshot_schedule(snapshots, settings_obj.steps)
@@ -474,6 +484,7 @@ def train(
         raise ValueError(f"config alphabet {cfg.alphabet!r} does not match task {task.name!r} alphabet {task.alphabet!r}")
     if cfg.n_ctx < task.seq_len:
         raise ValueError(f"n_ctx = {cfg.n_ctx} is shorter than the task's sequences ({task.seq_len} tokens)")
+    check_memory(cfg, settings_obj.batch_size)
     record = _run_record(cfg, task, settings_obj, schedule)
 
     def check_run_dir(out_dir: Path) -> None:

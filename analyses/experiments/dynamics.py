@@ -228,7 +228,11 @@ def write_dynamics(out_dir: str | Path, *, variants: Sequence[str], task: str, s
     for variant in variants:  # bad settings are refused here, before any unit starts
         _, train_settings = _run_config(variant, _task(task), steps=steps, n_layers=n_layers, d_model=d_model,
                                         seed=seeds[0], device=device)
-        snapshot_schedule(checkpoints, TrainSettings(**train_settings).steps)
+        total = TrainSettings(**train_settings).steps
+        if checkpoints > total:
+            raise ValueError(f"checkpoints must be at most the {total} training steps (each snapshot is a distinct "
+                             f"step), got {checkpoints}")
+        snapshot_schedule(checkpoints, total)
     out_dir = Path(out_dir)
     existing = [name for name in ("summary.md", "tables", "figures") if (out_dir / name).exists()]
     if existing and not force:

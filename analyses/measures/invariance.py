@@ -19,6 +19,7 @@ from torch import Tensor
 
 from poslens.tasks import make_task
 from poslens.variants import HookedTransformer, build, load, preset
+from poslens.variants.threads import uses_threads
 from poslens.variants.training import Task
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -52,12 +53,14 @@ def permutation_test(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
     }], columns=INVARIANCE_COLUMNS)
 
 
+@uses_threads
 def invariance_table(variants: list[str] = (), checkpoints: list[str | Path] = (), *, n_layers: int | None = None,
                      dtype: torch.dtype = torch.float64, task: Task | None = None, n_sequences: int = 64,
                      n_perms: int = 20, seed: int = 0) -> pd.DataFrame:
     """`permutation_test` for fresh random-weight `variants` and trained `checkpoints`, on a
     seeded sample (`seed`, which also draws the permutations) of `n_sequences` held-out prompts of
-    `task` (addition by default: `a+b=`, so the last position predicts the first answer digit)."""
+    `task` (addition by default: `a+b=`, so the last position predicts the first answer digit).
+    `threads=N` pins torch to N threads (default: the policy of `variants.threads`)."""
     task = task or make_task("addition")
     prompts = task.sample_test(min(n_sequences, task.n_test), seed)[:, : task.prompt_len]
     sizes = {} if n_layers is None else {"n_layers": n_layers}

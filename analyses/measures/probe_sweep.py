@@ -61,6 +61,7 @@ from poslens.probes import (
     token_identity_predictions,
 )
 from poslens.variants.hub import fresh_twin
+from poslens.variants.threads import uses_threads
 from poslens.variants.training import Task
 
 CONTROLS = ("random_init", "token_identity", "control_task", "chance")
@@ -95,6 +96,7 @@ def sidecar_paths(path: str | Path) -> dict[str, Path]:
     return {name: path.with_name(f"{path.stem}.{name}{path.suffix}") for name in SIDECARS}
 
 
+@uses_threads
 def sweep_probes(models_by_variant: Mapping[str, Sequence[TransformerLensModel]], data: Task | Tensor, *,
                  n_sequences: int | None = None, targets: Sequence[str] = ("position",),
                  sites: Sequence[str] | None = None, test_fraction: float = 0.25, seed: int = 0, C: float = 1.0,
@@ -109,6 +111,7 @@ def sweep_probes(models_by_variant: Mapping[str, Sequence[TransformerLensModel]]
     `seed`. A `role` target on data without role labels is skipped with a warning.
     Activations are kept in `activation_dtype` (default the model's; `torch.float16` halves the
     memory) and captured `batch_size` sequences at a time (`hooks.capture_residuals`).
+    `threads=N` pins torch to N threads (default: the policy of `variants.threads`).
     """
     _check_choices("controls", controls, CONTROLS)
     _check_choices("targets", targets, TARGETS)
