@@ -51,15 +51,17 @@ def cached_results(directory: str | Path, stamp: dict[str, Any], compute: Callab
 
     Tables are stored as `.json` (`export_table`: exact floats and dtypes), tensors in one
     safetensors file, and `stamp.json` is written last: a kill mid-write leaves no stamp, so the
-    results are computed again rather than read half-written.
+    results are computed again rather than read half-written. What is returned is always read
+    back from `directory`, so a study gets the same values whether a run was measured now or
+    before (nothing of the computation's in-memory state, such as a tensor's dtype or a
+    table's dict order, leaks into what the study merges).
     """
     directory = Path(directory)
     record = {"stamp": stamp}
     if not force and (directory / STAMP).is_file():
         saved = read_json(directory / STAMP)
         if saved.get("stamp") == json.loads(json.dumps(stamp)):
-            tensors = load_tensors(directory / TENSORS) if saved["tensors"] else {}
-            return {**{name: read_table(directory / f"{name}.json") for name in saved["tables"]}, **tensors}
+            return _read_back(directory, saved)
     remove_temporaries(directory)  # what a killed unit left; this unit is its directory's only writer
     results = compute()
     tables = {name: value for name, value in results.items() if isinstance(value, pd.DataFrame)}
@@ -69,5 +71,13 @@ def cached_results(directory: str | Path, stamp: dict[str, Any], compute: Callab
         export_table(table, directory / f"{name}.json", overwrite=True)
     if tensors:
         save_tensors(directory / TENSORS, tensors)
-    write_json(directory / STAMP, {**record, "tables": sorted(tables), "tensors": sorted(tensors)})
-    return results
+    saved = {**record, "tables": sorted(tables), "tensors": sorted(tensors)}
+    write_json(directory / STAMP, saved)
+    return _read_back(directory, saved)  # what was committed, the same whether computed now or before
+
+
+def _read_back(directory: Path, saved: dict[str, Any]) -> Results:
+    """The tables and tensors a stamp lists, read from `directory`, in the stamp's (sorted) order."""
+    tensors = load_tensors(directory / TENSORS) if saved["tensors"] else {}
+    return {**{name: read_table(directory / f"{name}.json") for name in saved["tables"]},
+            **{name: tensors[name] for name in saved["tensors"]}}
