@@ -88,9 +88,7 @@ def temporary_name(path: Path) -> str:
 
 def atomic_write(path: str | os.PathLike, data: bytes | str, *, overwrite: bool = True) -> Path:
     """Write `data` to `path` atomically; with `overwrite=False` refuse an existing file."""
-    path = Path(path)
-    if not overwrite and path.exists():
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    path = refuse_existing(Path(path), overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_name(path), suffix=".tmp")
@@ -207,12 +205,32 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def check_output_file(path: str | os.PathLike) -> Path:
-    """Fail early unless a file could be written at `path`: not a directory, its folder writable."""
+def check_output_file(path: str | os.PathLike, *, overwrite: bool = True, option: str = "") -> Path:
+    """Fail early unless a file could be written at `path`: not a directory, its folder writable,
+    and (unless `overwrite`) no file there yet.
+
+    Args:
+        path: the file to be written.
+        overwrite: whether an existing file may be replaced.
+        option: how a command-line user asks for `overwrite` (e.g. `--overwrite`), named in the error.
+
+    Returns:
+        `path` as a `Path`.
+    """
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; a file name is expected here")
+    refuse_existing(path, overwrite=overwrite, option=option)
     check_output_dir(path.parent)
+    return path
+
+
+def refuse_existing(path: Path, *, overwrite: bool, option: str = "") -> Path:
+    """`path`, unless it exists and `overwrite` is false: then a `FileExistsError` saying how to
+    replace it (`option`: the command-line flag that sets `overwrite`, if any)."""
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path} already exists; pass overwrite=True{f' ({option})' if option else ''} "
+                              "to replace it")
     return path
 
 
