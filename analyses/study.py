@@ -116,8 +116,9 @@ def run_study(out_dir: str | Path, study: Study, *, quiet: bool = False, **sweep
         merged = _commit(tables, directory, study.formats)
         if tensors:
             save_tensors(directory / TENSORS, tensors)
+        grouped = split_tensors(load_tensors(directory / TENSORS)) if tensors else {}
         committed = Committed({**merged, **_commit(study.derive(merged), directory, study.formats)},
-                              split_tensors(load_tensors(directory / TENSORS)) if tensors else {})
+                              {unit.name: grouped[unit.name] for unit in study.units if unit.name in grouped})
         figures = study.figures(committed)
         for name, figure in figures.items():
             write_figure(figure, out_dir / "figures" / f"{name}.html", overwrite=True, standalone=False)
@@ -148,7 +149,14 @@ def merge_results(names: Sequence[str], results: Sequence[dict[str, Any]]) -> tu
 
 
 def split_tensors(flat: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """`UNIT/NAME` tensors grouped by unit (in the order given) and name."""
+    """`UNIT/NAME` tensors grouped by unit and name.
+
+    Args:
+        flat: tensors named `UNIT/NAME`, as `merge_results` makes them.
+
+    Returns:
+        `{unit: {name: tensor}}`, in the order the units first appear in `flat`.
+    """
     grouped: dict[str, dict[str, Tensor]] = {}
     for key, tensor in flat.items():
         unit, name = key.split("/", 1)
