@@ -162,8 +162,8 @@ def save_tensors(
 
 
 def read_tensors(path: str | os.PathLike, *, sha256: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and the metadata (`{}` if none) of a safetensors file, never unpickling;
-    its digest is checked when one is given."""
+    """The tensors (sorted by name, the same order in every process) and the metadata (`{}` if
+    none) of a safetensors file, never unpickling; its digest is checked when one is given."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
@@ -175,7 +175,8 @@ def read_tensors(path: str | os.PathLike, *, sha256: str | None = None) -> tuple
         header = json.loads(payload[8 : 8 + int.from_bytes(payload[:8], "little")])
     except (SafetensorError, ValueError) as error:
         raise ValueError(f"{path} is not a valid safetensors file (corrupted?): {error}") from error
-    return tensors, header.get("__metadata__") or {}
+    # sorted by name: safetensors hands them over in an order that changes from process to process
+    return dict(sorted(tensors.items())), header.get("__metadata__") or {}
 
 
 def load_tensors(path: str | os.PathLike, *, sha256: str | None = None) -> dict[str, torch.Tensor]:

@@ -54,7 +54,7 @@ from poslens.analyses.runs import cached_results
 from poslens.analyses.stats import ALPHA, RULE
 from poslens.analyses.study import Committed, Study, run_study
 from poslens.analyses.sweep import Unit
-from poslens.analyses.tables import mean_sd_text, seed_summary, side_by_side
+from poslens.analyses.tables import mean_sd_text, seed_summary, side_by_side, site_layer
 from poslens.hooks import capture_residuals
 from poslens.tasks import Addition
 from poslens.variants import HookedTransformer, TrainResult, build, load, preset, train
@@ -235,8 +235,8 @@ def _figures(committed: Committed, labels: dict[str, str]) -> dict[str, go.Figur
     matrices = {}
     for variant in ("nope-causal", "nope-causal+cut0", "nope-causal+cut0,1"):
         runs = [tensors for unit, tensors in committed.tensors.items() if labels[unit] == variant]
-        matrices[variant] = {key.removeprefix("corr:"): torch.stack([run[key] for run in runs]).mean(0)
-                             for key in runs[0] if key.startswith("corr:")}
+        sites = sorted((key.removeprefix("corr:") for key in runs[0] if key.startswith("corr:")), key=site_layer)
+        matrices[variant] = {site: torch.stack([run[f"corr:{site}"] for run in runs]).mean(0) for site in sites}
     return {
         "convergence": convergence_figure(tables["curves"]),
         "residual_cuts": residual_cut_delta_figure(seed_summary(tables["residual_cuts"], ["variant", "block",
