@@ -319,7 +319,8 @@ def _add_study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=1, help="seeds per variant: --seed, --seed + 1, ... (default 1)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--force", action="store_true", help="recompute existing outputs (the trained runs are kept)")
+    p.add_argument("--force", action="store_true", help="measure every run again (a rerun without it resumes; "
+                   "the trained runs are kept)")
     _add_sweep_options(p)
 
 

@@ -67,7 +67,10 @@ def cached_results(directory: str | Path, stamp: dict[str, Any], compute: Callab
     version, or edited (a table, the tensors or `stamp.json`) is computed again, never read.
     Tables are stored as `.json` (`export_table`: exact floats and dtypes), tensors in one
     safetensors file, and `stamp.json` is written last: a kill mid-write leaves no stamp, so the
-    results are computed again rather than read half-written.
+    results are computed again rather than read half-written. What is returned is always read
+    back from `directory`, so a study gets the same values whether a run was measured now or
+    before (nothing of the computation's in-memory state, such as a tensor's dtype or a
+    table's dict order, leaks into what the study merges).
 
     Args:
         directory: the cache folder (a run's `measures/`); only this unit writes it.
@@ -101,7 +104,11 @@ def cached_results(directory: str | Path, stamp: dict[str, Any], compute: Callab
         files[TENSORS] = save_tensors(directory / TENSORS, tensors)
     saved = {**record, "tables": sorted(tables), "tensors": sorted(tensors), "files": files}
     write_json(directory / STAMP, {**saved, "sha256": json_digest(saved)})
-    return results
+    committed = _read_cache(directory, record)  # what was committed, the same whether computed now or before
+    if committed is None:
+        raise ValueError(f"the measures just written to {directory} do not read back intact; is something else "
+                         "writing there?")
+    return committed
 
 
 def _checkpoint_digests(run_dir: str | Path) -> dict[str, str]:
@@ -129,4 +136,5 @@ def _read_cache(directory: Path, record: dict) -> Results | None:
         if not path.is_file() or file_digest(path) != digest:
             return None  # a table or the tensors were edited or lost
     tensors = load_tensors(directory / TENSORS, sha256=saved["files"][TENSORS]) if saved["tensors"] else {}
-    return {**{name: read_table(directory / f"{name}.json") for name in saved["tables"]}, **tensors}
+    return {**{name: read_table(directory / f"{name}.json") for name in saved["tables"]},
+            **{name: tensors[name] for name in saved["tensors"]}}  # in the stamp's (sorted) order

@@ -57,11 +57,14 @@ CONNECT_TIMEOUT_S = 5.0  # how long a cluster address may take to accept a conne
 @dataclass(frozen=True)
 class Unit:
     """One independent piece of a study: `function(**kwargs)`, where `function` is a module-level
-    function (so a worker process or a Ray task can import it by name)."""
+    function (so a worker process or a Ray task can import it by name). `cost` is its expected
+    cost relative to the others: executors start the costliest units first, so the last round
+    leaves few cores idle (ties keep their order; results never depend on the order)."""
 
     name: str
     function: Callable[..., Any]
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    cost: float = 1.0
 
 
 class UnitsFailed(RuntimeError):
@@ -208,7 +211,7 @@ def run_units(units: Sequence[Unit], *, executor: str = "local", workers: int | 
     runner = {"serial": _serial, "local": _local, "ray": _ray}[executor]
     results, failures = {}, {}
     progress = tqdm(total=len(units), desc=desc, disable=quiet)
-    outcomes = runner(list(units), workers=workers, threads=threads, ray_address=ray_address,
+    outcomes = runner(sorted(units, key=lambda unit: -unit.cost), workers=workers, threads=threads, ray_address=ray_address,
                       gpus_per_unit=gpus_per_unit)
     with progress, closing(outcomes):  # closing: a stop here stops the executor's workers at once
         for name, ok, value in outcomes:

@@ -311,9 +311,7 @@ def check_writable(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     could not write there (a directory at `path`, a folder that is read-only or is a file)."""
     path = Path(path)
     _checked_suffix(path, EXPORT_SUFFIXES)
-    if path.exists() and not path.is_dir() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    return check_output_file(path)
+    return check_output_file(path, overwrite=overwrite)
 
 
 def _checked_suffix(path: Path, allowed: tuple[str, ...]) -> str:

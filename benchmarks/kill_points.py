@@ -2,28 +2,35 @@
 
     python benchmarks/kill_points.py train        # every point of a tiny training (seconds)
     python benchmarks/kill_points.py reproduce    # every point of `poslens reproduce --preset tiny` (hours)
-        [--every K] [--workdir DIR]
+    python benchmarks/kill_points.py dynamics     # every point of a tiny `poslens dynamics` (minutes)
+    python benchmarks/kill_points.py induction    # every point of a tiny `poslens induction` (minutes)
+        [--every K] [--export] [--workdir DIR] [--extra-args ...]
 
 `variants.storage` counts the durable write points of a process (a complete temporary file
 before its rename; a rename) and SIGKILLs the process at the N-th when `POSLENS_KILL_AT=N`.
-For each N this script runs the job in a forked child with that variable (`poslens reproduce`
-through its command-line entry point, `poslens.cli.main`), checks that the child died by
-SIGKILL, resumes the job (the same call, in a fresh child, without the variable), and compares
-the result with an uninterrupted run made in the same folder first (so paths recorded in
-tables agree):
+For each N this script runs the job in a forked child with that variable (a study through the
+command-line entry point, `poslens.cli.main`), checks that the child died by SIGKILL, resumes
+the job (the same call, in a fresh child, without the variable), and compares the result with
+an uninterrupted run made in the same folder first (so paths recorded in tables agree):
 
 - training: `model.safetensors`, `config.json`, `run.json`, every snapshot and the state's
   tensors byte for byte, `history.json` value for value but for the wall-clock `elapsed_s`,
   and the same files (no leftover temporary or lock);
-- reproduce: every table of the uninterrupted run present in every format (.csv .md .tex
-  .json) and identical (the wall-clock column `this_session_s` masked), every trained model
-  byte for byte, the same figures, every run's cached measures, the summary and the report present.
+- a study (reproduce, dynamics, induction): every table of the uninterrupted run present in
+  every format it was written in and identical (the wall-clock column `this_session_s`
+  masked), the committed tensors and every trained model byte for byte, every figure,
+  `report.html` and `summary.md` identical (plotly's random element ids masked), the same
+  files in `figures/`, and every run's cached measures present.
+
+`--export` tries only the points of a study's export (the merged tables, tensors, figures and
+report): each try starts from the uninterrupted run's finished `runs/`, so the killed child
+writes only the export, exactly as the uninterrupted job does after its last unit.
 
 Children are forked from this process, so a job's imports are paid once; torch runs one
 thread, as in the test suite. Points are counted per process: a job that spreads its writes
 over worker processes must be run with one (pass `--extra-args`). `tests/test_crash_consistency.py`
-runs the training sweep in full and a stated selection of the reproduce points;
-`benchmarks/RESULTS.md` records the full sweeps.
+runs the training sweep in full, every export point of dynamics and induction, and a stated
+selection of the reproduce points; `benchmarks/results/kill-points.md` records the full sweeps.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -52,6 +60,14 @@ WALL_CLOCK = ("this_session_s", "elapsed_s")
 TABLE_FORMATS = (".csv", ".md", ".tex", ".json")
 TRAIN_SETTINGS = {"steps": 12, "batch_size": 16, "warmup_steps": 2, "eval_every": 4, "checkpoint_every": 5}
 TRAIN_SNAPSHOTS = [0, 3, 7, 12]
+STUDIES = {  # each study's tiny command (serial: every write point in this one process, where they are counted)
+    "reproduce": ["reproduce", "--preset", "tiny"],
+    "dynamics": ["dynamics", "--variant", "nope-causal", "--task", "addition", "--layers", "1", "--d-model", "32",
+                 "--steps", "12", "--checkpoints", "3", "--sequences", "40"],
+    "induction": ["induction", "--variant", "nope-causal", "--steps", "4", "--sequences", "8"],
+}
+PLOTLY_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+"""The random id plotly gives every figure's element in a page (a uuid4), masked before comparing."""
 
 
 def in_child(job: Callable[[], int], env: dict[str, str] | None = None) -> int:
@@ -93,11 +109,15 @@ class Sweep:
 
 
 def sweep(job: Callable[[], int], out: Path, reference: Path, points: Sequence[int],
-          compare: Callable[[Path, Path], list[str]], labels: Sequence[str], quiet: bool = False) -> Sweep:
-    """For each point N: kill `job` (which writes `out`) at N, resume it, compare `out` with `reference`."""
+          compare: Callable[[Path, Path], list[str]], labels: Sequence[str], quiet: bool = False,
+          start: Callable[[Path], None] | None = None) -> Sweep:
+    """For each point N: kill `job` (which writes `out`) at N, resume it, compare `out` with
+    `reference`. `out` starts empty, or as `start(out)` leaves it."""
     result, started = Sweep(), time.perf_counter()
     for n in points:
         shutil.rmtree(out, ignore_errors=True)
+        if start is not None:
+            start(out)
         status = in_child(job, {KILL_AT_ENV: str(n)})
         problems = [] if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL else [
             f"the job was not killed at point {n} (wait status {status})"]
@@ -153,37 +173,64 @@ def without_wall_clock(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in WALL_CLOCK} for row in rows]
 
 
-# reproduce ----------------------------------------------------------------------------------------------------------
+# studies ------------------------------------------------------------------------------------------------------------
+
+def study_job(name: str, out: Path, extra_args: Sequence[str] = ()) -> Callable[[], int]:
+    """The tiny `poslens NAME` (`STUDIES`) into `out` through the command-line entry point, with
+    `--executor serial --quiet`."""
+    return lambda: cli_main([*STUDIES[name], "--out", str(out), "--executor", "serial", "--quiet", *extra_args])
+
 
 def reproduce_job(out: Path, extra_args: Sequence[str] = ()) -> Callable[[], int]:
-    """`poslens reproduce --preset tiny --out OUT --executor serial --quiet` through the command-line
-    entry point (serial: every write point in this one process, where they are counted)."""
-    return lambda: cli_main(["reproduce", "--preset", "tiny", "--out", str(out), "--executor", "serial", "--quiet",
-                             *extra_args])
+    """`poslens reproduce --preset tiny --out OUT --executor serial --quiet` (`study_job`)."""
+    return study_job("reproduce", out, extra_args)
 
 
-def compare_reproduce(reference: Path, candidate: Path) -> list[str]:
-    """What differs between two `reproduce` output folders (see the module docstring)."""
+def finished_runs(reference: Path) -> Callable[[Path], None]:
+    """A `sweep` start: `out` holding the reference's finished `runs/`, nothing merged yet."""
+    return lambda out: shutil.copytree(reference / "runs", out / "runs", symlinks=True)
+
+
+def compare_study(reference: Path, candidate: Path) -> list[str]:
+    """What differs between two study output folders (see the module docstring)."""
     problems = []
-    for table in sorted({path.stem for path in (reference / "tables").glob("*.csv")}):
-        for suffix in TABLE_FORMATS:
-            name = f"tables/{table}{suffix}"
-            if not (candidate / name).is_file():
-                problems.append(f"{name} is missing")
-            elif masked((reference / name).read_text(), suffix) != masked((candidate / name).read_text(), suffix):
-                problems.append(f"{name} differs")
+    for folder in (".", "tables"):  # no leftover temporary, lock or stale file
+        names, found = ({p.name for p in (root / folder).iterdir()} if (root / folder).is_dir() else set()
+                        for root in (reference, candidate))
+        if names != found:
+            problems.append(f"{folder}/ holds other files: missing {sorted(names - found)}, extra {sorted(found - names)}")
+    for path in sorted((reference / "tables").iterdir()):
+        name = f"tables/{path.name}"
+        if not (candidate / name).is_file():
+            problems.append(f"{name} is missing")
+        elif path.suffix in TABLE_FORMATS and masked(path.read_text(), path.suffix) != masked(
+                (candidate / name).read_text(), path.suffix):
+            problems.append(f"{name} differs")
+        elif path.suffix not in TABLE_FORMATS and path.read_bytes() != (candidate / name).read_bytes():
+            problems.append(f"{name} differs")
     for path in sorted(reference.glob("runs/*/model.safetensors")):
         twin = candidate / path.relative_to(reference)
         if not twin.is_file() or twin.read_bytes() != path.read_bytes():
             problems.append(f"{path.relative_to(reference)} differs")
     figures = sorted(p.name for p in (reference / "figures").iterdir())
-    if sorted(p.name for p in (candidate / "figures").iterdir()) != figures:
+    if not (candidate / "figures").is_dir() or sorted(p.name for p in (candidate / "figures").iterdir()) != figures:
         problems.append("figures/ holds other files")
-    stamps = [path.relative_to(reference) for path in sorted(reference.glob("runs/*/measures/stamp.json"))]
-    for name in ("summary.md", "report.html", *stamps):
+    pages = [f"figures/{name}" for name in figures] + ["report.html", "summary.md"]
+    for name in pages:
         if not (candidate / name).is_file():
             problems.append(f"{name} is missing")
+        elif without_plotly_ids((reference / name).read_text()) != without_plotly_ids((candidate / name).read_text()):
+            problems.append(f"{name} differs")
+    for path in sorted(reference.glob("runs/*/measures/stamp.json")):
+        if not (candidate / path.relative_to(reference)).is_file():
+            problems.append(f"{path.relative_to(reference)} is missing")
     return problems
+
+
+def without_plotly_ids(text: str) -> str:
+    """A page with plotly's random element ids masked (the only part of a figure that is not
+    a function of its data)."""
+    return PLOTLY_ID.sub("ID", text)
 
 
 def masked(text: str, suffix: str) -> str:
@@ -226,26 +273,43 @@ def prepare(workdir: Path, job: Callable[[], int], out: Path) -> tuple[Path, lis
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("job", choices=["train", "reproduce"])
+    parser.add_argument("job", choices=["train", *STUDIES])
     parser.add_argument("--workdir", type=Path, default=Path("runs/kill-points"))
     parser.add_argument("--every", type=int, default=1, help="try every K-th point (default: all)")
-    parser.add_argument("--extra-args", nargs="*", default=[], help="more `poslens reproduce` arguments")
+    parser.add_argument("--export", action="store_true", help="a study's export points only, from its finished runs")
+    parser.add_argument("--extra-args", nargs="*", default=[], help="more arguments of the study's command")
     args = parser.parse_args(argv)
+    if args.export and args.job == "train":
+        parser.error("--export is for a study (reproduce, dynamics, induction), not train")
     torch.set_num_threads(1)
     workdir = args.workdir.resolve() / args.job
     workdir.mkdir(parents=True, exist_ok=True)
     out = workdir / "out"
-    job = train_job(out) if args.job == "train" else reproduce_job(out, args.extra_args)
+    job = train_job(out) if args.job == "train" else study_job(args.job, out, args.extra_args)
     started = time.perf_counter()
     reference, labels = prepare(workdir, job, out)
     print(f"{args.job}: {len(labels)} write points in one uninterrupted run ({time.perf_counter() - started:.1f} s)",
           flush=True)
-    compare = compare_runs if args.job == "train" else compare_reproduce
-    result = sweep(job, out, reference, range(1, len(labels) + 1, args.every), compare, labels)
+    start = None
+    if args.export:
+        start = finished_runs(reference)
+        labels = export_points(job, out, start, workdir / "write-points.log")
+        print(f"{args.job}: {len(labels)} of them in the export", flush=True)
+    compare = compare_runs if args.job == "train" else compare_study
+    result = sweep(job, out, reference, range(1, len(labels) + 1, args.every), compare, labels, start=start)
     print(f"{args.job}: {result.points} of {len(labels)} kill points tried, {len(result.failures)} not identical "
           f"after resume, {result.seconds:.0f} s (python {sys.version.split()[0]}, torch {torch.__version__}, "
           f"load average {os.getloadavg()[0]:.1f})")
     return 1 if result.failures else 0
+
+
+def export_points(job: Callable[[], int], out: Path, start: Callable[[Path], None], log: Path) -> list[str]:
+    """The write points of a study's export: `job` run uninterrupted from `start` (its finished runs)."""
+    shutil.rmtree(out, ignore_errors=True)
+    start(out)
+    labels = write_points(job, log)
+    shutil.rmtree(out)
+    return labels
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from poslens.probes import PositionProbe, flatten_tokens, split_by_sequence
+from poslens.probes import PositionProbe, split_by_sequence, split_tokens
 from poslens.probes.logistic import LOGITS_PER_CHUNK
 
 N_TYPES = 2000
@@ -100,8 +100,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f} at start")
 
     acts = activations(args.sites, args.sequences, args.positions, args.d_model)
-    train, test = split_by_sequence(args.sequences, seed=0)
-    (X_train, y_train), (X_test, y_test) = flatten_tokens(acts, train), flatten_tokens(acts, test)
+    (X_train, y_train), (X_test, y_test) = split_tokens(acts, split_by_sequence(args.sequences, seed=0))
     del acts
     n_train = X_train.shape[1]
     inputs = (X_train.numel() + X_test.numel()) * 4 / 1024**3

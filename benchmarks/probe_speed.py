@@ -33,7 +33,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from poslens.probes import PositionProbe, flatten_tokens, split_by_sequence
+from poslens.probes import PositionProbe, split_by_sequence, split_tokens
 
 N_LAYERS, D_MODEL, N_POSITIONS, VOCAB = 6, 64, 12, 50
 C, SKLEARN_MAX_ITER = 1.0, 2000
@@ -105,9 +105,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f} at start")
 
     activations = residual_stream(n_sequences)
-    train, test = split_by_sequence(n_sequences, test_fraction=0.25, seed=0)
-    X_train, y_train = flatten_tokens(activations, train)
-    X_test, y_test = flatten_tokens(activations, test)
+    (X_train, y_train), (X_test, y_test) = split_tokens(activations, split_by_sequence(n_sequences, seed=0))
     print(f"{activations.shape[0]} sites x {X_train.shape[1]} training tokens x d_model {D_MODEL}, "
           f"{N_POSITIONS} classes; {X_test.shape[1]} test tokens; C={C}; our tol={args.tol}; "
           f"best of {repeats} run(s)\n")

@@ -36,7 +36,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from poslens.analyses.measures.probe_sweep import sweep_probes
 from poslens.analyses.measures.sequences import random_sequences
 from poslens.hooks import capture_residuals, residual_sites
-from poslens.probes import flatten_tokens, split_by_sequence
+from poslens.probes import split_by_sequence, split_tokens
 from poslens.variants import load_any
 
 sys.path.insert(0, str(Path(__file__).parent))  # the benchmarks folder is not a package
@@ -119,8 +119,7 @@ def main() -> None:
     if args.sklearn_sites:
         chosen = sites[: args.sklearn_sites]
         acts = capture_residuals(model, tokens, sites=chosen, batch_size=args.batch_size).activations
-        train, test = split_by_sequence(len(tokens), seed=0)
-        (X_train, y_train), (X_test, y_test) = flatten_tokens(acts, train), flatten_tokens(acts, test)
+        (X_train, y_train), (X_test, y_test) = split_tokens(acts, split_by_sequence(len(tokens), seed=0))
         print(compare_with_sklearn(X_train, y_train, X_test, y_test, threads=args.threads))
     print(f"load average {os.getloadavg()[0]:.1f} at end")
 

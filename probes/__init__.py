@@ -6,7 +6,7 @@ numpy arrays and outputs are torch tensors. Features are standardised per site.
 
 - `PositionProbe`: multinomial logistic regression, token → class (position, role, digit…).
 - `RidgePositionProbe`: ridge regression, token → position as a number (R², MAE).
-- `split_by_sequence`, `flatten_tokens`: train/test splits that never share a sequence.
+- `split_by_sequence`, `flatten_tokens`, `split_tokens`: train/test splits that never share a sequence.
 - `control_labels`, `selectivity`, `token_identity_baseline` (and the predictions behind it,
   `token_identity_predictions`), `chance_accuracy`, `random_guess_mad`: what an accuracy has to beat.
 
@@ -27,7 +27,7 @@ from poslens.probes.controls import (
 from poslens.probes.inputs import NotFittedError
 from poslens.probes.logistic import PositionProbe
 from poslens.probes.ridge import RidgePositionProbe
-from poslens.probes.splits import flatten_tokens, split_by_sequence
+from poslens.probes.splits import flatten_tokens, split_by_sequence, split_tokens
 
 __all__ = [
     "NotFittedError",
@@ -39,6 +39,7 @@ __all__ = [
     "random_guess_mad",
     "selectivity",
     "split_by_sequence",
+    "split_tokens",
     "token_identity_baseline",
     "token_identity_predictions",
 ]

@@ -53,6 +53,26 @@ def flatten_tokens(activations: Float[ArrayLike, "site sequence position d_model
                      f"{tuple(activations.shape[1:3])}, got shape {tuple(labels.shape)}")
 
 
+def split_tokens(activations: Float[ArrayLike, "site sequence position d_model"],
+                 split: tuple[Int[ArrayLike, " n_train"], Int[ArrayLike, " n_test"]],
+                 labels: Int[ArrayLike, "*sequence position"] | None = None) -> tuple[
+        tuple[Float[Tensor, "site n_train_tokens d_model"], Int[Tensor, " n_train_tokens"]],
+        tuple[Float[Tensor, "site n_test_tokens d_model"], Int[Tensor, " n_test_tokens"]]]:
+    """The two sides of a `split_by_sequence` split as probe inputs (the capture → split → fit
+    recipe's middle step, written once).
+
+    Args:
+        activations: `[site, sequence, position, d_model]`, e.g. `hooks.capture_residuals(...).activations`.
+        split: `(train, test)` sequence indices, as `split_by_sequence` returns them.
+        labels: as in `flatten_tokens` (default: the position).
+
+    Returns:
+        `((X_train, y_train), (X_test, y_test))`, each as `flatten_tokens` returns it.
+    """
+    train, test = split
+    return flatten_tokens(activations, train, labels), flatten_tokens(activations, test, labels)
+
+
 def _sequence_indices(sequences: Int[ArrayLike, " n"], n_sequences: int) -> Int[Tensor, " n"]:
     sequences = as_tensor(sequences, "sequences")
     if sequences.ndim != 1 or len(sequences) == 0 or sequences.is_floating_point() or sequences.dtype == torch.bool:

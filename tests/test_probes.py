@@ -19,6 +19,7 @@ from poslens.probes import (
     random_guess_mad,
     selectivity,
     split_by_sequence,
+    split_tokens,
     token_identity_baseline,
     token_identity_predictions,
 )
@@ -46,15 +47,15 @@ def positional_activations(noise: tuple[float, ...], n_sequences: int = 200, see
     ])
 
 
-def split_tokens(activations: torch.Tensor, seed: int = 0):
-    train, test = split_by_sequence(activations.shape[1], seed=seed)
-    return (*flatten_tokens(activations, train), *flatten_tokens(activations, test))
+def split_data(activations: torch.Tensor, seed: int = 0):
+    (X_train, y_train), (X_test, y_test) = split_tokens(activations, split_by_sequence(activations.shape[1], seed=seed))
+    return X_train, y_train, X_test, y_test
 
 
 @pytest.fixture(scope="module")
 def three_sites():
     """Sites with low, medium and overwhelming noise, split by sequence."""
-    return split_tokens(positional_activations(noise=(0.5, 3.0, 12.0)))
+    return split_data(positional_activations(noise=(0.5, 3.0, 12.0)))
 
 
 # ---------------------------------------------------------------- PositionProbe: accuracy
@@ -70,7 +71,7 @@ def test_position_is_read_off_the_low_noise_site(three_sites):
 
 def test_pure_noise_is_at_chance():
     noise = torch.randn(1, 600, N_POSITIONS, D_MODEL, generator=torch.Generator().manual_seed(1))
-    X_train, y_train, X_test, y_test = split_tokens(noise)
+    X_train, y_train, X_test, y_test = split_data(noise)
     accuracy = PositionProbe().fit(X_train, y_train).score(X_test, y_test)
     assert len(y_test) >= 1800
     assert abs(accuracy[0].item() - 1 / N_POSITIONS) < 0.05
@@ -147,7 +148,7 @@ def test_few_tokens_per_class_use_plain_lbfgs_and_reach_the_same_optimum(monkeyp
 
     import poslens.probes.logistic as logistic
 
-    X_train, y_train, X_test, y_test = split_tokens(positional_activations(noise=(2.0,), n_sequences=20))
+    X_train, y_train, X_test, y_test = split_data(positional_activations(noise=(2.0,), n_sequences=20))
     assert X_train.shape[1] < logistic.KRONECKER_MIN_TOKENS_PER_CLASS * N_POSITIONS
     Zt = torch.cat([X_train[0].T, torch.ones(1, X_train.shape[1])])[None]
     assert not logistic.SoftmaxLoss(Zt, y_train, N_POSITIONS, l2=1e-3).kronecker
@@ -240,7 +241,7 @@ def test_ridge_recovers_an_exactly_linear_position():
 
 def test_ridge_on_noise_explains_nothing():
     noise = torch.randn(1, 400, N_POSITIONS, D_MODEL, generator=torch.Generator().manual_seed(4))
-    X_train, y_train, X_test, y_test = split_tokens(noise)
+    X_train, y_train, X_test, y_test = split_data(noise)
     probe = RidgePositionProbe().fit(X_train, y_train)
     assert probe.score(X_test, y_test)[0] <= 0.1
     assert probe.mae(X_test, y_test)[0] > 0.9 * 3.0  # the mean's MAE is 3.0 for 12 uniform positions
@@ -289,6 +290,15 @@ def test_flatten_tokens_keeps_sequences_whole():
     per_token = torch.arange(15).reshape(5, 3)
     _, digits = flatten_tokens(activations, [4, 1], labels=per_token)
     assert digits.tolist() == [12, 13, 14, 3, 4, 5]
+
+
+def test_split_tokens_gives_each_side_of_a_split_whole():
+    activations = torch.randn(2, 8, 3, 4)
+    split = split_by_sequence(8, seed=1)
+    (X_train, y_train), (X_test, y_test) = split_tokens(activations, split, labels=torch.tensor([5, 6, 7]))
+    assert X_train.shape == (2, 3 * len(split[0]), 4) and X_test.shape == (2, 3 * len(split[1]), 4)
+    assert torch.equal(X_test, flatten_tokens(activations, split[1])[0])
+    assert y_train.tolist() == [5, 6, 7] * len(split[0])
 
 
 # ---------------------------------------------------------------- controls

@@ -4,6 +4,8 @@ kill points, strict JSON, tensor metadata and early output checks."""
 import os
 import signal
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -76,6 +78,18 @@ def test_json_is_strict_and_tensor_files_carry_metadata(tmp_path):
     assert content_digest({**tensors, "a": tensors["a"] + 1}, metadata) != digest
     assert content_digest(tensors, {"note": "y"}) != digest
     assert content_digest({"a": tensors["a"].reshape(3, 2), "step": tensors["step"]}, metadata) != digest
+
+
+def test_tensors_come_back_sorted_by_name_in_every_process(tmp_path):
+    """safetensors alone hands tensors over in an order that changes from process to process; a
+    figure drawn in that order (the block-means matrices of `reproduce`) changed on resume."""
+    names = [f"corr:blocks.{i}.hook_resid_post" for i in (3, 0, 11, 1, 2)] + [f"t{i}" for i in range(15)]
+    save_tensors(tmp_path / "t.safetensors", {name: torch.full((2,), float(i)) for i, name in enumerate(names)})
+    script = ("import sys; from poslens.variants.storage import read_tensors; "
+              "print(' '.join(read_tensors(sys.argv[1])[0]))")
+    orders = {tuple(subprocess.run([sys.executable, "-P", "-c", script, str(tmp_path / "t.safetensors")], check=True,
+                                   capture_output=True, text=True).stdout.split()) for _ in range(2)}
+    assert orders == {tuple(sorted(names))}
 
 
 def test_output_checks_name_the_path_and_the_problem(tmp_path):

@@ -132,9 +132,7 @@ def commit_folder(folder: str | os.PathLike, final: str | os.PathLike) -> Path:
 
 def atomic_write(path: str | os.PathLike, data: bytes | str, *, overwrite: bool = True) -> Path:
     """Write `data` to `path` atomically; with `overwrite=False` refuse an existing file."""
-    path = Path(path)
-    if not overwrite and path.exists():
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    path = refuse_existing(Path(path), overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_name(path), suffix=".tmp")
@@ -274,8 +272,8 @@ def save_tensors(
 
 
 def read_tensors(path: str | os.PathLike, *, sha256: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and the metadata (`{}` if none) of a safetensors file, never unpickling;
-    its digest is checked when one is given."""
+    """The tensors (sorted by name, the same order in every process) and the metadata (`{}` if
+    none) of a safetensors file, never unpickling; its digest is checked when one is given."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
@@ -287,7 +285,8 @@ def read_tensors(path: str | os.PathLike, *, sha256: str | None = None) -> tuple
         header = json.loads(payload[8 : 8 + int.from_bytes(payload[:8], "little")])
     except (SafetensorError, ValueError) as error:
         raise ValueError(f"{path} is not a valid safetensors file (corrupted?): {error}") from error
-    return tensors, header.get("__metadata__") or {}
+    # sorted by name: safetensors hands them over in an order that changes from process to process
+    return dict(sorted(tensors.items())), header.get("__metadata__") or {}
 
 
 def load_tensors(path: str | os.PathLike, *, sha256: str | None = None) -> dict[str, torch.Tensor]:
@@ -317,12 +316,32 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def check_output_file(path: str | os.PathLike) -> Path:
-    """Fail early unless a file could be written at `path`: not a directory, its folder writable."""
+def check_output_file(path: str | os.PathLike, *, overwrite: bool = True, option: str = "") -> Path:
+    """Fail early unless a file could be written at `path`: not a directory, its folder writable,
+    and (unless `overwrite`) no file there yet.
+
+    Args:
+        path: the file to be written.
+        overwrite: whether an existing file may be replaced.
+        option: how a command-line user asks for `overwrite` (e.g. `--overwrite`), named in the error.
+
+    Returns:
+        `path` as a `Path`.
+    """
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; a file name is expected here")
+    refuse_existing(path, overwrite=overwrite, option=option)
     check_output_dir(path.parent)
+    return path
+
+
+def refuse_existing(path: Path, *, overwrite: bool, option: str = "") -> Path:
+    """`path`, unless it exists and `overwrite` is false: then a `FileExistsError` saying how to
+    replace it (`option`: the command-line flag that sets `overwrite`, if any)."""
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path} already exists; pass overwrite=True{f' ({option})' if option else ''} "
+                              "to replace it")
     return path
 
 

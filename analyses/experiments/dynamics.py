@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from poslens.analyses.experiments.presets import (
     MARKOV_TRAINING,
     PRESETS,
 )
-from poslens.analyses.figures import file_name, write_figure
+from poslens.analyses.figures import file_name
 from poslens.analyses.figures.dynamics import (
     METRIC_COLUMNS,
     attention_pattern_figure,
@@ -58,14 +59,13 @@ from poslens.analyses.measures.entropy import (
 )
 from poslens.analyses.measures.induction import induction_analysis
 from poslens.analyses.measures.probe_sweep import probe_sweep
-from poslens.analyses.report import compact
+from poslens.analyses.report import Section
 from poslens.analyses.runs import cached_results, load_task
-from poslens.analyses.sweep import Unit, run_units
-from poslens.analyses.tables import export_tables, render_table
+from poslens.analyses.study import Committed, Study, check_runs, run_study
+from poslens.analyses.sweep import Unit
 from poslens.tasks import make_task
 from poslens.variants import TrainSettings, VariantConfig, evaluate, load, preset, train
-from poslens.variants.locking import holds_lock
-from poslens.variants.storage import atomic_write
+from poslens.variants.config import check_integer
 from poslens.variants.training import Task, list_snapshots, snapshot_schedule
 
 TABLE_FORMATS = (".csv", ".md", ".json")
@@ -115,8 +115,7 @@ def training_dynamics(run_dir: str | Path, *, n_sequences: int = 1000, device: s
     if not snapshots:
         raise ValueError(f"{run_dir} has no snapshots; train it with train(..., snapshots=K) "
                          "or `poslens dynamics`")
-    if isinstance(n_sequences, bool) or not isinstance(n_sequences, int) or n_sequences < 4:
-        raise ValueError(f"n_sequences must be an integer >= 4 (probes split by sequence), got {n_sequences!r}")
+    check_integer("n_sequences", n_sequences, minimum=4)  # probes split by sequence
     task = load_task(run_dir)
     tokens = task.sample_test(n_sequences, seed=0)  # one unbiased draw, the same at every snapshot
     metrics, probes, entropy, patterns = [], [], [], []
@@ -200,33 +199,47 @@ def _label(variant: str, lr_schedule: str) -> str:
     return variant if lr_schedule == "cosine" else f"{variant}{CONSTANT_LR}"
 
 
-@holds_lock("out_dir", clean=(".", "tables", "figures"))  # one writer; a killed one's temporaries removed
 def write_dynamics(out_dir: str | Path, *, variants: Sequence[str], task: str, seeds: Sequence[int] = (0,),
                    checkpoints: int = 12, steps: int | None = None, n_layers: int | None = None,
                    d_model: int | None = None, n_sequences: int | None = None, constant_lr_control: bool = False,
                    device: str = "cpu", quiet: bool = False, force: bool = False,
                    **sweep: Any) -> dict[str, pd.DataFrame]:
-    """`poslens dynamics`: one `dynamics_run` per (variant, seed), each a unit of
-    `analyses.sweep.run_units` (`sweep` takes its executor settings), into
-    `out_dir/runs/<variant>-seed<k>/`; with `constant_lr_control`, the same runs again under a
-    constant learning rate (`<variant>@constant-lr`), so a rebound of attention entropy cannot be
-    the cosine decay's doing. Then the merged tables (`out_dir/tables/*.{csv,md,json}`: metrics,
-    probes, entropy, rebound, decodable, claims (`analyses.claims.rebound_claims`), and
-    induction_* on markov), one set of figures per run label (`out_dir/figures/`, averaged over
-    seeds; attention patterns of the first seed) and `out_dir/summary.md`. Returns the tables.
+    """`poslens dynamics`: one `dynamics_run` per (variant, seed), each a unit of the study
+    (`analyses.study.run_study`), into `out_dir/runs/<variant>-seed<k>/`.
 
-    Finished outputs are never overwritten: if any exist, this refuses before training unless
-    `force=True`, which measures the runs again (trained runs are always kept and resumed).
+    With `constant_lr_control`, the same runs again under a constant learning rate
+    (`<variant>@constant-lr`), so a rebound of attention entropy cannot be the cosine decay's
+    doing. Then the merged tables (`out_dir/tables/*.{csv,md,json}`: metrics, probes, entropy,
+    rebound, decodable, claims (`analyses.claims.rebound_claims`), and induction_* on markov),
+    one set of figures per run label (`out_dir/figures/`, averaged over seeds; attention
+    patterns of the first seed), `out_dir/report.html` and `out_dir/summary.md`. Like every
+    study this resumes: a rerun trains and measures only what is missing and writes the merged
+    outputs anew; `force` measures every run again (trained runs are always kept and resumed).
+
+    Args:
+        out_dir: the study's folder.
+        variants: variant names (`variants.preset`), distinct.
+        task: `addition` or `markov`.
+        seeds: training seeds, distinct.
+        checkpoints: log-spaced snapshots besides step 0.
+        steps, n_layers, d_model: override the task's default sizes (None: the default).
+        n_sequences: held-out sequences measured (None: `DYNAMICS_SEQUENCES[task]`).
+        constant_lr_control: also train every run under a constant learning rate.
+        device: where units run.
+        quiet: no progress bar.
+        force: measure every run again.
+        **sweep: `analyses.sweep.run_units` settings.
+
+    Returns:
+        Every committed table by name.
     """
-    _task(task)
+    task_obj = _task(task)
     if isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 1:
         raise ValueError(f"checkpoints must be an integer >= 1 (log-spaced snapshots besides step 0), "
                          f"got {checkpoints!r}")
-    variants, seeds = list(variants), list(seeds)
-    if not variants or not seeds or len(set(variants)) != len(variants) or len(set(seeds)) != len(seeds):
-        raise ValueError(f"need distinct variants and distinct seeds, at least one of each; got {variants}, {seeds}")
+    variants, seeds = check_runs(variants, seeds)
     for variant in variants:  # bad settings are refused here, before any unit starts
-        _, train_settings = _run_config(variant, _task(task), steps=steps, n_layers=n_layers, d_model=d_model,
+        _, train_settings = _run_config(variant, task_obj, steps=steps, n_layers=n_layers, d_model=d_model,
                                         seed=seeds[0], device=device)
         total = TrainSettings(**train_settings).steps
         if checkpoints > total:
@@ -234,11 +247,8 @@ def write_dynamics(out_dir: str | Path, *, variants: Sequence[str], task: str, s
                              f"step), got {checkpoints}")
         snapshot_schedule(checkpoints, total)
     out_dir = Path(out_dir)
-    existing = [name for name in ("summary.md", "tables", "figures") if (out_dir / name).exists()]
-    if existing and not force:
-        raise FileExistsError(f"{out_dir} already holds dynamics outputs ({', '.join(existing)}); "
-                              "pass force=True (--force) to recompute them (the trained runs are kept)")
-    n_sequences = DYNAMICS_SEQUENCES[task] if n_sequences is None else n_sequences
+    n_sequences = DYNAMICS_SEQUENCES[task] if n_sequences is None else check_integer("n_sequences", n_sequences,
+                                                                                      minimum=4)
     settings = {"task": task, "checkpoints": checkpoints, "steps": steps, "n_layers": n_layers, "d_model": d_model,
                 "n_sequences": n_sequences, "device": device, "force": force}
     schedules = ("cosine", "constant") if constant_lr_control else ("cosine",)
@@ -246,75 +256,69 @@ def write_dynamics(out_dir: str | Path, *, variants: Sequence[str], task: str, s
                   {"run_dir": str(out_dir / "runs" / f"{_label(variant, schedule)}-seed{seed}"), "variant": variant,
                    "seed": seed, "lr_schedule": schedule, **settings})
              for variant in variants for schedule in schedules for seed in seeds]
-    study = run_units(units, desc="dynamics", quiet=quiet, **sweep)
-    study.raise_failures()
-    runs = {unit.name: study.results[unit.name] for unit in units}
-    tables = _merged_tables(list(runs.values()))
-    for name, table in tables.items():
-        export_tables(table, out_dir / "tables", name, formats=TABLE_FORMATS, overwrite=force)
     labels = [_label(variant, schedule) for variant in variants for schedule in schedules]
-    for name, figure in _figures(tables, runs, labels, seeds[0]).items():
-        write_figure(figure, out_dir / "figures" / f"{name}.html", overwrite=force, standalone=False)
-    first = _run_config(variants[0], _task(task), steps=steps, n_layers=n_layers, d_model=d_model, seed=seeds[0],
-                        device=device)
-    atomic_write(out_dir / "summary.md", _summary(tables, *first, task, variants, seeds), overwrite=force)
-    return tables
+    cfg, train_settings = _run_config(variants[0], task_obj, steps=steps, n_layers=n_layers, d_model=d_model,
+                                      seed=seeds[0], device=device)
+    meta = (f"{cfg.n_layers} blocks, d_model {cfg.d_model}, {cfg.n_heads} heads; {train_settings['steps']} steps, "
+            f"batch {train_settings['batch_size']}; seeds {seeds}; {n_sequences} held-out sequences measured at "
+            f"every snapshot.")
+    study = Study("dynamics", f"poslens dynamics: {', '.join(variants)} on {task}", meta, units, derive=_derive,
+                  figures=partial(_figures, labels=labels, first_seed=seeds[0]), sections=_sections,
+                  formats=TABLE_FORMATS)
+    return run_study(out_dir, study, quiet=quiet, **sweep)
 
 
-def _merged_tables(runs: list[dict]) -> dict[str, pd.DataFrame]:
-    merged = {name: pd.concat([run[name] for run in runs], ignore_index=True)
-              for name in runs[0] if isinstance(runs[0][name], pd.DataFrame)}
-    merged["rebound"] = entropy_rebound(merged["entropy"])
-    merged["decodable"] = decodable_steps(merged["probes"])
-    merged["claims"] = rebound_claims(merged["rebound"])
-    return merged
+def _derive(merged: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """The rebound and decodability tables of every run, and the claims computed from the rebound."""
+    rebound = entropy_rebound(merged["entropy"])
+    return {"rebound": rebound, "decodable": decodable_steps(merged["probes"]), "claims": rebound_claims(rebound)}
 
 
-def _figures(tables: dict[str, pd.DataFrame], runs: dict[str, dict], labels: list[str],
-             first_seed: int) -> dict[str, go.Figure]:
-    """Each run label's curves (the mean over its seeds) and its first seed's attention patterns."""
+def _figures(committed: Committed, labels: list[str], first_seed: int) -> dict[str, go.Figure]:
+    """Each run label's curves (the mean over its seeds) and its first seed's attention patterns
+    (and, on markov, its induction figures)."""
     figures = {}
     for variant in labels:
-        own = {name: table[table["variant"] == variant] for name, table in tables.items() if "variant" in table}
-        run = runs[f"{variant}-seed{first_seed}"]
+        own = {name: table[table["variant"] == variant] for name, table in committed.tables.items()
+               if "variant" in table}
         steps = sorted(own["metrics"]["step"].unique().tolist())
         found = {"training_curves": training_curves_figure(own["metrics"]),
                  "probe_accuracy": probe_dynamics_figure(own["probes"]),
                  "attention_entropy": entropy_figure(own["entropy"]),
                  "attention_entropy_split": entropy_split_figure(own["entropy"]),
-                 "attention_patterns": attention_pattern_figure(run["patterns"], steps)}
-        if "induction_offset_profile" in run:
-            tables_of_run = {name.removeprefix("induction_"): table for name, table in run.items()
-                             if name.startswith("induction_")}
-            found |= {f"induction_{name}": figure for name, figure in induction_figures(tables_of_run).items()}
+                 "attention_patterns": attention_pattern_figure(
+                     committed.tensors[f"{variant}-seed{first_seed}"]["patterns"], steps)}
+        first = {name.removeprefix("induction_"): table[table["seed"] == first_seed].reset_index(drop=True)
+                 for name, table in own.items() if name.startswith("induction_")}
+        if first:
+            found |= {f"induction_{name}": figure for name, figure in induction_figures(first).items()}
         figures |= {f"{name}_{file_name(variant)}": figure for name, figure in found.items()}
     return figures
 
 
-def _summary(tables: dict[str, pd.DataFrame], cfg: VariantConfig, settings: dict, task: str,
-             variants: list[str], seeds: list[int]) -> str:
-    """A short Markdown summary: the runs, the final metrics, the entropy rebound, decodability."""
+def _sections(committed: Committed, figures: dict[str, go.Figure]) -> list[Section]:
+    """The report: the claims, the final metrics, the entropy rebound, decodability (and the
+    induction analysis on markov); each run label's figures under the claims."""
+    tables = committed.tables
     metrics = tables["metrics"]
     final = metrics[metrics["step"] == metrics["step"].max()]
     uniform = tables["entropy"]["uniform_nats"].iloc[0]
-    claims = tables["claims"][["claim", "statistic", "value", "n", "p", "verdict"]]
-    lines = [
-        f"# poslens dynamics: {', '.join(variants)} on {task}\n",
-        f"{cfg.n_layers} blocks, d_model {cfg.d_model}, {cfg.n_heads} heads; {settings['steps']} steps, batch "
-        f"{settings['batch_size']}; seeds {seeds}; snapshots at steps {sorted(metrics['step'].unique().tolist())}.\n",
-        "## Claims: does attention entropy dip, then rebound (JoMA)?\n\nComputed from the rebound table by the rule of "
-        "docs/measures.md; runs labelled `@constant-lr` are the control under a constant learning rate.\n",
-        render_table(compact(claims), "md"),
-        "## Final held-out metrics\n",
-        render_table(final.drop(columns=["step"]), "md"),
-        f"## Attention entropy: minimum and rebound per layer (mean over heads)\n\nJoMA's measure in nats "
-        f"(uniform attention: {uniform:.3f} nats) and normalised by ln(visible keys) (uniform: 1).\n",
-        render_table(tables["rebound"], "md"),
-        "## First step at which position is decodable (probe ≥ token identity + margin; NaN: never)\n",
-        render_table(tables["decodable"], "md"),
+    sections = [
+        Section("Claims: does attention entropy dip, then rebound (JoMA)?", howto="computed from the rebound table "
+                "by the rule of docs/measures.md; runs labelled `@constant-lr` are the control under a constant "
+                "learning rate.", figures=list(figures.values()),
+                table=tables["claims"][["claim", "statistic", "value", "n", "p", "verdict"]]),
+        Section("Final held-out metrics", howto=f"snapshots at steps {sorted(metrics['step'].unique().tolist())}; "
+                "the last one's loss and accuracy.", table=final.drop(columns=["step"]),
+                details={"metrics, every snapshot": metrics}),
+        Section("Attention entropy: minimum and rebound per layer (mean over heads)",
+                howto=f"JoMA's measure in nats (uniform attention: {uniform:.3f} nats) and normalised by ln(visible "
+                      "keys) (uniform: 1).", table=tables["rebound"]),
+        Section("First step at which position is decodable (probe ≥ token identity + margin; NaN: never)",
+                table=tables["decodable"]),
     ]
     if "induction_icl_loss" in tables:
         loss = tables["induction_icl_loss"]
-        lines += ["## Induction analysis of the final models\n",
-                  render_table(loss[loss["predictor"].isin(["model", "bayes_posterior"])], "md")]
-    return "\n".join(lines)
+        sections.append(Section("Induction analysis of the final models",
+                                table=loss[loss["predictor"].isin(["model", "bayes_posterior"])]))
+    return sections

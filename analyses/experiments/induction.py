@@ -10,22 +10,25 @@ tables carry `variant` and `seed`; figures are drawn per variant from its first 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import plotly.graph_objects as go
 
 from poslens.analyses.experiments.presets import MARKOV_MODEL, MARKOV_TASK, MARKOV_TRAINING
-from poslens.analyses.figures import file_name, write_figure
+from poslens.analyses.figures import file_name
 from poslens.analyses.figures.induction import induction_figures
 from poslens.analyses.measures.induction import TABLE_COLUMNS, induction_analysis, summarise
+from poslens.analyses.report import Section
 from poslens.analyses.runs import cached_results
-from poslens.analyses.sweep import Unit, run_units
-from poslens.analyses.tables import export_tables, render_table, seed_summary
+from poslens.analyses.study import Committed, Study, check_runs, run_study
+from poslens.analyses.sweep import Unit
+from poslens.analyses.tables import seed_summary
 from poslens.tasks import MarkovICL
 from poslens.variants import TrainSettings, preset, train
-from poslens.variants.locking import holds_lock
-from poslens.variants.storage import atomic_write
+from poslens.variants.config import check_integer
 
 ANALYSIS_VERSION = 1
 """Bumped whenever the per-run analysis changes, so runs measured before are measured again."""
@@ -50,48 +53,68 @@ def induction_run(run_dir: str, variant: str, seed: int, n_sequences: int, steps
     return cached_results(Path(run_dir) / "measures", stamp, measure, weights=run_dir, force=force)
 
 
-@holds_lock("out_dir", clean=(".", "tables", "figures"))  # one writer; a killed one's temporaries removed
 def write_induction(out_dir: str | Path, *, variants: Sequence[str], seeds: Sequence[int] = (0,),
                     n_sequences: int = 1000, steps: int | None = None, device: str = "cpu", quiet: bool = False,
                     force: bool = False, **sweep: Any) -> dict[str, pd.DataFrame]:
-    """The whole `poslens induction` job: one `induction_run` per (variant, seed) (`sweep` takes
-    the executor settings of `analyses.sweep.run_units`), then `out_dir/tables/*.{csv,md,json}`
-    (the induction tables merged, plus `roles`: each run's copier heads, best parent-matching
-    head and loss gap to Bayes), `out_dir/figures/` and `out_dir/summary.md`. Existing outputs
-    are refused unless `force`, which measures the runs again (trained runs are kept)."""
-    variants, seeds = list(variants), list(seeds)
-    if not variants or not seeds or len(set(variants)) != len(variants) or len(set(seeds)) != len(seeds):
-        raise ValueError(f"need distinct variants and distinct seeds, at least one of each; got {variants}, {seeds}")
-    if isinstance(n_sequences, bool) or not isinstance(n_sequences, int) or n_sequences < 1:
-        raise ValueError(f"n_sequences must be an integer >= 1, got {n_sequences!r}")
+    """The whole `poslens induction` job: one `induction_run` per (variant, seed), each a unit of
+    the study (`analyses.study.run_study`), then `out_dir/tables/*.{csv,md,json}` (the induction
+    tables merged, plus `roles`: each run's copier heads, best parent-matching head and loss gap
+    to Bayes), `out_dir/figures/` (per variant, from its first seed), `out_dir/report.html` and
+    `out_dir/summary.md`. Like every study this resumes: a rerun trains and measures only what
+    is missing and writes the merged outputs anew; `force` measures every run again (trained
+    runs are kept).
+
+    Args:
+        out_dir: the study's folder.
+        variants: variant names (`variants.preset`), distinct.
+        seeds: training seeds, distinct.
+        n_sequences: held-out sequences the analysis reads.
+        steps: training steps (None: `MARKOV_TRAINING`'s).
+        device: where units run.
+        quiet: no progress bar.
+        force: measure every run again.
+        **sweep: `analyses.sweep.run_units` settings.
+
+    Returns:
+        Every committed table by name.
+    """
+    variants, seeds = check_runs(variants, seeds)
+    check_integer("n_sequences", n_sequences, minimum=1)
     task = MarkovICL(**MARKOV_TASK)
     for variant in variants:  # bad settings are refused here, before any unit starts
         preset(variant, task=task, **MARKOV_MODEL)
         TrainSettings(**{**MARKOV_TRAINING, **({} if steps is None else {"steps": steps})})
     out_dir = Path(out_dir)
-    existing = [name for name in ("summary.md", "tables", "figures") if (out_dir / name).exists()]
-    if existing and not force:
-        raise FileExistsError(f"{out_dir} already holds induction outputs ({', '.join(existing)}); "
-                              "pass force=True (--force) to recompute them (the trained runs are kept)")
     units = [Unit(f"{variant}-seed{seed}", induction_run,
                   {"run_dir": str(out_dir / "runs" / f"{variant}-seed{seed}"), "variant": variant, "seed": seed,
                    "n_sequences": n_sequences, "steps": steps, "device": device, "force": force})
              for variant in variants for seed in seeds]
-    study = run_units(units, desc="induction", quiet=quiet, **sweep)
-    study.raise_failures()
-    runs = [study.results[unit.name] for unit in units]
-    tables = {name: pd.concat([run[name] for run in runs], ignore_index=True) for name in TABLE_COLUMNS}
-    tables["roles"] = pd.DataFrame([{"variant": unit.kwargs["variant"], "seed": unit.kwargs["seed"],
-                                     **_flat(summarise(run, task.n_parents))} for unit, run in zip(units, runs)])
-    for name, table in tables.items():
-        export_tables(table, out_dir / "tables", name, formats=TABLE_FORMATS, overwrite=force)
-    for unit, run in zip(units, runs):
-        if unit.kwargs["seed"] == seeds[0]:
-            for name, figure in induction_figures(run).items():
-                write_figure(figure, out_dir / "figures" / f"{name}_{file_name(unit.kwargs['variant'])}.html",
-                             overwrite=force, standalone=False)
-    atomic_write(out_dir / "summary.md", _summary(tables, variants, seeds), overwrite=force)
-    return tables
+    runs = [(variant, seed) for variant in variants for seed in seeds]
+    study = Study("induction", f"poslens induction: {', '.join(variants)} on Markov ICL, seeds {seeds}",
+                  f"{len(units)} runs; the analysis reads {n_sequences} held-out sequences of each.", units,
+                  derive=partial(_roles, runs=runs, n_parents=task.n_parents),
+                  figures=partial(_figures, variants=variants, first_seed=seeds[0]), sections=_sections,
+                  formats=TABLE_FORMATS)
+    return run_study(out_dir, study, quiet=quiet, **sweep)
+
+
+def _of_run(tables: dict[str, pd.DataFrame], variant: str, seed: int) -> dict[str, pd.DataFrame]:
+    """One run's induction tables, cut from the merged ones."""
+    return {name: table[(table["variant"] == variant) & (table["seed"] == seed)].reset_index(drop=True)
+            for name, table in tables.items() if name in TABLE_COLUMNS}
+
+
+def _roles(merged: dict[str, pd.DataFrame], runs: list[tuple[str, int]], n_parents: int) -> dict[str, pd.DataFrame]:
+    """`roles`: one row per run (in the units' order), its `summarise` flattened."""
+    return {"roles": pd.DataFrame([{"variant": variant, "seed": seed,
+                                    **_flat(summarise(_of_run(merged, variant, seed), n_parents))}
+                                   for variant, seed in runs])}
+
+
+def _figures(committed: Committed, variants: list[str], first_seed: int) -> dict[str, go.Figure]:
+    """Each variant's induction figures, from its first seed."""
+    return {f"{name}_{file_name(variant)}": figure for variant in variants
+            for name, figure in induction_figures(_of_run(committed.tables, variant, first_seed)).items()}
 
 
 def _flat(summary: dict[str, Any]) -> dict[str, Any]:
@@ -104,14 +127,13 @@ def _flat(summary: dict[str, Any]) -> dict[str, Any]:
                                              "gap_sem")}}
 
 
-def _summary(tables: dict[str, pd.DataFrame], variants: list[str], seeds: list[int]) -> str:
-    roles = tables["roles"]
+def _sections(committed: Committed, figures: dict[str, go.Figure]) -> list[Section]:
+    """The report: every run's roles, their mean over seeds, and the figures."""
+    roles = committed.tables["roles"]
     over_seeds = seed_summary(roles, ["variant"], ["model_loss", "bayes_posterior_loss", "gap_to_bayes",
                                                    "parent_match"])
-    return "\n".join([
-        f"# poslens induction: {', '.join(variants)} on Markov ICL, seeds {seeds}\n",
-        "## Each run: copier heads (layer 0 head @ offset), the best parent-matching head, loss against Bayes\n",
-        render_table(roles, "md"),
-        "## Over seeds (mean, sample std, n)\n",
-        render_table(over_seeds, "md"),
-    ])
+    return [
+        Section("Each run: copier heads (layer 0 head @ offset), the best parent-matching head, loss against Bayes",
+                table=roles, figures=list(figures.values())),
+        Section("Over seeds (mean, sample std, n)", table=over_seeds),
+    ]

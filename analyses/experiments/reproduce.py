@@ -14,10 +14,12 @@ format, seed) is one unit of `analyses.sweep`; finished runs and their measures 
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
@@ -32,7 +34,6 @@ from poslens.analyses.experiments.presets import (
     SHIFTED_VARIANTS,
     ReproducePreset,
 )
-from poslens.analyses.figures import write_figure
 from poslens.analyses.figures.patching import residual_cut_delta_figure
 from poslens.analyses.figures.probes import probe_accuracy_figure, probe_position_figure
 from poslens.analyses.figures.reproduce import (
@@ -49,15 +50,16 @@ from poslens.analyses.measures.interventions import position_swap, residual_cut_
 from poslens.analyses.measures.invariance import permutation_test
 from poslens.analyses.measures.patching import activation_patching
 from poslens.analyses.measures.probe_sweep import sweep_probes
-from poslens.analyses.report import Section, write_report
+from poslens.analyses.report import Section
 from poslens.analyses.runs import cached_results
 from poslens.analyses.stats import ALPHA, RULE
-from poslens.analyses.sweep import Unit, run_units
-from poslens.analyses.tables import export_tables, mean_sd_text, seed_summary, side_by_side
+from poslens.analyses.study import Committed, Study, run_study
+from poslens.analyses.sweep import Unit
+from poslens.analyses.tables import mean_sd_text, seed_summary, side_by_side, site_layer
 from poslens.hooks import capture_residuals
 from poslens.tasks import Addition
 from poslens.variants import HookedTransformer, TrainResult, build, load, preset, train
-from poslens.variants.locking import holds_lock
+from poslens.variants.config import check_integer
 
 ANALYSIS_VERSION = 2
 """Bumped whenever a per-run measure changes, so runs measured before are measured again."""
@@ -65,52 +67,50 @@ RUN_TABLES = ("training", "curves", "invariance", "probe", "probe_by_position", 
               "variance", "cosine", "residual_cuts", "activation_patching", "position_swap", "swap_readout")
 
 
-@holds_lock("out_dir", clean=(".", "tables", "figures"))  # one writer; a killed one's temporaries removed
 def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = DEFAULT_PRESET, seeds: int | None = None,
               force: bool = False, device: str = "cpu", quiet: bool = False, **sweep: Any) -> dict[str, pd.DataFrame]:
     """Run (or resume) the whole experiment into `out_dir`; returns the merged tables and `claims`.
 
-    Every (variant, format, seed) is one unit of `analyses.sweep.run_units` (`sweep` takes its
-    executor settings): it trains into `out_dir/runs/<variant>-seed<k>/` and measures the run
-    there (cached in `measures/`). Units start longest first (the shifted format's), so the last
-    round leaves no core idle for long. This process alone writes the merged `tables/`, `figures/`,
-    `summary.md` and `report.html`. `force` measures every run again (weights are never deleted).
+    Every (variant, format, seed) is one unit of the study (`analyses.study.run_study`; `sweep`
+    takes its executor settings): it trains into `out_dir/runs/<variant>-seed<k>/` and measures
+    the run there (cached in `measures/`). The driver alone writes the merged `tables/`,
+    `figures/`, `summary.md` and `report.html`, anew on every call (the study output rule).
 
     Args:
-        out_dir: the output folder (created; resumed if it holds an earlier call's work).
-        preset_name: the sizes of models, training and analyses (`PRESETS`; default `standard`).
-        seeds: training seeds per variant, 0..seeds-1 (default: the preset's, 5 for `standard`).
-        force: measure every run again.
-        device: where units train and measure (`cuda` when `sweep` asks for GPUs).
-        quiet: no progress bars.
-        **sweep: `analyses.sweep.run_units`' executor settings (`executor`, `workers`, `threads`, ...).
+        out_dir: the study's folder.
+        preset_name: the sizes of models, training and analyses, a key of `presets.PRESETS`
+            (default `standard`).
+        seeds: training seeds per variant, 0 .. seeds - 1 (default: the preset's; 5 for `standard`).
+        force: measure every run again (weights are never deleted).
+        device: where units run (`cuda` when Ray hands out GPUs).
+        quiet: no progress bar.
+        **sweep: `analyses.sweep.run_units` settings.
 
     Returns:
-        The merged tables by name (`RUN_TABLES`) and `claims`, the verdict per claim.
+        Every committed table by name (`RUN_TABLES` and `claims`).
     """
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; allowed: {sorted(PRESETS)}")
     seeds = PRESETS[preset_name].seeds if seeds is None else seeds
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
+    check_integer("seeds", seeds, minimum=1)
     out_dir = Path(out_dir)
     device = "cuda" if sweep.get("gpus_per_unit") else device
     studied = [(variant, 0) for variant in REPRODUCE_VARIANTS] + [(variant, MAX_SHIFT) for variant in SHIFTED_VARIANTS]
     units = [Unit(f"{_label(variant, shift)}-seed{seed}", measure_run,
                   {"run_dir": str(out_dir / "runs" / f"{_label(variant, shift)}-seed{seed}"), "variant": variant,
-                   "seed": seed, "preset_name": preset_name, "shift": shift, "device": device, "force": force})
+                   "seed": seed, "preset_name": preset_name, "shift": shift, "device": device, "force": force},
+                  cost=SHIFTED_COST if shift else 1.0)
              for variant, shift in studied for seed in range(seeds)]
-    longest_first = sorted(units, key=lambda unit: -unit.kwargs["shift"])  # stable: the rest keep their order
-    study = run_units(longest_first, desc="reproduce", quiet=quiet, **sweep)
-    study.raise_failures()
-    runs = [study.results[unit.name] for unit in units]
-    tables = {name: pd.concat([run[name] for run in runs if name in run], ignore_index=True) for name in RUN_TABLES}
-    tables["claims"] = reproduce_claims(tables, shifted=f"nope-causal{SHIFTED}")
-    for name, table in tables.items():
-        export_tables(table, out_dir / "tables", name, overwrite=True)  # merged anew from the runs on every call
-    write_report(out_dir, f"poslens reproduce ({preset_name} preset, {seeds} seed(s))", _meta(preset_name, seeds),
-                 _sections(tables, runs, out_dir / "figures"))
-    return tables
+    labels = {unit.name: _label(unit.kwargs["variant"], unit.kwargs["shift"]) for unit in units}
+    study = Study("reproduce", f"poslens reproduce ({preset_name} preset, {seeds} seed(s))", _meta(preset_name, seeds),
+                  units, derive=lambda tables: {"claims": reproduce_claims(tables, shifted=f"nope-causal{SHIFTED}")},
+                  figures=partial(_figures, labels=labels), sections=_sections)
+    return run_study(out_dir, study, quiet=quiet, **sweep)
+
+
+SHIFTED_COST = 1.4
+"""A shifted-format unit's cost against a fixed-format one's (longer sequences: 365 against 255 s of
+training at the quick preset), so the executors start them first."""
 
 
 def _label(variant: str, shift: int) -> str:
@@ -237,17 +237,17 @@ def _verdicts(claims: pd.DataFrame, section: str) -> str:
                     + ("" if pd.isna(row.p) else f", p {row.p:.2g}") + ")." for row in rows.itertuples())
 
 
-def _sections(tables: dict[str, pd.DataFrame], runs: list[dict], directory: Path) -> list[Section]:
-    """The report: the claims table, then one section per claim group with its figures (also
-    written to `directory`), a compact table (mean ± sd over seeds) and the long tables folded."""
-    claims, probe = tables["claims"], tables["probe"]
+def _figures(committed: Committed, labels: dict[str, str]) -> dict[str, go.Figure]:
+    """Every figure of the report, from the committed tables and the block-means matrices
+    (`labels`: each unit's variant label, to average its matrices over seeds)."""
+    tables, probe = committed.tables, committed.tables["probe"]
     fixed = ~probe["variant"].str.endswith(SHIFTED)
-    matrices = {variant: {key.removeprefix("corr:"): torch.stack([run[key] for run in runs
-                                                                   if run["training"]["variant"].iloc[0] == variant]
-                                                                  ).mean(0)
-                          for key in runs[0] if key.startswith("corr:")}
-                for variant in ("nope-causal", "nope-causal+cut0", "nope-causal+cut0,1")}
-    figures = {
+    matrices = {}
+    for variant in ("nope-causal", "nope-causal+cut0", "nope-causal+cut0,1"):
+        runs = [tensors for unit, tensors in committed.tensors.items() if labels[unit] == variant]
+        sites = sorted((key.removeprefix("corr:") for key in runs[0] if key.startswith("corr:")), key=site_layer)
+        matrices[variant] = {site: torch.stack([run[f"corr:{site}"] for run in runs]).mean(0) for site in sites}
+    return {
         "convergence": convergence_figure(tables["curves"]),
         "residual_cuts": residual_cut_delta_figure(seed_summary(tables["residual_cuts"], ["variant", "block",
                                                                                            "sublayer"],
@@ -267,8 +267,14 @@ def _sections(tables: dict[str, pd.DataFrame], runs: list[dict], directory: Path
         "position_swap": swap_figure(tables["position_swap"]),
         "swap_readout": swap_readout_figure(tables["swap_readout"], "nope-causal"),
     }
-    for name, figure in figures.items():
-        write_figure(figure, directory / f"{name}.html", overwrite=True, standalone=False)
+
+
+def _sections(committed: Committed, figures: dict[str, go.Figure]) -> list[Section]:
+    """The report: the claims table, then one section per claim group with its figures, a
+    compact table (mean ± sd over seeds) and the long tables folded."""
+    tables = committed.tables
+    claims, probe = tables["claims"], tables["probe"]
+    fixed = ~probe["variant"].str.endswith(SHIFTED)
     training = tables["training"]
     return [
         Section("Claims and verdicts", howto=HOWTO["claims"], table=claims.drop(columns=["rule"])),

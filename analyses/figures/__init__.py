@@ -26,9 +26,7 @@ def check_html_path(path: str | os.PathLike, *, overwrite: bool = False) -> Path
     path = Path(path)
     if path.suffix.lower() not in HTML_SUFFIXES:
         raise ValueError(f"{path} must end in one of {list(HTML_SUFFIXES)}: poslens writes interactive HTML pages")
-    if path.exists() and not path.is_dir() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
-    return check_output_file(path)
+    return check_output_file(path, overwrite=overwrite, option="--overwrite")
 
 
 def write_figure(figure: go.Figure, path: str | os.PathLike, *, overwrite: bool = False,

@@ -23,7 +23,7 @@ from torch import Tensor
 from poslens.analyses.measures.construction import swap_fixed, swap_readout_fixed
 from poslens.analyses.measures.patching import corrupt
 from poslens.hooks import capture_residuals, cut_residual, hook_name, residual_sites
-from poslens.probes import PositionProbe, flatten_tokens, split_by_sequence
+from poslens.probes import PositionProbe, split_by_sequence, split_tokens
 from poslens.tasks import Addition
 from poslens.variants import HookedTransformer, evaluate
 from poslens.variants.config import SUBLAYERS
@@ -97,10 +97,10 @@ def swap_readout(model: HookedTransformer, task: Addition, *, positions: tuple[i
         raise ValueError(f"swap positions must be two distinct prompt positions in 0..{task.prompt_len - 1}, "
                          f"got {positions}")
     prompts = task.sample_test(min(n_sequences, task.n_test), seed)[:, : task.prompt_len]
-    train_seq, test_seq = split_by_sequence(len(prompts), test_fraction=0.25, seed=seed)
+    train_seq, test_seq = split = split_by_sequence(len(prompts), test_fraction=0.25, seed=seed)
     sites = residual_sites(model)
     unswapped = capture_residuals(model, prompts).activations.float()
-    probe = PositionProbe(C=C).fit(*flatten_tokens(unswapped, train_seq))
+    probe = PositionProbe(C=C).fit(*split_tokens(unswapped, split)[0])
     columns = torch.tensor([i, j])
 
     def predicted(acts: Tensor) -> Tensor:  # [site, example, column]: the probe's position at the two columns
@@ -142,7 +142,7 @@ def residual_cut_effects(model: HookedTransformer, task: Addition, *, n_sequence
     earlier positions would see the answer, so its exact match is greedy-decoded.
     """
     tokens = task.sample_test(min(n_sequences, task.n_test), seed)
-    train_seq, test_seq = split_by_sequence(len(tokens), test_fraction=0.25, seed=seed)
+    split = split_by_sequence(len(tokens), test_fraction=0.25, seed=seed)
     final_site = residual_sites(model)[-1]
     answers = tokens[:, task.prompt_len :]
     rows = []
@@ -160,11 +160,10 @@ def residual_cut_effects(model: HookedTransformer, task: Addition, *, n_sequence
                 acts = capture_residuals(model, tokens, sites=[final_site]).activations
         log_probs = logits[:, task.prompt_len - 1 :].log_softmax(-1)
         answer_logprob = log_probs.gather(-1, answers[..., None]).squeeze(-1).sum(-1).mean()
-        acts = acts.float()
-        probe = PositionProbe(C=C).fit(*flatten_tokens(acts, train_seq))
+        train, test = split_tokens(acts.float(), split)
         rows.append({"block": -1 if block is None else block, "sublayer": sublayer, "exact_match": exact_match,
                      "answer_logprob": float(answer_logprob),
-                     "probe_accuracy": float(probe.score(*flatten_tokens(acts, test_seq))[0])})
+                     "probe_accuracy": float(PositionProbe(C=C).fit(*train).score(*test)[0])})
     table = pd.DataFrame(rows)
     for column in ("exact_match", "answer_logprob", "probe_accuracy"):
         table[f"delta_{column}"] = table[column] - table[column].iloc[0]
