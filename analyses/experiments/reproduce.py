@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from poslens.analyses.claims import reproduce_claims
+from poslens.analyses.claims import missed_criterion, reproduce_claims
 from poslens.analyses.experiments.presets import (
     LEARNED_CRITERION,
     MAX_SHIFT,
@@ -48,6 +48,9 @@ from poslens.analyses.measures.interventions import position_swap, residual_cut_
 from poslens.analyses.measures.invariance import permutation_test
 from poslens.analyses.measures.patching import activation_patching
 from poslens.analyses.measures.probe_sweep import sweep_probes
+from poslens.analyses.measures.shift import shift_probe
+from poslens.analyses.measures.symmetry import symmetry_twins
+from poslens.analyses.plan import REPRODUCE_PLAN
 from poslens.analyses.report import Section, write_report
 from poslens.analyses.runs import cached_results
 from poslens.analyses.stats import ALPHA, RULE
@@ -58,10 +61,11 @@ from poslens.tasks import Addition
 from poslens.variants import HookedTransformer, TrainResult, build, load, preset, train
 from poslens.variants.locking import holds_lock
 
-ANALYSIS_VERSION = 2
+ANALYSIS_VERSION = 3
 """Bumped whenever a per-run measure changes, so runs measured before are measured again."""
 RUN_TABLES = ("training", "curves", "invariance", "probe", "probe_by_position", "correlation", "geometry",
-              "variance", "cosine", "residual_cuts", "activation_patching", "position_swap", "swap_readout")
+              "variance", "cosine", "residual_cuts", "activation_patching", "position_swap", "swap_readout",
+              "symmetry", "shift_probe")
 
 
 @holds_lock("out_dir", clean=(".", "tables", "figures"))  # one writer; a killed one's temporaries removed
@@ -89,11 +93,12 @@ def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = "qui
     study.raise_failures()
     runs = [study.results[unit.name] for unit in units]
     tables = {name: pd.concat([run[name] for run in runs if name in run], ignore_index=True) for name in RUN_TABLES}
-    tables["claims"] = reproduce_claims(tables, shifted=f"nope-causal{SHIFTED}")
+    tables["claims"] = reproduce_claims(tables)
     for name, table in tables.items():
         export_tables(table, out_dir / "tables", name, overwrite=True)  # merged anew from the runs on every call
     write_report(out_dir, f"poslens reproduce ({preset_name} preset, {seeds} seed(s))", _meta(preset_name, seeds),
-                 _sections(tables, runs, out_dir / "figures"))
+                 _sections(tables, runs, out_dir / "figures"),
+                 alerts=missed_criterion(tables["training"], LEARNED_CRITERION, ("nope-bidirectional",)))
     return tables
 
 
@@ -137,7 +142,10 @@ def measure_trained(result: TrainResult, label: str, seed: int, settings: Reprod
              "curves": history[["step", "exact_match", "test_loss"]].assign(**labels),
              **_structure(model, sample, labels, seed)}
     if task.max_shift:  # the interventions swap operand digits of the fixed format
-        return found
+        return found | {"shift_probe": shift_probe(model, task, n_sequences=settings.n_probe_sequences,
+                                                   seed=seed).assign(**labels)}
+    if label == "nope-causal":  # the symmetry grid's untrained twins, once per seed
+        found["symmetry"] = symmetry_twins(task, sizes=settings.model, seed=seed).assign(**labels)
     tables = {
         "invariance": _invariance(model, result.out_dir, task, seed, labels),
         "residual_cuts": residual_cut_effects(model, task, n_sequences=settings.n_probe_sequences, seed=seed),
@@ -254,7 +262,9 @@ def _sections(tables: dict[str, pd.DataFrame], runs: list[dict], directory: Path
         write_figure(figure, directory / f"{name}.html", overwrite=True, standalone=False)
     training = tables["training"]
     return [
-        Section("Claims and verdicts", howto=HOWTO["claims"], table=claims.drop(columns=["rule"])),
+        Section("Claims and verdicts", howto=HOWTO["claims"], table=claims.drop(columns=["rule", "key"])),
+        Section(f"Analysis plan, version {REPRODUCE_PLAN.version}", REPRODUCE_PLAN.header(),
+                table=REPRODUCE_PLAN.table()),
         Section("Symmetry", _verdicts(claims, "symmetry"), HOWTO["symmetry"],
                 table=tables["invariance"].groupby(["variant", "weights", "n_layers"], sort=False).agg(
                     n=("seed", "count"), max_abs_delta=("max_abs_delta", "max"), invariant=("invariant", "all"))
