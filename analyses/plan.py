@@ -233,8 +233,8 @@ REPRODUCE_PLAN = AnalysisPlan("reproduce", 3, (
            "accuracy", "t", +1, FIRST, f"{SHIFTED_NOPE}: per seed"),
     _claim("shift_content", "position probes", "... beyond the bag-of-prefix bar", "shift-probe accuracy − "
            "bag-of-prefix accuracy", "t", +1, FIRST, f"{SHIFTED_NOPE}: per seed", primary=False,
-           note="the share of fillers in the prefix gives the shift exactly: not testable with this measure where "
-                "the bar is at ceiling"),
+           note="the share of fillers in the prefix determines the shift, though not linearly: not testable with "
+                "this measure where the bar is at ceiling"),
     _claim("variance_slope", "geometry", "At random initialisation the residual stream's variance shrinks with "
            "position after causal attention (Chi et al.)", "log-log slope of variance on position over its null, "
            "random init", "t", -1, "blocks.0.hook_resid_mid", f"{NOPE} untrained twin: per seed"),
