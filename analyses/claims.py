@@ -48,6 +48,15 @@ class Measured:
     untestable: str = ""
 
 
+def _one_seed(n: int, needed: int) -> str:
+    return (f"n = {n} cannot decide this claim: its test needs at least 2 seeds per arm (this plan needs {needed} "
+            "seeds per variant for every claim; more for power, see seeds_for_80pct_power once there are 2)")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def _where(where: dict) -> str:
     return ", ".join(f"{column} {value}" for column, value in where.items())
 
@@ -298,25 +307,25 @@ def _test(claim: PlannedClaim, measure: Callable[[], Measured | TestResult], nee
         return None, {**empty, "note": "; ".join([*notes, f"not tested: {error}"])}
     if isinstance(measured, TestResult):
         result = measured
+        if result.holds is None and result.n < 2:
+            notes.append(_one_seed(result.n, needed))
     else:
         values = measured.values.dropna()
         notes += [text for text in (measured.detail, measured.untestable) if text]
         n = len(values)
-        shown = {**empty, "value": float(values.mean()) if n else math.nan, "n": f"{n} seed{'s' * (n != 1)}",
+        shown = {**empty, "value": float(values.mean()) if n else math.nan, "n": _count(n, "seed"),
                  "test": measured.test}
         if measured.untestable:
             return None, {**shown, "note": "; ".join(notes)}
         if n < 2:
-            notes.append(f"n = {n} cannot decide this claim: its test needs at least 2 values (this plan needs "
-                         f"{needed} seeds per variant for every claim; more for power, see seeds_for_80pct_power "
-                         "once there are 2)")
+            notes.append(_one_seed(n, needed))
             return None, {**shown, "note": "; ".join(notes)}
         result = t_test(values.to_numpy(), claim.direction, margin=claim.margin, statistic=claim.statistic,
                         test=measured.test)
         if not result.sd > 0:
             notes.append("every seed gives the same value: a t-test cannot judge identical values")
     row = {"statistic": result.statistic if result.holds is None else f"{claim.statistic}: {result.statistic}",
-           "value": result.value, "n": f"{result.n} {'runs' if result.holds is not None else 'seeds'}",
+           "value": result.value, "n": _count(result.n, "run" if result.holds is not None else "seed"),
            "test": result.test, "p": result.p, "p_against": result.p_against, "ci_low": result.ci_low,
            "ci_high": result.ci_high, "seeds_for_80pct_power": math.nan, "note": "; ".join(notes)}
     return result, row
