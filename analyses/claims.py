@@ -305,6 +305,10 @@ def _test(claim: PlannedClaim, measure: Callable[[], Measured | TestResult], nee
         measured = measure()
     except ValueError as error:
         return None, {**empty, "note": "; ".join([*notes, f"not tested: {error}"])}
+    except KeyError as error:  # pandas names the missing label
+        missing = error.args[0] if error.args else ""
+        missing = ", ".join(map(str, missing)) if isinstance(missing, (list, tuple)) else str(missing)
+        return None, {**empty, "note": "; ".join([*notes, f"not tested: the tables lack {missing}"])}
     if isinstance(measured, TestResult):
         result = measured
         if result.holds is None and result.n < 2:
