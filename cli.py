@@ -195,7 +195,7 @@ def _dynamics(args: argparse.Namespace) -> None:
                             steps=args.steps, n_layers=args.layers, d_model=args.d_model, n_sequences=args.sequences,
                             constant_lr_control=args.constant_lr_control, device=args.device, quiet=args.quiet,
                             force=args.force, **_sweep_options(args))
-    print(render_table(compact(tables["claims"][["claim", "value", "n", "p", "verdict"]]), "md"), end="")
+    print(render_table(compact(tables["claims"][["claim", "value", "n", "p", "p_adjusted", "verdict"]]), "md"), end="")
     n_steps = tables["metrics"]["step"].nunique()
     print(f"wrote {args.out}/summary.md, {args.out}/tables/ and {args.out}/figures/ "
           f"({n_steps} snapshots per run in {args.out}/runs/)")
@@ -219,7 +219,7 @@ def _sweep_options(args: argparse.Namespace) -> dict:
 def _reproduce(args: argparse.Namespace) -> None:
     tables = reproduce(args.out, preset_name=args.preset, seeds=args.seeds, force=args.force, device=args.device,
                        quiet=args.quiet, **_sweep_options(args))
-    print(render_table(compact(tables["claims"][["claim", "value", "n", "p", "verdict"]]), "md"), end="")
+    print(render_table(compact(tables["claims"][["claim", "value", "n", "p", "p_adjusted", "verdict"]]), "md"), end="")
     print(f"wrote {args.out}/report.html, {args.out}/summary.md, {args.out}/tables/ and {args.out}/figures/")
 
 

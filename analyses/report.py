@@ -39,6 +39,7 @@ td.supported { background: #dafbe1 !important; } td.contradicted { background: #
 td.inconclusive { background: #fff8c5 !important; } td.text { max-width: 28em; }
 details { margin: .6em 0; } summary { cursor: pointer; color: #0969da; }
 .figure { margin: 1em 0; }
+div.alerts { background: #fff8c5; border: 1px solid #d4a72c; padding: .5em 1em; margin: 1em 0; }
 """
 
 
@@ -100,9 +101,29 @@ def _section_html(section: Section, tables_link: str) -> str:
     return "\n".join(parts)
 
 
-def write_report(out_dir: str | os.PathLike, title: str, meta: str, sections: Sequence[Section]) -> Path:
+def _alerts_html(alerts: Sequence[str]) -> str:
+    if not alerts:
+        return ""
+    items = "".join(f"<li>{html.escape(alert)}</li>" for alert in alerts)
+    return f"<div class='alerts'><strong>Read first:</strong><ul>{items}</ul></div>"
+
+
+def write_report(out_dir: str | os.PathLike, title: str, meta: str, sections: Sequence[Section],
+                 alerts: Sequence[str] = ()) -> Path:
     """`out_dir/report.html` (one offline page) and `out_dir/summary.md` (the same sections'
-    verdicts and compact tables), both written atomically; returns the page's path."""
+    verdicts and compact tables), both written atomically; returns the page's path.
+
+    Args:
+        out_dir: the folder both files go to.
+        title: the page's title.
+        meta: one paragraph under the title (settings, seeds).
+        sections: the sections in order.
+        alerts: lines a reader must see before any result (e.g. runs that missed the
+            criterion), listed at the top of both files.
+
+    Returns:
+        The path of `report.html`.
+    """
     out_dir = Path(out_dir)
     for index, section in enumerate(sections):
         section.anchor = section.anchor or f"s{index}"
@@ -110,10 +131,12 @@ def write_report(out_dir: str | os.PathLike, title: str, meta: str, sections: Se
     body = "\n".join(_section_html(section, "tables/") for section in sections)
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style><script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head>"
-            f"<body><h1>{html.escape(title)}</h1><p class='meta'>{html.escape(meta)}</p><ol>{toc}</ol>{body}"
+            f"<body><h1>{html.escape(title)}</h1><p class='meta'>{html.escape(meta)}</p>{_alerts_html(alerts)}"
+            f"<ol>{toc}</ol>{body}"
             f"</body></html>")
     atomic_write(out_dir / "report.html", page)
-    lines = [f"# {title}\n", f"{meta}\n"]
+    lines = [f"# {title}\n", f"{meta}\n"] + (["**Read first:**\n\n" + "".join(f"- {alert}\n" for alert in alerts)]
+                                              if alerts else [])
     for section in sections:
         lines.append(f"## {section.title}\n")
         lines += [f"{text}\n" for text in (section.verdict, section.howto and f"How to read this: {section.howto}")

@@ -34,7 +34,8 @@ def load_task(run_dir: str | Path):
     error if `run.json`'s task record does not describe a task."""
     record = task_record(run_dir)
     if not isinstance(record, dict) or not isinstance(record.get("name"), str):
-        raise ValueError(f"{Path(run_dir) / 'run.json'} records no task name: {record!r}")
+        found = f"fields {sorted(record)}" if isinstance(record, dict) else f"a {type(record).__name__}"
+        raise ValueError(f"{Path(run_dir) / 'run.json'} records no task name (its task record has {found})")
     try:
         return from_record(record)
     except TypeError as error:  # a field the task does not have

@@ -1,27 +1,27 @@
-"""Inferential statistics over training seeds, and the rule that turns a test into a verdict.
+"""Inferential statistics over training seeds, family-wise error control and the verdict rule.
 
-Every test is `scipy.stats`; this module only chooses the test, reports it in one shape
-(`TestResult`: the statistic and its value, n, p, a confidence interval, the smallest p the
-test can give at this n and the seeds per arm it needs to be able to reach alpha) and applies
-one stated rule (`verdict`, `RULE`):
+Every test is `scipy.stats`; this module chooses the test, reports it in one shape
+(`TestResult`) and applies one stated rule (`RULE`, `verdicts`). What each claim tests is fixed
+in advance in an analysis plan (`analyses.plan`); this module only computes.
 
-- `fisher_learned`: did one arm reach a criterion (e.g. "learned the task") on more seeds than
-  another? Fisher's exact test on the 2 × 2 table of seeds. With 3 seeds per arm its smallest
-  two-sided p is 0.1 (3 of 3 against 0 of 3), so no outcome can be significant at 0.05;
-  `fisher_seeds_needed()` = 4 per arm.
-- `compare`: a metric's difference between two arms (mean a − mean b), by Welch's t-test (with
-  its t confidence interval) or an exact permutation test (with a percentile bootstrap
-  interval). The permutation test's smallest two-sided p is 2 / C(n_a + n_b, n_a): 0.1 at
-  3 + 3 seeds.
-- `one_sample`: does a metric beat a bar over seeds (e.g. probe accuracy − token-identity
-  accuracy > 0)? A one-sample t-test (t interval) or an exact sign-flip test (smallest p
-  2 / 2^n: 0.25 at 3 seeds, conclusive from 6; bootstrap interval).
-- `exact_check`: a claim that is a deterministic check on every run (an invariance to float
-  tolerance), not a test.
-
-The t-tests assume roughly normal seed-to-seed variation and have no floor on p: with zero
-spread (e.g. exact match 1.0 on every seed) they return p = 0, which overstates what 3 seeds
-show; use the exact tests for bounded metrics like exact match.
+- `t_test`: one-sample (or paired, on per-seed differences: `paired`) t-test, **one-sided in
+  the direction the plan fixed**, and beside it the test *against* the claim: that the effect
+  in the claimed direction is smaller than a stated margin m (the opposite direction when
+  m = 0; "no effect larger than m" otherwise, the relevant half of a TOST). A 95% t interval
+  (studentised: its coverage is exact for normal seed-to-seed variation, checked by
+  simulation in `tests/test_stats.py`). A t-test has no floor on p, so a claim can be decided
+  at any n ≥ 2 if the data are clear enough.
+- `paired`: a seed fixes the initial weights and the batches of every variant, so two arms
+  trained with the same seeds are paired; the test runs on the per-seed differences. The
+  unpaired exact permutation test it replaces has a floor (`min_permutation_p`: one-sided
+  1 / C(2n, n), 0.004 at 5 vs 5 seeds), which Holm's threshold can be below.
+- `tost`: two one-sided tests of equivalence within [low, high]: supports "no effect larger
+  than the margin".
+- `holm`: Holm's step-down adjustment over the claims of one study (family-wise error ≤ alpha).
+- `seeds_for_power`: seeds a one-sided t-test needs for 80% power at an effect and spread
+  (the observed ones, at the worst-case Holm threshold), by the noncentral t distribution.
+- `fisher_learned`: Fisher's exact test of how many seeds reached a criterion (one-sided).
+- `exact_check`: a deterministic check on every run (an invariance to float tolerance).
 """
 
 from __future__ import annotations
@@ -31,56 +31,162 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 ALPHA = 0.05
+POWER = 0.8
+SPREAD_TOLERANCE = 1e-12
+"""Relative seed-to-seed spread below which values count as identical (a t-test cannot judge them)."""
 VERDICTS = ("supported", "contradicted", "inconclusive")
-CLAIM_COLUMNS = ("claim", "statistic", "value", "n", "test", "p", "ci_low", "ci_high", "verdict", "rule", "n_needed")
-RULE = ("two-sided p <= {alpha} with the estimate on the claimed side of no effect (and a confidence interval, if "
-        "any, excluding no effect): supported; the same on the opposite side: contradicted; otherwise, or when the "
-        "smallest p this test can give at this n exceeds {alpha}: inconclusive")
-N_RESAMPLES = 9999
+SECONDARY = "secondary"
+"""The verdict column of a row reported beside the family (raw p, no verdict of its own)."""
+RULE = ("each test is one-sided in the direction the plan fixed before the run; Holm's step-down adjusts p over the "
+        "primary claims of the study (family-wise error {alpha}); supported: the adjusted p of the claimed side "
+        "<= {alpha}; contradicted: the adjusted p of the test against the claim (the effect in the claimed direction "
+        "is smaller than the margin m: the opposite direction when m = 0, no effect larger than m otherwise; Holm "
+        "over the same claims) <= {alpha}; otherwise inconclusive. Exact checks hold or fail on every run and are "
+        "not tests; secondary rows are shown with raw p and no verdict")
 
 
 @dataclass(frozen=True)
 class TestResult:
-    """One test's outcome. `value` estimates `statistic`; `null_value` is its value under no
-    effect; `p` is two-sided; `min_p` is the smallest p the test can give at this n (0 when it
-    has no floor) and `n_needed` the seeds per arm it needs before `min_p` <= 0.05; `holds` is
-    set only for an `exact_check`."""
+    """One test's outcome. `value` estimates `statistic` (mean over seeds of the per-seed
+    statistic, or the difference of two arms); `p` is the one-sided p of the claimed side,
+    `p_against` that of the test against the claim (see `t_test`); `ci_low`/`ci_high` a
+    two-sided 95% interval; `sd` the seed-to-seed standard deviation behind `value` (for
+    the power figure); `holds` is set only for an `exact_check`."""
 
     test: str
     statistic: str
     value: float
-    n: str
+    n: int
     p: float = math.nan
+    p_against: float = math.nan
     ci_low: float = math.nan
     ci_high: float = math.nan
-    null_value: float = 0.0
-    min_p: float = 0.0
-    n_needed: int = 2
+    sd: float = math.nan
+    margin: float = 0.0
     holds: bool | None = None
 
 
-def _values(values: Sequence[float], name: str, minimum: int = 2) -> np.ndarray:
-    array = np.asarray(values, dtype=float)
-    if array.ndim != 1 or len(array) < minimum or not np.isfinite(array).all():
-        raise ValueError(f"{name} must be at least {minimum} finite numbers (one per seed), got {values!r}")
+def finite_values(values: Sequence[float], name: str, minimum: int = 2) -> np.ndarray:
+    """`values` as a float array, or one readable line saying why they cannot be tested."""
+    array = np.asarray(values, dtype=float).ravel()
+    if len(array) < minimum:
+        raise ValueError(f"{name}: {len(array)} value(s), the test needs at least {minimum} (one per seed)")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name}: {int((~np.isfinite(array)).sum())} of {len(array)} values are missing or infinite")
     return array
 
 
-def _difference(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
-    return np.mean(a, axis=axis) - np.mean(b, axis=axis)
+def _check_direction(direction: int) -> None:
+    if direction not in (-1, 0, 1):
+        raise ValueError(f"direction must be +1, -1 or 0, got {direction}")
 
 
-def _mean(a: np.ndarray, axis: int = -1) -> np.ndarray:
-    return np.mean(a, axis=axis)
+def t_interval(values: Sequence[float], confidence: float = 1 - ALPHA) -> tuple[float, float]:
+    """Two-sided studentised (t) interval for the mean of `values`."""
+    x = finite_values(values, "values")
+    half = stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    return float(x.mean() - half), float(x.mean() + half)
+
+
+def _one_sided(x: np.ndarray, shift: float, sign: int) -> float:
+    """One-sided t-test p of H1: sign · (mean − shift) > 0."""
+    return float(stats.ttest_1samp(x - shift, 0.0, alternative="greater" if sign > 0 else "less").pvalue)
+
+
+def t_test(values: Sequence[float], direction: int, *, margin: float = 0.0, statistic: str = "mean",
+           test: str = "one-sample t-test") -> TestResult:
+    """One-sample t-test of the mean of `values` (one per seed) against 0.
+
+    `direction` +1 or −1: `p` tests H1: direction · mean > 0; `p_against` tests
+    H1: direction · mean < `margin` (the effect in the claimed direction is smaller than the
+    margin). `direction` 0 (a claim of no effect): `p` is `tost` within ±`margin`, `p_against`
+    the two-sided t-test of any difference. Values with no spread get NaN p's (a t-test cannot
+    judge identical values)."""
+    _check_direction(direction)
+    if margin < 0 or (direction == 0 and margin <= 0):
+        raise ValueError(f"margin must be >= 0 (> 0 for a claim of no effect), got {margin}")
+    x = finite_values(values, statistic)
+    sd = float(x.std(ddof=1))
+    sd = sd if sd > SPREAD_TOLERANCE * max(1.0, abs(float(x.mean()))) else 0.0  # identical up to rounding
+    low, high = t_interval(x) if sd > 0 else (math.nan, math.nan)
+    result = TestResult(test=test, statistic=statistic, value=float(x.mean()), n=len(x), ci_low=low, ci_high=high,
+                        sd=sd, margin=margin)
+    if not sd > 0:
+        return result
+    if direction == 0:
+        p, against = tost(x, -margin, margin), float(stats.ttest_1samp(x, 0.0).pvalue)
+    else:
+        p, against = _one_sided(x, 0.0, direction), _one_sided(x, direction * margin, -direction)
+    return TestResult(**{**result.__dict__, "p": p, "p_against": against})
+
+
+def paired(a: pd.Series, b: pd.Series, direction: int, *, margin: float = 0.0, statistic: str = "a − b") -> TestResult:
+    """`t_test` of the per-seed differences a − b of two arms trained with the same seeds
+    (`a` and `b` indexed by seed; only the seeds in both count)."""
+    difference = paired_differences(a, b)
+    return t_test(difference.to_numpy(), direction, margin=margin, statistic=statistic,
+                  test=paired_test_name(len(difference)))
+
+
+def paired_differences(a: pd.Series, b: pd.Series) -> pd.Series:
+    """Per-seed a − b over the seeds both arms have (indexed by seed, sorted)."""
+    a, b = pd.Series(a, dtype=float), pd.Series(b, dtype=float)
+    shared = a.index.intersection(b.index)
+    return (a[shared] - b[shared]).sort_index()
+
+
+def paired_test_name(n: int) -> str:
+    """How a paired test over `n` seeds is named in a table, with the unpaired test's floor."""
+    floor = min_permutation_p(n, n) / 2 if n else math.nan
+    return (f"paired t-test over seeds, one-sided (the unpaired exact permutation test's smallest one-sided p at "
+            f"{n} vs {n} would be {floor:.2g})")
+
+
+def tost(values: Sequence[float], low: float, high: float) -> float:
+    """Two one-sided t-tests: p of H1: low < mean < high (the larger of the two one-sided p's)."""
+    if not low < high:
+        raise ValueError(f"an equivalence interval needs low < high, got [{low}, {high}]")
+    x = finite_values(values, "values")
+    return max(_one_sided(x, low, +1), _one_sided(x, high, -1))
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjusted p-values (NaN entries, tests not run, are left out of the
+    family and stay NaN): the k-th smallest of m is multiplied by m − k + 1, then made
+    monotone and capped at 1."""
+    p = np.asarray(p_values, dtype=float)
+    adjusted = np.full_like(p, np.nan)
+    present = np.flatnonzero(~np.isnan(p))
+    order = present[np.argsort(p[present], kind="stable")]
+    m, running = len(order), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def seeds_for_power(effect: float, sd: float, alpha: float, power: float = POWER, limit: int = 10_000) -> float:
+    """Seeds a one-sided one-sample (or paired) t-test at level `alpha` needs to reject with
+    probability `power` when the true mean is `effect` (> 0 on the claimed side) and the
+    seed-to-seed sd is `sd`; NaN when the effect is not on the claimed side or has no spread
+    to judge, `limit` if even that many would not do."""
+    if not (effect > 0 and sd > 0 and math.isfinite(effect) and math.isfinite(sd)):
+        return math.nan
+    for n in range(2, limit):
+        critical = stats.t.ppf(1 - alpha, n - 1)
+        if stats.nct.sf(critical, n - 1, effect / sd * math.sqrt(n)) >= power:
+            return float(n)
+    return float(limit)
 
 
 def min_fisher_p(n_a: int, n_b: int) -> float:
-    """Smallest two-sided Fisher p for arms of `n_a` and `n_b` seeds: the most extreme table
-    (every seed of one arm reaches the criterion, none of the other)."""
-    return float(stats.fisher_exact([[n_a, 0], [0, n_b]]).pvalue)
+    """Smallest one-sided Fisher p for arms of `n_a` and `n_b` seeds: the most extreme table
+    (every seed of one arm reaches the criterion, none of the other): 1 / C(n_a + n_b, n_a)."""
+    return float(stats.fisher_exact([[n_a, 0], [0, n_b]], alternative="greater").pvalue)
 
 
 def min_permutation_p(n_a: int, n_b: int) -> float:
@@ -88,117 +194,49 @@ def min_permutation_p(n_a: int, n_b: int) -> float:
     return min(1.0, 2 / math.comb(n_a + n_b, n_a))
 
 
-def min_sign_flip_p(n: int) -> float:
-    """Smallest two-sided p of the exact sign-flip test on n values: 2 / 2^n."""
-    return min(1.0, 2 / 2**n)
-
-
-def _seeds_needed(min_p, alpha: float, limit: int = 1000) -> int:
-    return next(n for n in range(1, limit) if min_p(n) <= alpha)
-
-
-def fisher_seeds_needed(alpha: float = ALPHA) -> int:
-    """Seeds per arm before Fisher's test can reach `alpha` at all (4 for 0.05)."""
-    return _seeds_needed(lambda n: min_fisher_p(n, n), alpha)
-
-
 def fisher_learned(learned_a: int, n_a: int, learned_b: int, n_b: int) -> TestResult:
-    """Fisher's exact test (two-sided) of how many seeds reached a criterion in arm a against
-    arm b; `value` = share in a − share in b."""
+    """Fisher's exact test, one-sided, that arm a reaches a criterion on more of its seeds than
+    arm b; `value` = share in a − share in b, `p_against` the other side."""
     for learned, n, arm in ((learned_a, n_a, "a"), (learned_b, n_b, "b")):
         if not (isinstance(n, int) and isinstance(learned, int) and n >= 1 and 0 <= learned <= n):
-            raise ValueError(f"arm {arm}: need 0 <= seeds reaching the criterion <= seeds >= 1, got {learned!r} of {n!r}")
-    p = float(stats.fisher_exact([[learned_a, n_a - learned_a], [learned_b, n_b - learned_b]]).pvalue)
-    return TestResult(test="Fisher exact (two-sided)", statistic="share of seeds reaching the criterion, a − b",
-                      value=learned_a / n_a - learned_b / n_b, n=f"{n_a} vs {n_b}", p=p,
-                      min_p=min_fisher_p(n_a, n_b), n_needed=fisher_seeds_needed())
-
-
-def compare(a: Sequence[float], b: Sequence[float], *, method: str = "permutation", statistic: str = "mean a − mean b",
-            seed: int = 0) -> TestResult:
-    """Difference of a metric's means between two arms (one value per seed): `welch` (Welch's
-    t-test, 95% t interval) or `permutation` (exact permutation test of the mean difference,
-    95% percentile bootstrap interval, seeded)."""
-    a, b = _values(a, "a"), _values(b, "b")
-    n = f"{len(a)} vs {len(b)}"
-    if method == "welch":
-        result = stats.ttest_ind(a, b, equal_var=False)
-        interval = result.confidence_interval(1 - ALPHA)
-        return TestResult(test="Welch t-test (two-sided)", statistic=statistic, value=float(_difference(a, b)), n=n,
-                          p=float(result.pvalue), ci_low=float(interval.low), ci_high=float(interval.high))
-    if method != "permutation":
-        raise ValueError(f"unknown method {method!r}; allowed: ['permutation', 'welch']")
-    rng = np.random.default_rng(seed)
-    result = stats.permutation_test((a, b), _difference, permutation_type="independent", vectorized=True,
-                                    n_resamples=N_RESAMPLES, rng=rng)
-    interval = stats.bootstrap((a, b), _difference, method="percentile", vectorized=True, n_resamples=N_RESAMPLES,
-                               confidence_level=1 - ALPHA, rng=rng).confidence_interval
-    return TestResult(test="exact permutation test (two-sided) + percentile bootstrap CI", statistic=statistic,
-                      value=float(_difference(a, b)), n=n, p=float(result.pvalue), ci_low=float(interval.low),
-                      ci_high=float(interval.high), min_p=min_permutation_p(len(a), len(b)),
-                      n_needed=_seeds_needed(lambda k: min_permutation_p(k, k), ALPHA))
-
-
-def one_sample(values: Sequence[float], bar: float = 0.0, *, method: str = "t",
-               statistic: str = "mean − bar", seed: int = 0) -> TestResult:
-    """Whether a metric's mean over seeds differs from `bar`: `t` (one-sample t-test, 95% t
-    interval) or `sign_flip` (exact sign-flip test of the mean of values − bar, 95% percentile
-    bootstrap interval, seeded). `value` = mean − bar."""
-    excess = _values(values, "values") - bar
-    n = str(len(excess))
-    if method == "t":
-        result = stats.ttest_1samp(excess, 0.0)
-        interval = result.confidence_interval(1 - ALPHA)
-        return TestResult(test="one-sample t-test (two-sided)", statistic=statistic, value=float(excess.mean()), n=n,
-                          p=float(result.pvalue), ci_low=float(interval.low), ci_high=float(interval.high))
-    if method != "sign_flip":
-        raise ValueError(f"unknown method {method!r}; allowed: ['sign_flip', 't']")
-    rng = np.random.default_rng(seed)
-    result = stats.permutation_test((excess,), _mean, permutation_type="samples", vectorized=True,
-                                    n_resamples=N_RESAMPLES, rng=rng)
-    interval = stats.bootstrap((excess,), _mean, method="percentile", vectorized=True, n_resamples=N_RESAMPLES,
-                               confidence_level=1 - ALPHA, rng=rng).confidence_interval
-    return TestResult(test="exact sign-flip test (two-sided) + percentile bootstrap CI", statistic=statistic,
-                      value=float(excess.mean()), n=n, p=float(result.pvalue), ci_low=float(interval.low),
-                      ci_high=float(interval.high), min_p=min_sign_flip_p(len(excess)),
-                      n_needed=_seeds_needed(min_sign_flip_p, ALPHA))
+            raise ValueError(f"arm {arm}: need 0 <= seeds reaching the criterion <= seeds >= 1, got {learned} of {n}")
+    table = [[learned_a, n_a - learned_a], [learned_b, n_b - learned_b]]
+    return TestResult(test=f"Fisher exact, one-sided (smallest p at {n_a} vs {n_b}: {min_fisher_p(n_a, n_b):.2g})",
+                      statistic="share of seeds reaching the criterion, a − b", value=learned_a / n_a - learned_b / n_b,
+                      n=min(n_a, n_b), p=float(stats.fisher_exact(table, alternative="greater").pvalue),
+                      p_against=float(stats.fisher_exact(table, alternative="less").pvalue))
 
 
 def exact_check(statistic: str, value: float, holds: bool, n: int) -> TestResult:
     """A deterministic check that holds or fails on every one of `n` runs (e.g. an invariance
-    to float tolerance): no p; the verdict follows `holds`."""
-    return TestResult(test="exact check on every run", statistic=statistic, value=float(value), n=str(n),
-                      min_p=math.nan, n_needed=1, holds=bool(holds))
+    to float tolerance): no p; supported when it holds, contradicted when not."""
+    return TestResult(test="exact check on every run", statistic=statistic, value=float(value), n=n,
+                      holds=bool(holds))
 
 
-def verdict(result: TestResult, direction: int, alpha: float = ALPHA) -> str:
-    """*supported*, *contradicted* or *inconclusive* by `RULE`. `direction`: +1 when the claim
-    says the statistic exceeds its no-effect value, −1 below it, 0 that it differs (such a
-    claim is never contradicted by a test: no difference found is inconclusive). An
-    `exact_check` (state it so that it holds when the claim is true) is supported when it
-    holds and contradicted when it does not."""
-    if direction not in (-1, 0, 1):
-        raise ValueError(f"direction must be +1, -1 or 0, got {direction!r}")
-    if result.holds is not None:
-        return VERDICTS[0] if result.holds else VERDICTS[1]
-    if result.min_p > alpha or not result.p <= alpha:
-        return VERDICTS[2]
-    interval = (result.ci_low, result.ci_high)
-    if not any(math.isnan(bound) for bound in interval) and interval[0] <= result.null_value <= interval[1]:
-        return VERDICTS[2]
-    side = np.sign(result.value - result.null_value)
-    if direction == 0 or side == direction:
-        return VERDICTS[0]
-    return VERDICTS[1] if side else VERDICTS[2]
-
-
-def claim_row(claim: str, result: TestResult, direction: int, alpha: float = ALPHA) -> dict:
-    """One tidy row of the claims table (`CLAIM_COLUMNS`), its verdict by `verdict` and the rule stated."""
-    rule = ("exact check: supported when it holds on every run, else contradicted" if result.holds is not None
-            else RULE.format(alpha=alpha) + f"; at least {result.n_needed} seeds per arm can be conclusive")
-    return {"claim": claim, "statistic": result.statistic, "value": result.value, "n": result.n, "test": result.test,
-            "p": result.p, "ci_low": result.ci_low, "ci_high": result.ci_high,
-            "verdict": verdict(result, direction, alpha), "rule": rule, "n_needed": result.n_needed}
+def verdicts(results: Sequence[TestResult | None], primary: Sequence[bool],
+             alpha: float = ALPHA) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The verdict of every claim of one study by `RULE`, with Holm's adjusted p of the claimed
+    side and of the test against it (NaN outside the family). `results[i]` None: the claim
+    could not be tested (inconclusive); `primary[i]` False: a secondary row (`SECONDARY`)."""
+    in_family = [bool(keep) and result is not None and result.holds is None
+                 for result, keep in zip(results, primary)]
+    p = [result.p if keep else math.nan for result, keep in zip(results, in_family)]
+    against = [result.p_against if keep else math.nan for result, keep in zip(results, in_family)]
+    p_adjusted, against_adjusted = holm(p), holm(against)
+    found = []
+    for index, result in enumerate(results):
+        if result is not None and result.holds is not None:
+            found.append(VERDICTS[0] if result.holds else VERDICTS[1])
+        elif not primary[index]:
+            found.append(SECONDARY)
+        elif p_adjusted[index] <= alpha:
+            found.append(VERDICTS[0])
+        elif against_adjusted[index] <= alpha:
+            found.append(VERDICTS[1])
+        else:
+            found.append(VERDICTS[2])
+    return found, p_adjusted, against_adjusted
 
 
 def against_null(value: float, null: Sequence[float]) -> dict:

@@ -74,6 +74,8 @@ class Study:
         sections: the report's sections, from the committed state and the figures.
         formats: the formats every table is exported in (`.json` is always one of them: it is
             what the figures and the report are drawn from).
+        alerts: lines a reader must see before any result (runs that missed a criterion...),
+            from the committed state; listed at the top of the report.
     """
 
     name: str
@@ -84,6 +86,7 @@ class Study:
     figures: Callable[[Committed], dict[str, go.Figure]]
     sections: Callable[[Committed, dict[str, go.Figure]], list[Section]]
     formats: tuple[str, ...] = EXPORT_SUFFIXES
+    alerts: Callable[[Committed], list[str]] = lambda committed: []
 
 
 def run_study(out_dir: str | Path, study: Study, *, quiet: bool = False, **sweep: Any) -> dict[str, pd.DataFrame]:
@@ -122,7 +125,7 @@ def run_study(out_dir: str | Path, study: Study, *, quiet: bool = False, **sweep
         figures = study.figures(committed)
         for name, figure in figures.items():
             write_figure(figure, out_dir / "figures" / f"{name}.html", overwrite=True, standalone=False)
-        write_report(out_dir, study.title, study.meta, study.sections(committed, figures))
+        write_report(out_dir, study.title, study.meta, study.sections(committed, figures), study.alerts(committed))
     return committed.tables
 
 

@@ -375,7 +375,7 @@ def _read_json(path: Path) -> pd.DataFrame:
         dtypes = {field["name"]: _json_dtype(field) for field in payload["schema"]["fields"]}
         frame = pd.DataFrame.from_records(payload["data"], columns=list(dtypes))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is not a table written by export_table (corrupted?): {error!r}") from error
+        raise ValueError(f"{path} is not a table written by export_table (corrupted?): {error}") from error
     return frame.astype({name: dtype for name, dtype in dtypes.items() if dtype is not None})
 
 

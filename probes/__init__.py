@@ -8,7 +8,8 @@ numpy arrays and outputs are torch tensors. Features are standardised per site.
 - `RidgePositionProbe`: ridge regression, token → position as a number (R², MAE).
 - `split_by_sequence`, `flatten_tokens`, `split_tokens`: train/test splits that never share a sequence.
 - `control_labels`, `selectivity`, `token_identity_baseline` (and the predictions behind it,
-  `token_identity_predictions`), `chance_accuracy`, `random_guess_mad`: what an accuracy has to beat.
+  `token_identity_predictions`), `bag_of_prefix_predictions` (what one causal NoPE layer can
+  compute from content), `chance_accuracy`, `random_guess_mad`: what an accuracy has to beat.
 
 Working memory is bounded whatever the number of sites, tokens and classes: a fit takes sites in
 groups within `memory_limit` and evaluates its logits in chunks (`probes.base`, `probes.logistic`).
@@ -17,6 +18,8 @@ Depends on torch, numpy and einops only; the data come from `hooks` via the call
 """
 
 from poslens.probes.controls import (
+    bag_of_prefix_features,
+    bag_of_prefix_predictions,
     chance_accuracy,
     control_labels,
     random_guess_mad,
@@ -33,6 +36,8 @@ __all__ = [
     "NotFittedError",
     "PositionProbe",
     "RidgePositionProbe",
+    "bag_of_prefix_features",
+    "bag_of_prefix_predictions",
     "chance_accuracy",
     "control_labels",
     "flatten_tokens",

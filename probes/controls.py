@@ -3,13 +3,14 @@
 A probe reading position from a token's activation may instead be reading the token itself
 (some tokens only ever occur at some positions). The controls bound that: Hewitt & Liang's
 control task and selectivity, the best accuracy reachable from token identity alone, and the
-chance levels of classification (majority class) and regression (a uniform random guess).
+chance levels of classification (majority class) and regression (a uniform random guess), and the
+bag-of-prefix bar: what one causal NoPE layer can compute from content alone.
 """
 
 from __future__ import annotations
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from poslens.probes.inputs import ArrayLike, as_tensor, positive_int
@@ -81,6 +82,38 @@ def token_identity_predictions(token_ids: Int[ArrayLike, "sequence *position"],
     overall = torch.bincount(train_labels, minlength=n_labels).argmax()
     majority = torch.where(counts.sum(1) > 0, counts.argmax(1), overall)
     return majority[type_ids[test_idx].flatten()]
+
+
+def bag_of_prefix_features(token_ids: Int[ArrayLike, "sequence position"]) -> Float[Tensor, "sequence position feature"]:
+    """What one causal NoPE attention layer can know of a token from content alone: its own
+    type (one-hot) and the share of each token type among the tokens up to and including it.
+
+    Causal attention without positions averages over the visible prefix, so its output is a
+    function of the prefix's *proportions* of token types (scaling every count leaves it
+    unchanged), not of the raw counts, whose sum would be the position itself. Proportions
+    still reveal position wherever a type of known count sits in the prefix (the `+` of
+    `ddd+ddd=` is 1/(t + 1) of it), which is exactly what such a layer could read."""
+    token_ids = _integers(token_ids, "token_ids")
+    if token_ids.ndim != 2 or token_ids.numel() == 0:
+        raise ValueError(f"token_ids must be a non-empty [sequence, position] array, got shape {tuple(token_ids.shape)}")
+    type_ids = torch.unique(token_ids, return_inverse=True)[1]
+    one_hot = torch.nn.functional.one_hot(type_ids).float()
+    seen = torch.arange(1, token_ids.shape[1] + 1, dtype=torch.float32)[None, :, None]
+    return torch.cat([one_hot, one_hot.cumsum(1) / seen], dim=-1)
+
+
+def bag_of_prefix_predictions(token_ids: Int[ArrayLike, "sequence position"],
+                              labels: Int[ArrayLike, "sequence position"], train_idx: Int[ArrayLike, " n_train"],
+                              test_idx: Int[ArrayLike, " n_test"], *, C: float = 1.0) -> Int[Tensor, " n_test_tokens"]:
+    """The label a `PositionProbe` fed only `bag_of_prefix_features` predicts for every test
+    token (sequences split by `train_idx`/`test_idx`, flattened sequence-major): the bar a
+    representation must beat to carry position beyond content."""
+    features, labels = bag_of_prefix_features(token_ids), _integers(labels, "labels")
+    if labels.shape != features.shape[:2]:
+        raise ValueError(f"token_ids {tuple(features.shape[:2])} and labels {tuple(labels.shape)} differ in shape")
+    train_idx, test_idx = _integers(train_idx, "train_idx"), _integers(test_idx, "test_idx")
+    return PositionProbe(C=C).fit(features[train_idx].flatten(0, 1), labels[train_idx].flatten()).predict(
+        features[test_idx].flatten(0, 1))
 
 
 def chance_accuracy(labels: Int[ArrayLike, "*tokens"]) -> float:

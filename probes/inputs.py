@@ -73,14 +73,14 @@ def real_targets(y: Float[ArrayLike, " n_tokens"], n_tokens: int) -> Float[Tenso
 def positive(value: float, name: str) -> float:
     """`value` if it is a finite number > 0."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 < value < float("inf"):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return float(value)
 
 
 def positive_int(value: int, name: str) -> int:
     """`value` if it is an integer >= 1."""
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        raise ValueError(f"{name} must be an integer >= 1, got {value}")
     return int(value)
 
 

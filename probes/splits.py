@@ -76,7 +76,8 @@ def split_tokens(activations: Float[ArrayLike, "site sequence position d_model"]
 def _sequence_indices(sequences: Int[ArrayLike, " n"], n_sequences: int) -> Int[Tensor, " n"]:
     sequences = as_tensor(sequences, "sequences")
     if sequences.ndim != 1 or len(sequences) == 0 or sequences.is_floating_point() or sequences.dtype == torch.bool:
-        raise ValueError(f"sequences must be a non-empty 1-D array of integer indices, got {sequences!r}")
+        raise ValueError("sequences must be a non-empty 1-D array of integer indices, got shape "
+                         f"{tuple(sequences.shape)} of {str(sequences.dtype).removeprefix('torch.')}")
     outside = sequences[(sequences < 0) | (sequences >= n_sequences)]
     if len(outside):
         raise ValueError(f"sequence index {outside[0].item()} is outside range({n_sequences})")

@@ -231,16 +231,18 @@ def test_position_swap_table(swapped, model):
 
 
 def test_position_swap_at_embed_is_swapping_the_tokens_in_nope(swapped):
-    # NoPE has no positional embedding: exchanging two positions' embeddings is exchanging the tokens
+    # NoPE has no positional embedding: exchanging two positions' embeddings is exchanging the tokens,
+    # so the answer follows the swap by construction and the row is flagged, not evidence
     embed = swapped[swapped["site"] == "embed"].iloc[0]
-    assert embed["follows_swap"] == 1.0 and not embed["fixed_by_construction"]
+    assert embed["follows_swap"] == 1.0 and embed["fixed_by_construction"]
 
 
 def test_position_swap_cells_fixed_by_construction_keep_every_answer(swapped, model):
     # 2-block NoPE causal: after block 0's attention one attention layer is left, which sees the swap as a set
     fixed = swapped.set_index("site")["fixed_by_construction"]
-    assert list(fixed[fixed].index) == residual_sites(model)[1:]
-    assert (swapped[swapped["fixed_by_construction"]]["keeps_original"] == 1.0).all()
+    assert list(fixed[fixed].index) == residual_sites(model)  # the embedding: a token swap (above)
+    kept = swapped[swapped["fixed_by_construction"] & (swapped["site"] != "embed")]
+    assert len(kept) == len(residual_sites(model)) - 1 and (kept["keeps_original"] == 1.0).all()
 
 
 def test_swap_readout(model, addition):

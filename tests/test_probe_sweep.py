@@ -43,7 +43,7 @@ def value(table, variant, site, probe="position", metric="accuracy", baseline="t
 def test_sweep_has_the_stable_schema(sweep):
     assert list(sweep.columns) == list(PROBE_COLUMNS)
     validate_probe_table(sweep)
-    assert set(sweep["baseline"]) == {"trained", "random_init", "token_identity", "chance"}
+    assert set(sweep["baseline"]) == {"trained", "random_init", "token_identity", "bag_of_prefix", "chance"}
     assert set(sweep["probe"]) == {"position", "position_control", "position_ridge"}
     assert set(sweep["site"]) == {"embed"} | {f"blocks.{b}.hook_resid_{s}" for b in range(2) for s in ("mid", "post")}
     assert wide_table(sweep).shape == (5, 3)
@@ -60,6 +60,8 @@ def test_sweep_values_make_sense(sweep):
     assert abs(value(sweep, "nope-causal", "embed") - token_identity) < 0.03
     # Causal attention writes position into the stream of a NoPE model.
     assert value(sweep, "nope-causal", "blocks.1.hook_resid_post") > token_identity + 0.2
+    # The bag-of-prefix bar sees the token too, and the share of `+` and `=` in the prefix: a higher bar.
+    assert value(sweep, "nope-causal", "embed", baseline="bag_of_prefix") > token_identity + 0.2
     for site in sweep["site"].unique():
         selectivity = value(sweep, "nope-causal", site, metric="selectivity")
         control = value(sweep, "nope-causal", site, probe="position_control")
@@ -138,7 +140,8 @@ def test_by_position_rows_average_to_the_per_site_values(full):
     keys = ["variant", "seed", "site", "probe", "position", "metric", "baseline"]
     assert not by_position.duplicated(keys).any()
     assert set(by_position["position"]) == set(range(12))
-    assert set(by_position["baseline"]) == {"trained", "random_init", "token_identity", "role_identity", "chance"}
+    assert set(by_position["baseline"]) == {"trained", "random_init", "token_identity", "role_identity",
+                                            "bag_of_prefix", "chance"}
     # knowing only the role: `+` and `=` have one place each, an operand digit one of 6, an answer digit one of 4
     role_identity = full.table.query("baseline == 'role_identity' and metric == 'accuracy'")["value"]
     assert role_identity.tolist() == pytest.approx([(1 + 1 + 6 / 6 + 4 / 4) / 12] * len(role_identity), abs=1e-9)

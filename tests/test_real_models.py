@@ -95,10 +95,10 @@ def test_capture_probe_sweep_and_patching_run_on_a_bridge(kind, bridge):
     n_sites = len(residual_sites(model))
     assert set(result.table["site"]) == set(residual_sites(model))
     # trained + random init: accuracy, mad, ridge r2/mae, control, selectivity; random init: accuracy, mad;
-    # token identity: accuracy, mad; chance: accuracy, mad
-    assert len(result.table) == n_sites * (6 + 2 + 2 + 2)
+    # token identity: accuracy, mad; bag of prefix: accuracy, mad; chance: accuracy, mad
+    assert len(result.table) == n_sites * (6 + 2 + 2 + 2 + 2)
     assert list(result.by_position.columns) == list(PROBE_POSITION_COLUMNS)
-    assert len(result.by_position) == n_sites * 10 * 2 * 4  # positions × (accuracy, mad) × 4 baselines
+    assert len(result.by_position) == n_sites * 10 * 2 * 5  # positions × (accuracy, mad) × 5 baselines
     assert result.models["pe_kind"].tolist() == PE_KINDS[kind]
 
     clean = tokens[:1]

@@ -9,6 +9,9 @@ from poslens.analyses.measures.geometry import COSINE_COLUMNS, SCORE_COLUMNS, VA
 from poslens.analyses.measures.interventions import SWAP_COLUMNS, SWAP_READOUT_COLUMNS
 from poslens.analyses.measures.patching import ACTIVATION_PATCHING_COLUMNS
 from poslens.analyses.measures.probe_sweep import PROBE_POSITION_COLUMNS
+from poslens.analyses.measures.shift import SHIFT_COLUMNS
+from poslens.analyses.measures.symmetry import SYMMETRY_COLUMNS
+from poslens.analyses.plan import REPRODUCE_PLAN
 from poslens.analyses.tables import PROBE_COLUMNS, read_table, validate_probe_table
 from poslens.cli import main
 
@@ -29,6 +32,8 @@ TABLES = {
     "activation_patching": [*ACTIVATION_PATCHING_COLUMNS, "variant", "seed"],
     "position_swap": [*SWAP_COLUMNS, "variant", "seed"],
     "swap_readout": [*SWAP_READOUT_COLUMNS, "variant", "seed"],
+    "symmetry": [*SYMMETRY_COLUMNS, "seed"],  # `variant` is the run the twins belong to
+    "shift_probe": [*SHIFT_COLUMNS, "variant", "seed"],
     "claims": list(CLAIM_TABLE_COLUMNS),
 }
 VARIANTS = [*REPRODUCE_VARIANTS, *(f"{variant}{SHIFTED}" for variant in SHIFTED_VARIANTS)]
@@ -54,9 +59,13 @@ def test_reproduce_tiny_writes_everything_and_resumes(tmp_path):
     assert set(probe.loc[probe["probe"] == "role", "variant"]) == {f"{v}{SHIFTED}" for v in SHIFTED_VARIANTS}
     assert "role_identity" in set(probe.loc[probe["variant"].str.endswith(SHIFTED), "baseline"])
     claims = read_table(out / "tables" / "claims.csv")
-    assert set(claims["verdict"]) <= {"supported", "contradicted", "inconclusive"} and len(claims) == 14
+    assert set(claims["verdict"]) <= {"supported", "contradicted", "inconclusive", "secondary"}
+    assert len(claims) == len(REPRODUCE_PLAN.claims)
     symmetry = claims[claims["section"] == "symmetry"]
-    assert list(symmetry["verdict"]) == ["supported"] * 3  # exact checks: they hold on one seed too
+    assert list(symmetry["verdict"]) == ["supported"] * 4  # exact checks: they hold on one seed too
+    one_seed = claims[claims["n"] == "1 seed"]
+    assert len(one_seed) >= 10 and one_seed["value"].notna().all()
+    assert one_seed["note"].str.contains("n = 1 cannot decide this claim|not testable with this measure").all()
     invariance = read_table(out / "tables" / "invariance.csv").set_index(["variant", "weights"])["invariant"]
     assert invariance["nope-bidirectional", "trained"] and invariance["nope-bidirectional", "random"]
     assert not invariance["nope-causal", "trained"] and not invariance["learned-causal", "random"]
@@ -67,6 +76,8 @@ def test_reproduce_tiny_writes_everything_and_resumes(tmp_path):
     assert report.count("<script type='text/javascript'>") == 1 and "<script src=" not in report
     assert report.index("Claims and verdicts") < report.index("<h2 id=\"s1\">")  # the verdicts come first
     summary = (out / "summary.md").read_text()
+    assert "## Analysis plan, version 3" in summary and "dtype" not in summary and "Name:" not in summary
+    assert "**Read first:**" in summary and "below the 0.99 criterion" in summary  # 40 tiny steps learn nothing
     assert summary.startswith("# poslens reproduce (tiny preset, 1 seed(s))") and "| nope-causal+cut0,1 |" in summary
     assert summary.index("## Claims and verdicts") < summary.index("## Symmetry")
 

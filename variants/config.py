@@ -65,7 +65,7 @@ class VariantConfig(TransformerLensConfig):
         for name in ("d_model", "d_head", "n_layers", "n_ctx"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"{name} must be a positive integer, got {shown(value)}")
         if self.n_heads != -1:
             check_integer("n_heads", self.n_heads, minimum=1)
         if self.d_mlp is not None:
@@ -140,6 +140,12 @@ class VariantConfig(TransformerLensConfig):
         return cls(**{**fields, **overrides})
 
 
+def shown(value: Any) -> str:
+    """`value` as an error message shows it to a person: text quoted (so '3' and 3 differ), any
+    other value by its `str` (a numpy scalar as 3.0, not as its repr)."""
+    return repr(value) if isinstance(value, str) else str(value)
+
+
 def check_integer(name: str, value: Any, *, minimum: int, maximum: int | None = None) -> int:
     """`value` if it is an integer (not a bool) from `minimum` to `maximum` (no upper bound if None),
     else a `ValueError` naming it and the allowed range.
@@ -154,11 +160,11 @@ def check_integer(name: str, value: Any, *, minimum: int, maximum: int | None = 
         `value`, checked.
     """
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ValueError(f"{name} must be an integer, got {shown(value)}")
     if maximum is not None and not minimum <= value <= maximum:
-        raise ValueError(f"{name} must be an integer from {minimum} to {maximum}, got {value!r}")
+        raise ValueError(f"{name} must be an integer from {minimum} to {maximum}, got {shown(value)}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be >= {minimum}, got {shown(value)}")
     return value
 
 
@@ -172,7 +178,7 @@ def check_number(name: str, value: Any, *, above: float | None = None, at_least:
     number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     if not number or not all(test(value, limit) for _, test, limit in bounds):
         allowed = "".join(f" {'and ' if i else ''}{symbol} {limit:g}" for i, (symbol, _, limit) in enumerate(bounds))
-        raise ValueError(f"{name} must be a finite number{allowed}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number{allowed}, got {shown(value)}")
     return value
 
 

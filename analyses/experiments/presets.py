@@ -91,3 +91,6 @@ SHIFTED = "@shifted"
 """The suffix of a variant's name in the tables when it was trained and measured on the shifted format."""
 LEARNED_CRITERION = 0.99
 """Held-out exact match at the end of training at or above which a run counts as having learned the task."""
+DEFAULT_SEEDS = 5
+"""Seeds per variant of the default `poslens reproduce`: every primary claim of `analyses.plan.REPRODUCE_PLAN`
+is decidable there under Holm's correction (`tests/test_plan.py`)."""

@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
-from poslens.analyses.claims import reproduce_claims
+from poslens.analyses.claims import missed_criterion, reproduce_claims
 from poslens.analyses.experiments.presets import (
     DEFAULT_PRESET,
     LEARNED_CRITERION,
@@ -50,6 +50,9 @@ from poslens.analyses.measures.interventions import position_swap, residual_cut_
 from poslens.analyses.measures.invariance import permutation_test
 from poslens.analyses.measures.patching import activation_patching
 from poslens.analyses.measures.probe_sweep import sweep_probes
+from poslens.analyses.measures.shift import shift_probe
+from poslens.analyses.measures.symmetry import symmetry_twins
+from poslens.analyses.plan import REPRODUCE_PLAN
 from poslens.analyses.report import Section
 from poslens.analyses.runs import cached_results
 from poslens.analyses.stats import ALPHA, RULE
@@ -61,10 +64,11 @@ from poslens.tasks import Addition
 from poslens.variants import HookedTransformer, TrainResult, build, load, preset, train
 from poslens.variants.config import check_integer
 
-ANALYSIS_VERSION = 2
+ANALYSIS_VERSION = 3
 """Bumped whenever a per-run measure changes, so runs measured before are measured again."""
 RUN_TABLES = ("training", "curves", "invariance", "probe", "probe_by_position", "correlation", "geometry",
-              "variance", "cosine", "residual_cuts", "activation_patching", "position_swap", "swap_readout")
+              "variance", "cosine", "residual_cuts", "activation_patching", "position_swap", "swap_readout",
+              "symmetry", "shift_probe")
 
 
 def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = DEFAULT_PRESET, seeds: int | None = None,
@@ -103,8 +107,10 @@ def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = DEFA
              for variant, shift in studied for seed in range(seeds)]
     labels = {unit.name: _label(unit.kwargs["variant"], unit.kwargs["shift"]) for unit in units}
     study = Study("reproduce", f"poslens reproduce ({preset_name} preset, {seeds} seed(s))", _meta(preset_name, seeds),
-                  units, derive=lambda tables: {"claims": reproduce_claims(tables, shifted=f"nope-causal{SHIFTED}")},
-                  figures=partial(_figures, labels=labels), sections=_sections)
+                  units, derive=lambda tables: {"claims": reproduce_claims(tables)},
+                  figures=partial(_figures, labels=labels), sections=_sections,
+                  alerts=lambda committed: missed_criterion(committed.tables["training"], LEARNED_CRITERION,
+                                                            ("nope-bidirectional",)))
     return run_study(out_dir, study, quiet=quiet, **sweep)
 
 
@@ -154,7 +160,10 @@ def measure_trained(result: TrainResult, label: str, seed: int, settings: Reprod
              "curves": history[["step", "exact_match", "test_loss"]].assign(**labels),
              **_structure(model, sample, labels, seed)}
     if task.max_shift:  # the interventions swap operand digits of the fixed format
-        return found
+        return found | {"shift_probe": shift_probe(model, task, n_sequences=settings.n_probe_sequences,
+                                                   seed=seed).assign(**labels)}
+    if label == "nope-causal":  # the symmetry grid's untrained twins, once per seed
+        found["symmetry"] = symmetry_twins(task, sizes=settings.model, seed=seed).assign(**labels)
     tables = {
         "invariance": _invariance(model, result.out_dir, task, seed, labels),
         "residual_cuts": residual_cut_effects(model, task, n_sequences=settings.n_probe_sequences, seed=seed),
@@ -277,7 +286,9 @@ def _sections(committed: Committed, figures: dict[str, go.Figure]) -> list[Secti
     fixed = ~probe["variant"].str.endswith(SHIFTED)
     training = tables["training"]
     return [
-        Section("Claims and verdicts", howto=HOWTO["claims"], table=claims.drop(columns=["rule"])),
+        Section("Claims and verdicts", howto=HOWTO["claims"], table=claims.drop(columns=["rule", "key"])),
+        Section(f"Analysis plan, version {REPRODUCE_PLAN.version}", REPRODUCE_PLAN.header(),
+                table=REPRODUCE_PLAN.table()),
         Section("Symmetry", _verdicts(claims, "symmetry"), HOWTO["symmetry"],
                 table=tables["invariance"].groupby(["variant", "weights", "n_layers"], sort=False).agg(
                     n=("seed", "count"), max_abs_delta=("max_abs_delta", "max"), invariant=("invariant", "all"))

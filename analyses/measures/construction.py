@@ -22,7 +22,10 @@ network is permutation-equivariant from the site on, so columns other than i, j 
 unchanged); or a causal mask, no rotary, m = 1 and q > j (the one attention layer sees the
 two swapped vectors as a set, and nothing after it mixes positions). Otherwise the swap can
 change the output: with m ≥ 2 under a causal mask, the columns between i and j see a
-different prefix, and the second attention layer reads them.
+different prefix, and the second attention layer reads them. A swap is also fixed the other
+way, the answer *following* it, when it is a token swap (`swap_is_token_swap`): at the stream
+entering block 0 of a model that adds no positional embedding there (NoPE, rotary), the
+swapped stream is exactly the digit-swapped prompt's.
 
 **Activation patching** (copy the clean run's activation at one (site, layer, position p) into
 the corrupted run; read the first answer digit at the last prompt position q). Call a
@@ -97,6 +100,15 @@ def swap_fixed(cfg: VariantConfig, site: str, positions: tuple[int, int], readou
     if not _sees_a_set(cfg):
         return False
     return not causal or (after == 1 and readout > j)
+
+
+def swap_is_token_swap(cfg: VariantConfig, site: str) -> bool:
+    """Whether exchanging two positions' vectors at `site` is exactly running the prompt with
+    those two tokens exchanged: at the stream entering block 0 when no positional embedding is
+    added to it (NoPE, or rotary, which adds position inside attention only). The answer then
+    follows the swap by construction, whatever the weights."""
+    kind, layer = parse_site(site)
+    return kind == "resid_pre" and layer == 0 and cfg.positional_embedding_type in ("none", "rotary")
 
 
 def swap_readout_fixed(cfg: VariantConfig, swap_site: str, site: str) -> bool:

@@ -13,7 +13,8 @@
   positions: the mean over queries t = 1..T of ln t causally (2.632 nats for T = 35), ln T
   bidirectionally.
 - `entropy_rebound`: each layer's minimum-entropy step and how far entropy rises after it
-  (JoMA's "attention becomes sparse, then dense").
+  (JoMA's "attention becomes sparse, then dense"), and `dip_and_rise`, a test statistic for it
+  that a flat or falling curve cannot pass (cross-fitted against the snapshot noise).
 - `decodable_steps`: the first step at which each site's position probe beats token identity
   by a stated margin.
 
@@ -35,6 +36,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import einops
+import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
@@ -51,7 +53,10 @@ PROBE_STEP_COLUMNS = ("step", *PROBE_COLUMNS)
 ENTROPY_COLUMNS = ("variant", "seed", "step", "layer", "head", "entropy_nats", "entropy_normalised", "uniform_nats")
 ENTROPY_SPLIT_COLUMNS = ("entropy_nats_loss", "entropy_nats_rest", "entropy_normalised_loss", "entropy_normalised_rest")
 REBOUND_COLUMNS = ("variant", "seed", "layer", "measure", "initial", "min_step", "min", "final_step", "final",
-                   "rebound", "rebound_fraction")
+                   "rebound", "rebound_fraction", "dip", "rise", "noise", "rebound_excess")
+NOISE_PER_MEDIAN = 1 / (0.6745 * math.sqrt(6))
+"""σ of white noise per median |second difference|: a second difference of white noise has sd σ·√6
+and the median of a half-normal is 0.6745 of its sd."""
 DECODABLE_COLUMNS = ("variant", "seed", "site", "layer", "margin", "token_identity", "step", "accuracy_at_step",
                      "final_accuracy")
 
@@ -166,7 +171,9 @@ def entropy_rebound(entropy: pd.DataFrame, *, per_head: bool = False) -> pd.Data
     follows `layer`): `initial` (at the first step), `min_step` and `min`, `final_step` and
     `final`, `rebound` = final − min, and `rebound_fraction` = rebound / (initial − min), the
     share of the initial drop won back (above 1 when entropy ends above where it started; NaN
-    when it never fell below its initial value). Columns `REBOUND_COLUMNS` (+ `head`).
+    when it never fell below its initial value). `rebound` is >= 0 by construction and needs
+    no fall, so it is descriptive only; the test statistic is `dip_and_rise`'s
+    `rebound_excess` (with `dip`, `rise` and `noise`). Columns `REBOUND_COLUMNS` (+ `head`).
     """
     check_columns(entropy, ENTROPY_COLUMNS, "entropy")
     unit = ["layer", "head"] if per_head else ["layer"]
@@ -185,9 +192,35 @@ def entropy_rebound(entropy: pd.DataFrame, *, per_head: bool = False) -> pd.Data
             rows.append({**dict(zip(["variant", "seed", *unit], keys)), "measure": measure,
                          "initial": values[0], "min_step": int(curve["step"].iloc[lowest]), "min": values[lowest],
                          "final_step": int(curve["step"].iloc[-1]), "final": values[-1], "rebound": rebound,
-                         "rebound_fraction": rebound / drop if drop > 0 else float("nan")})
+                         "rebound_fraction": rebound / drop if drop > 0 else float("nan"),
+                         **dip_and_rise(values)})
     columns = [*REBOUND_COLUMNS[:3], *(["head"] if per_head else []), *REBOUND_COLUMNS[3:]]
     return pd.DataFrame(rows, columns=columns)
+
+
+def dip_and_rise(values) -> dict[str, float]:
+    """A dip and a rise of one curve (snapshots in step order), each against the
+    snapshot-to-snapshot noise, without the bias of reading a minimum off the same noise.
+
+    The minimum is *located* on the odd snapshots and *read* on the even ones (the mean of the
+    even neighbours of the odd minimum), so noise that picks the minimum does not also deepen
+    it: `dip` = first snapshot − that low, `rise` = last even snapshot − that low. `noise` is
+    the snapshot-to-snapshot sd, from the median |second difference| (robust to the few large
+    ones a real dip makes; a smooth trend only adds to it). `rebound_excess` =
+    min(dip, rise) − noise: > 0 when entropy fell and rose again, each by more than the noise.
+    For a flat curve its expectation is below 0 (the smaller of two zero-mean differences,
+    minus the noise); for a curve that only falls, `rise` <= 0 up to noise. NaN with fewer
+    than 4 snapshots."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 4:
+        return dict.fromkeys(("dip", "rise", "noise", "rebound_excess"), math.nan)
+    odd = np.arange(1, len(values), 2)
+    lowest = int(odd[values[odd].argmin()])
+    low = values[[index for index in (lowest - 1, lowest + 1) if index < len(values)]].mean()
+    last_even = (len(values) - 1) // 2 * 2
+    dip, rise = values[0] - low, values[last_even] - low
+    noise = float(np.median(np.abs(np.diff(values, 2)))) * NOISE_PER_MEDIAN
+    return {"dip": float(dip), "rise": float(rise), "noise": noise, "rebound_excess": float(min(dip, rise) - noise)}
 
 
 def decodable_steps(probes: pd.DataFrame, margins: tuple[float, ...] = DECODABLE_MARGINS) -> pd.DataFrame:

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from poslens.analyses.measures.construction import swap_fixed, swap_readout_fixed
+from poslens.analyses.measures.construction import swap_fixed, swap_is_token_swap, swap_readout_fixed
 from poslens.analyses.measures.patching import corrupt
 from poslens.hooks import capture_residuals, cut_residual, hook_name, residual_sites
 from poslens.probes import PositionProbe, split_by_sequence, split_tokens
@@ -53,7 +53,8 @@ def position_swap(model: HookedTransformer, task: Addition, *, positions: tuple[
     or stays its answer to the original prompt (`keeps_original`), on prompts where the
     model's two answers differ (up to `n_sequences` of them, from a seeded sample of
     4 × `n_sequences` held-out prompts). `fixed_by_construction`: the architecture alone keeps
-    every answer position unchanged under this swap, so the row is not evidence (columns
+    every answer position unchanged under this swap, or makes it a token swap the answer
+    follows (`swap_is_token_swap`: NoPE's embedding), so the row is not evidence (columns
     `SWAP_COLUMNS`)."""
     n_answer = task.seq_len - task.prompt_len
     sequences = task.sample_test(min(4 * n_sequences, task.n_test), seed)
@@ -71,7 +72,8 @@ def position_swap(model: HookedTransformer, task: Addition, *, positions: tuple[
         rows.append({"site": site, "follows_swap": float((answer == swapped).all(-1).double().mean()),
                      "keeps_original": float((answer == original).all(-1).double().mean()),
                      "n_sequences": len(prompts),
-                     "fixed_by_construction": all(swap_fixed(model.cfg, site, positions, q) for q in readouts)})
+                     "fixed_by_construction": swap_is_token_swap(model.cfg, site)
+                     or all(swap_fixed(model.cfg, site, positions, q) for q in readouts)})
     return pd.DataFrame(rows, columns=list(SWAP_COLUMNS))
 
 

@@ -10,6 +10,9 @@ format it equals the position). Beside each accuracy the tables carry:
   architecture alone gives;
 - `token_identity`: a probe that sees only the token's id (fixed formats like `ddd+ddd=`
   leak position through the token: `+` and `=` reveal their own place; so does BOS);
+- `bag_of_prefix` (position target): a probe that sees the token's id and the share of each
+  token type in its prefix (`probes.bag_of_prefix_features`), what one causal NoPE layer can
+  compute from content alone: the bar for "position beyond content";
 - `<target>_control` / `selectivity`: the Hewitt & Liang control task, labels reassigned at
   random but consistently per token type; selectivity = accuracy − control accuracy;
 - `chance`: the majority-class rate, and the random-guess MAD (T² − 1) / (3T).
@@ -53,6 +56,7 @@ from poslens.hooks import capture_residuals
 from poslens.probes import (
     PositionProbe,
     RidgePositionProbe,
+    bag_of_prefix_predictions,
     chance_accuracy,
     control_labels,
     random_guess_mad,
@@ -64,7 +68,7 @@ from poslens.variants.hub import fresh_twin
 from poslens.variants.threads import uses_threads
 from poslens.variants.training import Task
 
-CONTROLS = ("random_init", "token_identity", "control_task", "chance")
+CONTROLS = ("random_init", "token_identity", "bag_of_prefix", "control_task", "chance")
 TARGETS = ("position", "role")
 PROBE_POSITION_COLUMNS: tuple[str, ...] = ("variant", "seed", "site", "layer", "probe", "position", "metric", "value",
                                            "baseline")
@@ -234,9 +238,14 @@ def _task_baselines(tokens: Tensor, label: Tensor, target: str, split: tuple[Ten
         values = {"accuracy": (predicted == truth).double()}
         if target == "position":
             values["mad"] = (predicted - truth).abs().double()
-        for metric, value in values.items():
-            per_site.append({"probe": target, "metric": metric, "value": value.mean().item(), "baseline": baseline})
-            per_position += _position_rows(target, metric, _by_position(value, len(test_seq))[0], baseline)
+        site_rows, position_rows = _bar_rows(values, target, baseline, len(test_seq))
+        per_site, per_position = per_site + site_rows, per_position + position_rows
+    if "bag_of_prefix" in controls and target == "position":
+        predicted = bag_of_prefix_predictions(tokens, label, train_seq, test_seq, C=C)[None]
+        truth = label[test_seq].flatten()
+        values = {"accuracy": (predicted == truth).double(), "mad": (predicted - truth).abs().double()}
+        site_rows, position_rows = _bar_rows(values, target, "bag_of_prefix", len(test_seq))
+        per_site, per_position = per_site + site_rows, per_position + position_rows
     if "chance" in controls:
         per_site.append({"probe": target, "metric": "accuracy", "value": chance_accuracy(label), "baseline": "chance"})
         frequency = torch.bincount(label[train_seq].flatten(), minlength=int(label.max()) + 1).double()
@@ -248,6 +257,15 @@ def _task_baselines(tokens: Tensor, label: Tensor, target: str, split: tuple[Ten
             positions = torch.arange(n_positions, dtype=torch.float64)
             guess_error = (positions[:, None] - positions[None]).abs() @ frequency[:n_positions]
             per_position += _position_rows(target, "mad", guess_error, "chance")
+    return per_site, per_position
+
+
+def _bar_rows(values: dict[str, Tensor], target: str, baseline: str, n_test: int) -> tuple[list[dict], list[dict]]:
+    """The per-site and per-position rows of one bar, from its per-token `values` per metric."""
+    per_site = [{"probe": target, "metric": metric, "value": value.mean().item(), "baseline": baseline}
+                for metric, value in values.items()]
+    per_position = [row for metric, value in values.items()
+                    for row in _position_rows(target, metric, _by_position(value, n_test)[0], baseline)]
     return per_site, per_position
 
 
