@@ -24,7 +24,7 @@ from poslens.analyses.runs import load_models_by_variant, load_task
 from poslens.analyses.sweep import EXECUTORS, UnitsFailed
 from poslens.analyses.tables import EXPORT_SUFFIXES, check_writable, render_table, side_by_side
 from poslens.demos.lm_panels import DEFAULT_SEQUENCES, MAX_PROMPT_TOKENS, load_lm_demo
-from poslens.demos.panels import DEFAULT_MODEL_DIR, default_model, discover_models
+from poslens.demos.panels import DEFAULT_MODEL_DIR, default_model, demo_models, discover_models
 from poslens.demos.static import write_static_page
 from poslens.tasks import TASKS, make_task
 from poslens.variants import HookedTransformer, TrainSettings, load_any, preset, train
@@ -205,9 +205,12 @@ def _demo(args: argparse.Namespace) -> None:
                             n_sequences=DEFAULT_SEQUENCES if args.sequences is None else args.sequences,
                             max_len=args.max_len, seed=args.seed)
         return serve_language_model(demo, port=args.port, quiet=args.quiet)
-    models = discover_models(args.models or default_model(device=args.device, quiet=args.quiet))
+    models, skipped = demo_models(discover_models(args.models or default_model(device=args.device, quiet=args.quiet)))
+    for name, reason in skipped.items() if not args.quiet else ():
+        print(f"skipping {name}: it {reason}", file=sys.stderr)
     if args.static:
-        path = write_static_page(models, args.static, overwrite=args.overwrite, device=args.device, quiet=args.quiet)
+        path = write_static_page(models, args.static, overwrite=args.overwrite, device=args.device, quiet=args.quiet,
+                                 skipped=skipped)
         print(f"wrote {path}")
     else:
         serve(models, port=args.port, device=args.device, quiet=args.quiet)
