@@ -192,7 +192,7 @@ def test_training_dynamics_walks_every_snapshot(snapshot_run):
     assert (result.entropy["entropy_nats"] <= result.entropy["uniform_nats"] + 1e-6).all()
     assert result.entropy["uniform_nats"].unique().tolist() == pytest.approx([uniform_entropy_reference(11, True)])
     assert list(result.probes.columns) == list(PROBE_STEP_COLUMNS)
-    for step, rows in result.probes.groupby("step"):
+    for _step, rows in result.probes.groupby("step"):
         validate_probe_table(rows.drop(columns="step"))
         assert set(rows["baseline"]) == {"trained", "token_identity", "chance"}
     assert result.patterns.shape == (len(steps), 2, 4, 11, 11)

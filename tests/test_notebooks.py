@@ -14,10 +14,15 @@ import os
 import sys
 from pathlib import Path
 
-import nbformat
 import pytest
+
+for _module in ("nbformat", "nbclient", "ipykernel"):
+    pytest.importorskip(_module, reason=f"the notebook tests need {_module}: pip install -e '.[test]'")
+import nbformat
 from ipykernel.kernelspec import write_kernel_spec
 from nbclient import NotebookClient
+
+pytestmark = [pytest.mark.notebook, pytest.mark.slow]
 
 DEMOS = Path(__file__).resolve().parents[1] / "demos"
 CELL_TIMEOUT_S = 600

@@ -58,10 +58,12 @@ def serial_study(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 def test_local_workers_and_a_ray_cluster_give_the_serial_bits(serial_study, tmp_path, two_cores):
     reproduce(tmp_path / "local", preset_name="tiny", executor="local", workers=2, quiet=True)
     assert_same_study(serial_study, tmp_path / "local")
-    import ray  # the `cluster` extra the test command installs
+    ray = pytest.importorskip("ray", reason="the Ray executor needs the cluster extra: pip install -e '.[cluster]'")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:

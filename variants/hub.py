@@ -52,9 +52,8 @@ def load_any(spec: Any, *, tokenizer: Any = None, device: str | None = None,
     loaded in (default float32; `torch.bfloat16` halves a large model). A model object is
     returned as it is.
     """
-    if isinstance(spec, TransformerLensModel) or _is_hf_model(spec):
-        if dtype is not None:
-            raise ValueError("dtype= applies to a model loaded from a folder or the hub; cast a model object yourself")
+    if (isinstance(spec, TransformerLensModel) or _is_hf_model(spec)) and dtype is not None:
+        raise ValueError("dtype= applies to a model loaded from a folder or the hub; cast a model object yourself")
     if isinstance(spec, TransformerLensModel):
         if tokenizer is not None or device is not None:
             raise ValueError("a TransformerLens model object is used as it is: do not pass tokenizer= or device=")
