@@ -239,6 +239,7 @@ def test_cli_writes_outputs_and_refuses_to_overwrite(run_cli, tmp_path):
     assert (out / "tables" / "metrics.csv").read_bytes() == before[1]  # same seed, same numbers
 
 
+@pytest.mark.slow
 def test_several_variants_and_seeds_in_one_study(run_cli, tmp_path):
     out = tmp_path / "study"
     code, text, err = run_cli("dynamics", "--variant", "nope-causal", "--variant", "learned-causal", "--task",
@@ -277,6 +278,7 @@ def test_cli_rejects_bad_schedules(run_cli, tmp_path):
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
+@pytest.mark.slow
 def test_cli_on_markov_adds_the_induction_analysis(run_cli, tmp_path):
     out = tmp_path / "markov"
     code, _, err = run_cli("dynamics", "--variant", "nope-causal", "--task", "markov", "--layers", "1", "--d-model", "16",

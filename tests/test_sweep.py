@@ -93,6 +93,7 @@ def test_a_failing_unit_is_reported_by_name_while_the_others_finish(two_cores):
             result.raise_failures()
 
 
+@pytest.mark.slow
 def test_a_study_with_a_broken_run_finishes_the_others(tmp_path, run_cli):
     out = tmp_path / "study"
     (out / "runs" / "nope-causal+cut0-seed0").mkdir(parents=True)
@@ -104,6 +105,7 @@ def test_a_study_with_a_broken_run_finishes_the_others(tmp_path, run_cli):
                                "nope-causal-seed0", *(f"{variant}{SHIFTED}-seed0" for variant in SHIFTED_VARIANTS)])
 
 
+@pytest.mark.slow
 def test_a_killed_study_trains_only_what_is_missing(serial_study, tmp_path):
     out = tmp_path / "killed"
     command = [sys.executable, "-P", "-m", "poslens.cli", "reproduce", "--preset", "tiny", "--out", str(out),
