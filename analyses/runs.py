@@ -20,7 +20,14 @@ from poslens.variants.storage import load_tensors, read_json, remove_temporaries
 def load_task(run_dir: str | Path):
     """The task a run directory was trained on (an `Addition` or a `MarkovICL`); a run recorded
     before a task field existed gets the field's legacy value (`tasks.from_record`); a clear
-    error if `run.json`'s task record does not describe a task."""
+    error if `run.json`'s task record does not describe a task.
+
+    Args:
+        run_dir: a run directory (holds `run.json`).
+
+    Returns:
+        The task.
+    """
     record = task_record(run_dir)
     if not isinstance(record, dict) or not isinstance(record.get("name"), str):
         raise ValueError(f"{Path(run_dir) / 'run.json'} records no task name: {record!r}")
@@ -31,7 +38,15 @@ def load_task(run_dir: str | Path):
 
 
 def load_models_by_variant(directories: Sequence[str | Path], *, device: str = "cpu") -> dict[str, list[HookedTransformer]]:
-    """Trained checkpoints grouped by their variant name, in the order given."""
+    """Trained checkpoints grouped by their variant name, in the order given.
+
+    Args:
+        directories: run folders.
+        device: where the models run.
+
+    Returns:
+        Variant name → its models.
+    """
     grouped: dict[str, list[HookedTransformer]] = {}
     for directory in directories:
         model = load(directory, device=device)
@@ -52,6 +67,15 @@ def cached_results(directory: str | Path, stamp: dict[str, Any], compute: Callab
     Tables are stored as `.json` (`export_table`: exact floats and dtypes), tensors in one
     safetensors file, and `stamp.json` is written last: a kill mid-write leaves no stamp, so the
     results are computed again rather than read half-written.
+
+    Args:
+        directory: the cache folder (a run's `measures/`).
+        stamp: what the results are computed for; a different stamp recomputes them.
+        compute: returns the results when they are not cached.
+        force: compute again whatever is cached.
+
+    Returns:
+        The tables and tensors, read back or computed.
     """
     directory = Path(directory)
     record = {"stamp": stamp}

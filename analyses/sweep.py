@@ -94,6 +94,19 @@ def run_units(units: Sequence[Unit], *, executor: str = "local", workers: int | 
     `workers` is the pool size (`local`; default: usable cores // `threads`) or the number of
     CPUs of a Ray instance started here; `gpus_per_unit` is each Ray task's GPU share (a fraction
     packs several small models on one GPU).
+
+    Args:
+        units: the units to run.
+        executor: `serial`, `local` or `ray`.
+        workers: the pool size, or a local Ray instance's CPUs.
+        threads: torch threads per unit.
+        ray_address: a running Ray cluster (`auto`, `HOST:PORT`); default a local instance.
+        gpus_per_unit: each Ray task's GPU share.
+        desc: the progress bar's label.
+        quiet: no progress bar.
+
+    Returns:
+        A `SweepResult`: each unit's return value and each failure, by name.
     """
     names = [unit.name for unit in units]
     if len(set(names)) != len(names):

@@ -82,7 +82,14 @@ class DemoModel:
 
 def discover_models(directory: str | Path) -> dict[str, Path]:
     """Checkpoint folders by name: `directory` itself if it is one (holds `config.json`), else
-    the `runs/<name>/` folders of a `poslens reproduce` output, else its checkpoint subfolders."""
+    the `runs/<name>/` folders of a `poslens reproduce` output, else its checkpoint subfolders.
+
+    Args:
+        directory: a checkpoint, a `reproduce` output or a folder of checkpoints.
+
+    Returns:
+        Name → checkpoint folder.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"model folder {directory} does not exist")
@@ -97,18 +104,14 @@ def discover_models(directory: str | Path) -> dict[str, Path]:
 
 
 def unsupported_reason(directory: str | Path) -> str | None:
-    """Why the demo cannot show the run in `directory`, or None when it can.
-
-    The demo's prompts, corruptions and heatmaps put every role at a fixed position, so it takes
-    fixed-format addition runs only: a run of another task, or of the shifted format
-    (`Addition(max_shift=P)`, where the operands move), is refused with this reason.
+    """Why the demo cannot show the run in `directory`: its prompts and heatmaps need every role at a
+    fixed position, so only fixed-format addition runs (not `Addition(max_shift=P)`) are shown.
 
     Args:
         directory: a run directory (holds `run.json`).
 
     Returns:
-        What rules the run out, to follow its name or folder ("was trained on ..."), or None for
-        a fixed-format addition run.
+        What rules the run out ("was trained on ..."), or None for a fixed-format addition run.
     """
     task = load_task(directory)
     if not isinstance(task, Addition):
@@ -122,8 +125,7 @@ def unsupported_reason(directory: str | Path) -> str | None:
 def demo_models(paths: Mapping[str, str | Path]) -> tuple[dict[str, Path], dict[str, str]]:
     """Split checkpoints (as `discover_models` returns them) into those the demo shows and those it skips.
 
-    A `poslens reproduce` output holds shifted-format runs beside the fixed-format ones; the demo
-    shows the fixed-format ones and reports the others (see `unsupported_reason`).
+    A `poslens reproduce` output holds shifted-format runs beside the fixed-format ones.
 
     Args:
         paths: run name → checkpoint folder.
@@ -147,7 +149,17 @@ def demo_models(paths: Mapping[str, str | Path]) -> tuple[dict[str, Path], dict[
 def load_demo_model(directory: str | Path, *, name: str | None = None, device: str = "cpu",
                     n_sequences: int = 300) -> DemoModel:
     """The checkpoint in `directory` with its task, which must be fixed-format addition; the probe
-    and the cut table will use `n_sequences` held-out sequences."""
+    and the cut table will use `n_sequences` held-out sequences.
+
+    Args:
+        directory: the checkpoint folder.
+        name: the model's name in the demo; default the folder's.
+        device: where the model runs.
+        n_sequences: held-out sequences for the probe and the cut table.
+
+    Returns:
+        The `DemoModel`.
+    """
     reason = unsupported_reason(directory)
     if reason is not None:
         raise ValueError(f"{directory} {reason}")

@@ -51,6 +51,16 @@ def load_any(spec: Any, *, tokenizer: Any = None, device: str | None = None,
     (`cpu`, `cuda`, ...) is where the loaded model runs; `dtype` the precision its weights are
     loaded in (default float32; `torch.bfloat16` halves a large model). A model object is
     returned as it is.
+
+    Args:
+        spec: a poslens run directory, a TransformerLens model, a hub id or `save_pretrained`
+            folder, or a `transformers.PreTrainedModel`.
+        tokenizer: the tokenizer for a Hugging Face model or a folder without one.
+        device: where the loaded model runs.
+        dtype: the weights' precision for a model loaded from a folder or the hub.
+
+    Returns:
+        A model satisfying `transformer_lens.model_protocol.TransformerLensModel`, in eval mode.
     """
     if (isinstance(spec, TransformerLensModel) or _is_hf_model(spec)) and dtype is not None:
         raise ValueError("dtype= applies to a model loaded from a folder or the hub; cast a model object yourself")
@@ -77,7 +87,15 @@ def fresh_twin(model: TransformerLensModel, *, seed: int = 0) -> TransformerLens
 
     A poslens model is rebuilt from its config (its own `cfg.seed`); a bridged Hugging Face model
     is re-created from its config with the architecture's own initialisation, seeded by `seed`
-    (without touching the global random state), and bridged with the same tokenizer."""
+    (without touching the global random state), and bridged with the same tokenizer.
+
+    Args:
+        model: a poslens model or a bridged Hugging Face model.
+        seed: seeds a bridged model's new weights (a poslens model uses its `cfg.seed`).
+
+    Returns:
+        An untrained model of the same architecture, in eval mode.
+    """
     if isinstance(model, HookedTransformer):
         return build(model.cfg).eval()
     original = getattr(model, "original_model", None)

@@ -387,5 +387,12 @@ class HookedTransformer(HookedRootModule):
 
 
 def build(cfg: VariantConfig) -> HookedTransformer:
-    """A freshly initialised model for `cfg` (weights depend only on `cfg.seed`)."""
+    """A freshly initialised model for `cfg` (weights depend only on `cfg.seed`).
+
+    Args:
+        cfg: the variant's configuration (`preset` makes one from a name).
+
+    Returns:
+        A `HookedTransformer` with `cfg.seed`'s initial weights, on `cfg.device`.
+    """
     return HookedTransformer(cfg)

@@ -109,6 +109,15 @@ def training_dynamics(run_dir: str | Path, *, n_sequences: int = 1000, device: s
     All measures use one seeded, unbiased sample of `n_sequences` held-out sequences
     (`task.sample_test`); probes are trained on three quarters of them and tested on the rest,
     split by sequence. Entropy is also split into loss-bearing queries and the rest.
+
+    Args:
+        run_dir: a run trained with snapshots.
+        n_sequences: held-out sequences measured.
+        device: where the snapshots run.
+        quiet: no progress bars.
+
+    Returns:
+        A `DynamicsResult`: the tables and figures.
     """
     run_dir = Path(run_dir)
     snapshots = list_snapshots(run_dir)
@@ -217,6 +226,25 @@ def write_dynamics(out_dir: str | Path, *, variants: Sequence[str], task: str, s
 
     Finished outputs are never overwritten: if any exist, this refuses before training unless
     `force=True`, which measures the runs again (trained runs are always kept and resumed).
+
+    Args:
+        out_dir: the study's folder.
+        variants: variant names.
+        task: `addition` or `markov`.
+        seeds: the seeds.
+        checkpoints: log-spaced snapshots per run.
+        steps: optimiser steps; default the task's preset.
+        n_layers: blocks; default the task's preset.
+        d_model: width; default the task's preset.
+        n_sequences: held-out sequences measured.
+        constant_lr_control: train each run again under a constant learning rate.
+        device: where the units run.
+        quiet: no progress bars.
+        force: measure finished runs again.
+        **sweep: executor settings of `run_units`.
+
+    Returns:
+        The merged tables by name.
     """
     _task(task)
     if isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 1:

@@ -58,7 +58,22 @@ def write_induction(out_dir: str | Path, *, variants: Sequence[str], seeds: Sequ
     the executor settings of `analyses.sweep.run_units`), then `out_dir/tables/*.{csv,md,json}`
     (the induction tables merged, plus `roles`: each run's copier heads, best parent-matching
     head and loss gap to Bayes), `out_dir/figures/` and `out_dir/summary.md`. Existing outputs
-    are refused unless `force`, which measures the runs again (trained runs are kept)."""
+    are refused unless `force`, which measures the runs again (trained runs are kept).
+
+    Args:
+        out_dir: the study's folder.
+        variants: variant names.
+        seeds: the seeds.
+        n_sequences: fresh sequences measured per run.
+        steps: optimiser steps; default `MARKOV_TRAINING`'s.
+        device: where the units run.
+        quiet: no progress bars.
+        force: measure finished runs again.
+        **sweep: executor settings of `run_units`.
+
+    Returns:
+        The merged tables by name.
+    """
     variants, seeds = list(variants), list(seeds)
     if not variants or not seeds or len(set(variants)) != len(variants) or len(set(seeds)) != len(seeds):
         raise ValueError(f"need distinct variants and distinct seeds, at least one of each; got {variants}, {seeds}")

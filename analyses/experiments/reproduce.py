@@ -73,6 +73,18 @@ def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = "qui
     executor settings): it trains into `out_dir/runs/<variant>-seed<k>/` and measures the run
     there (cached in `measures/`). This process alone writes the merged `tables/`, `figures/`,
     `summary.md` and `report.html`. `force` measures every run again (weights are never deleted).
+
+    Args:
+        out_dir: the study's folder (locked while it runs).
+        preset_name: `tiny`, `quick` or `paper` (`analyses.experiments.presets.PRESETS`).
+        seeds: seeds per variant, 0..seeds-1.
+        force: measure every finished run again.
+        device: where the units train and measure.
+        quiet: no progress bars.
+        **sweep: executor settings of `run_units` (`executor`, `workers`, `threads`, ...).
+
+    Returns:
+        The merged tables by name, `claims` among them.
     """
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; allowed: {sorted(PRESETS)}")

@@ -54,7 +54,18 @@ def position_swap(model: HookedTransformer, task: Addition, *, positions: tuple[
     model's two answers differ (up to `n_sequences` of them, from a seeded sample of
     4 × `n_sequences` held-out prompts). `fixed_by_construction`: the architecture alone keeps
     every answer position unchanged under this swap, so the row is not evidence (columns
-    `SWAP_COLUMNS`)."""
+    `SWAP_COLUMNS`).
+
+    Args:
+        model: an addition model.
+        task: its task (fixed format).
+        positions: the two operand-digit positions whose vectors are exchanged.
+        n_sequences: the most prompts scored.
+        seed: draws the sample.
+
+    Returns:
+        One row per site, columns `SWAP_COLUMNS`.
+    """
     n_answer = task.seq_len - task.prompt_len
     sequences = task.sample_test(min(4 * n_sequences, task.n_test), seed)
     prompts = sequences[:, : task.prompt_len]
@@ -91,6 +102,17 @@ def swap_readout(model: HookedTransformer, task: Addition, *, positions: tuple[i
     `fixed_by_construction`: the column is exactly the unswapped vector of `origin`
     (`construction.swap_readout_fixed`), so reading the origin there says nothing about the
     model. Columns `SWAP_READOUT_COLUMNS`.
+
+    Args:
+        model: an addition model.
+        task: its task (fixed format).
+        positions: the two positions whose vectors are exchanged.
+        n_sequences: held-out prompts sampled.
+        seed: draws the sample and splits the probes' data.
+        C: the inverse L2 strength of the probes.
+
+    Returns:
+        The readout table, columns `SWAP_READOUT_COLUMNS`.
     """
     i, j = positions
     if i == j or not (0 <= i < task.prompt_len and 0 <= j < task.prompt_len):
@@ -135,6 +157,16 @@ def residual_cut_effects(model: HookedTransformer, task: Addition, *, n_sequence
     accuracy of a position probe fitted afresh on the final residual stream of the cut model
     (is position still linearly readable downstream?). Deltas are against the intact model.
     All on a seeded sample of `n_sequences` held-out sequences (`seed` also splits the probe's data).
+
+    Args:
+        model: an addition model.
+        task: its task.
+        n_sequences: held-out sequences measured.
+        C: the inverse L2 strength of the position probe.
+        seed: draws the sample and splits the probe's data.
+
+    Returns:
+        One row per cut.
     """
     tokens = task.sample_test(min(n_sequences, task.n_test), seed)
     train_seq, test_seq = split_by_sequence(len(tokens), test_fraction=0.25, seed=seed)
