@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("probe", help="linear position probes at every residual site, with controls")
     p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT_DIR", help="trained run directories")
     p.add_argument("--model", help="instead: one model, a Hugging Face hub id, a save_pretrained folder or a "
-                                    "poslens run directory (see README, Real models)")
+                                    "poslens run directory (see docs/real-models.md)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--text", metavar="FILE", help="with --model: probe a UTF-8 text, chunked into sequences of "
                                                        "--max-len tokens with the model's tokenizer, BOS first")
@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--models", help="a reproduce output folder or a checkpoint folder (default: train or load "
                                         f"the built-in model in {DEFAULT_MODEL_DIR})")
     which.add_argument("--model", help="instead: a language model for free-text prompts, a Hugging Face hub id, a "
-                                       "save_pretrained folder or a poslens run directory (see README, Real models)")
+                                       "save_pretrained folder or a poslens run directory (see docs/real-models.md)")
     p.add_argument("--tokenizer", help="with --model: a tokenizer folder or hub id (for a folder without one)")
     p.add_argument("--dtype", choices=list(MODEL_DTYPES), help="with --model: weight precision (default float32)")
     p.add_argument("--text", metavar="FILE", help="with --model: fit the position probe on this UTF-8 text, chunked "
