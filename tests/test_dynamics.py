@@ -212,6 +212,7 @@ def test_training_dynamics_needs_snapshots(tiny, tmp_path, addition):
         training_dynamics(tmp_path, quiet=True)
 
 
+@pytest.mark.slow
 def test_cli_writes_outputs_and_refuses_to_overwrite(run_cli, tmp_path):
     out = tmp_path / "dyn"
     args = ("dynamics", "--variant", "nope-causal", "--task", "addition", "--layers", "1", "--d-model", "32",

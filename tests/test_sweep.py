@@ -76,13 +76,14 @@ def test_local_workers_and_a_ray_cluster_give_the_serial_bits(serial_study, tmp_
     assert result.results == {f"u{i}": (1, i) for i in range(3)}, result.failures
 
 
-@pytest.mark.parametrize("executor, workers", [("serial", None), ("local", 2)])
+@pytest.mark.parametrize("executor, workers", [("serial", None), pytest.param("local", 2, marks=pytest.mark.slow)])
 def test_every_unit_runs_with_the_threads_asked_for(executor, workers, two_cores):
     result = run_units([Unit(f"u{i}", threads_and_echo, {"value": i}) for i in range(3)], executor=executor,
                        workers=workers, threads=1, quiet=True)
     assert result.results == {f"u{i}": (1, i) for i in range(3)}
 
 
+@pytest.mark.slow  # worker processes
 def test_a_failing_unit_is_reported_by_name_while_the_others_finish(two_cores):
     units = [Unit(f"u{i}", fails_on, {"value": i, "bad": 1}) for i in range(4)]
     for executor in ("serial", "local"):
