@@ -26,7 +26,7 @@ def load_task(run_dir: str | Path):
         run_dir: a run directory (holds `run.json`).
 
     Returns:
-        The task.
+        task (Addition | MarkovICL): the task the run was trained on.
     """
     record = task_record(run_dir)
     if not isinstance(record, dict) or not isinstance(record.get("name"), str):

@@ -141,7 +141,7 @@ def test_public_functions_document_their_arguments_and_result():
         doc, signature = inspect.getdoc(function) or "", inspect.signature(function)
         params = sorted(signature.parameters)
         args = doc.split("Args:")[1].split("Returns:")[0] if "Args:" in doc else ""
-        documented = sorted(re.findall(r"^    \**(\w+):", args, re.M))
+        documented = sorted(re.findall(r"^    \**(\w+)(?: \([^)]*\))?:", args, re.M))
         returns = "Returns:" in doc or signature.return_annotation in (None, "None")
         if documented != params or not returns:
             bad.append(f"{name}: Args {documented} for parameters {params}" + ("" if returns else ", no Returns"))

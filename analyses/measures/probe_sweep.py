@@ -171,7 +171,7 @@ def probe_sweep(models_by_variant: Mapping[str, Sequence[TransformerLensModel]],
         models_by_variant: variant name → its models (one per seed).
         task: the task whose held-out sequences are probed.
         n_sequences: how many held-out sequences to sample.
-        **options: any other option of `sweep_probes`.
+        **options (Any): any other option of `sweep_probes`.
 
     Returns:
         The tidy probe table.
