@@ -26,7 +26,7 @@ from poslens.analyses.runs import load_models_by_variant, load_task
 from poslens.analyses.sweep import EXECUTORS, UnitsFailed, check_executor
 from poslens.analyses.tables import EXPORT_SUFFIXES, check_writable, render_table, side_by_side
 from poslens.demos.lm_panels import DEFAULT_SEQUENCES, MAX_PROMPT_TOKENS, load_lm_demo
-from poslens.demos.panels import DEFAULT_MODEL_DIR, default_model, discover_models
+from poslens.demos.panels import DEFAULT_MODEL_DIR, default_model, demo_models, discover_models
 from poslens.demos.static import write_static_page
 from poslens.tasks import TASKS, make_task
 from poslens.variants import HookedTransformer, TrainSettings, load_any, preset, train
@@ -247,9 +247,12 @@ def _demo(args: argparse.Namespace) -> None:
                             text=args.text, n_sequences=DEFAULT_SEQUENCES if args.sequences is None else args.sequences,
                             max_len=args.max_len, seed=args.seed, **_load_options(args))
         return serve_language_model(demo, port=args.port, quiet=args.quiet)
-    models = discover_models(args.models or default_model(device=args.device, quiet=args.quiet))
+    models, skipped = demo_models(discover_models(args.models or default_model(device=args.device, quiet=args.quiet)))
+    for name, reason in skipped.items() if not args.quiet else ():
+        print(f"skipping {name}: it {reason}", file=sys.stderr)
     if args.static:
-        path = write_static_page(models, args.static, overwrite=args.overwrite, device=args.device, quiet=args.quiet)
+        path = write_static_page(models, args.static, overwrite=args.overwrite, device=args.device, quiet=args.quiet,
+                                 skipped=skipped)
         print(f"wrote {path}")
     else:
         serve(models, port=args.port, device=args.device, quiet=args.quiet)
@@ -374,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("probe", help="linear position probes at every residual site, with controls")
     p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT_DIR", help="trained run directories")
     p.add_argument("--model", help="instead: one model, a Hugging Face hub id, a save_pretrained folder or a "
-                                    "poslens run directory (see README, Real models)")
+                                    "poslens run directory (see docs/real-models.md)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--text", metavar="FILE", help="with --model: probe a UTF-8 text, chunked into sequences of "
                                                        "--max-len tokens with the model's tokenizer, BOS first")
@@ -443,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--models", help="a reproduce output folder or a checkpoint folder (default: train or load "
                                         f"the built-in model in {DEFAULT_MODEL_DIR})")
     which.add_argument("--model", help="instead: a language model for free-text prompts, a Hugging Face hub id, a "
-                                       "save_pretrained folder or a poslens run directory (see README, Real models)")
+                                       "save_pretrained folder or a poslens run directory (see docs/real-models.md)")
     p.add_argument("--tokenizer", help="with --model: a tokenizer folder or hub id (for a folder without one)")
     p.add_argument("--dtype", choices=list(MODEL_DTYPES), help="with --model: weight precision (default float32)")
     _add_model_load_options(p)

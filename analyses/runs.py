@@ -31,7 +31,14 @@ from poslens.variants.training import list_snapshots
 def load_task(run_dir: str | Path):
     """The task a run directory was trained on (an `Addition` or a `MarkovICL`); a run recorded
     before a task field existed gets the field's legacy value (`tasks.from_record`); a clear
-    error if `run.json`'s task record does not describe a task."""
+    error if `run.json`'s task record does not describe a task.
+
+    Args:
+        run_dir: a run directory (holds `run.json`).
+
+    Returns:
+        task (Addition | MarkovICL): the task the run was trained on.
+    """
     record = task_record(run_dir)
     if not isinstance(record, dict) or not isinstance(record.get("name"), str):
         found = f"fields {sorted(record)}" if isinstance(record, dict) else f"a {type(record).__name__}"
@@ -43,7 +50,15 @@ def load_task(run_dir: str | Path):
 
 
 def load_models_by_variant(directories: Sequence[str | Path], *, device: str = "cpu") -> dict[str, list[HookedTransformer]]:
-    """Trained checkpoints grouped by their variant name, in the order given."""
+    """Trained checkpoints grouped by their variant name, in the order given.
+
+    Args:
+        directories: run folders.
+        device: where the models run.
+
+    Returns:
+        Variant name → its models.
+    """
     grouped: dict[str, list[HookedTransformer]] = {}
     for directory in directories:
         model = load(directory, device=device)

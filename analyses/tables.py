@@ -241,15 +241,18 @@ def _mean_std_text(mean: float, std: float, n_seeds: int, digits: int) -> str:
 
 
 def export_table(df: pd.DataFrame, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write `df` atomically in the format named by `path`'s suffix; return the path.
+    """Write `df` atomically in the format named by `path`'s suffix. A named index (such as
+    `wide_table`'s sites) becomes the first column(s), an unnamed one is dropped, and MultiIndex
+    column labels are joined with spaces.
 
-    ``.csv`` and ``.json`` keep full precision (JSON carries pandas' table
-    schema, so dtypes survive `read_table`); ``.md`` and ``.tex`` (a booktabs
-    tabular) show floats to 4 significant digits. A named index (such as
-    `wide_table`'s sites) becomes the first column(s), an unnamed one is
-    dropped, and MultiIndex column labels are joined with spaces. Refuses
-    to replace an existing file unless ``overwrite=True`` (`FileExistsError`
-    naming it); raises `ValueError` for an empty frame or an unknown suffix.
+    Args:
+        df: the table; an empty one is refused (`ValueError`).
+        path: `.csv` and `.json` keep full precision (JSON carries pandas' table schema, so dtypes
+            survive `read_table`); `.md` and `.tex` (booktabs) show floats to 4 significant digits.
+        overwrite: replace an existing file (otherwise `FileExistsError` naming it).
+
+    Returns:
+        `path` as a `Path`.
     """
     path = Path(path)
     suffix = _checked_suffix(path, EXPORT_SUFFIXES)

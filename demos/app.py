@@ -123,6 +123,13 @@ def make_app(models: Mapping[str, str | Path] | ModelStore, *, device: str = "cp
     message. The client-side `state` holds only the model name and the two prompts as typed
     (at most `MAX_PROMPT_CHARS` each); every callback parses them again, so a forged state is
     refused like a typed prompt and can never make a request slower than a typed one.
+
+    Args:
+        models: name → checkpoint folder, or a `ModelStore`.
+        device: where the models run.
+
+    Returns:
+        The Dash app (serve it with `serve`, or `demos.server.make_server`).
     """
     store = models if isinstance(models, ModelStore) else ModelStore(models, device=device)
     lock = threading.Lock()
@@ -224,7 +231,14 @@ def _clicked_cell(click: Any) -> tuple[int, int]:
 
 def serve(models: Mapping[str, str | Path], *, port: int = 8050, device: str = "cpu", quiet: bool = False) -> None:
     """Run the demo on http://127.0.0.1:`port` until interrupted (Ctrl-C). The first model, its
-    position probe and its residual-cut table are prepared before the server starts."""
+    position probe and its residual-cut table are prepared before the server starts.
+
+    Args:
+        models: name → checkpoint folder.
+        port: the port on 127.0.0.1 (0 = any free port).
+        device: where the models run.
+        quiet: no request log or progress bars.
+    """
     store = ModelStore(models, device=device)
     server = make_server(make_app(store), port)
     if not quiet:

@@ -110,7 +110,21 @@ def load_lm_demo(spec: Any, *, tokenizer: Any = None, device: str | None = None,
     and `dtype`, and `load_options` such as `device_map`, `trust_remote_code`, `allow_pickle`); its
     probe will be fitted on `n_sequences` chunks of the UTF-8 file `text`, or on random tokens, of
     `max_len` tokens (default `MAX_PROMPT_TOKENS`, or the model's context if shorter). A model that
-    cannot read text (no tokenizer) is refused here."""
+    cannot read text (no tokenizer) is refused here.
+
+    Args:
+        spec: the model, as `load_any` takes it.
+        tokenizer: a tokenizer for a folder without one.
+        device: where the model runs.
+        dtype: the weights' precision.
+        text: a UTF-8 file to fit the probe on; default random tokens.
+        n_sequences: sequences the probe is fitted on.
+        max_len: tokens per sequence.
+        seed: draws the random tokens.
+
+    Returns:
+        The `LMDemoModel`.
+    """
     model = load_any(spec, tokenizer=tokenizer, device=device, dtype=dtype, **load_options)
     encode_text(model, "")  # a clear error now, not at the first prompt, when the model has no tokenizer
     max_len = min(MAX_PROMPT_TOKENS, model.cfg.n_ctx) if max_len is None else max_len

@@ -82,7 +82,14 @@ class DemoModel:
 
 def discover_models(directory: str | Path) -> dict[str, Path]:
     """Checkpoint folders by name: `directory` itself if it is one (holds `config.json`), else
-    the `runs/<name>/` folders of a `poslens reproduce` output, else its checkpoint subfolders."""
+    the `runs/<name>/` folders of a `poslens reproduce` output, else its checkpoint subfolders.
+
+    Args:
+        directory: a checkpoint, a `reproduce` output or a folder of checkpoints.
+
+    Returns:
+        Name → checkpoint folder.
+    """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} is not a folder; give a reproduce output folder or a checkpoint folder")
@@ -98,14 +105,67 @@ def discover_models(directory: str | Path) -> dict[str, Path]:
     return found
 
 
-def load_demo_model(directory: str | Path, *, name: str | None = None, device: str = "cpu",
-                    n_sequences: int = 300) -> DemoModel:
-    """The checkpoint in `directory` with its task, which must be addition; the probe and the
-    cut table will use `n_sequences` held-out sequences."""
+def unsupported_reason(directory: str | Path) -> str | None:
+    """Why the demo cannot show the run in `directory`: its prompts and heatmaps need every role at a
+    fixed position, so only fixed-format addition runs (not `Addition(max_shift=P)`) are shown.
+
+    Args:
+        directory: a run directory (holds `run.json`).
+
+    Returns:
+        What rules the run out ("was trained on ..."), or None for a fixed-format addition run.
+    """
     task = load_task(directory)
     if not isinstance(task, Addition):
-        raise ValueError(f"{directory} was trained on {task.name!r}; the demo needs an 'addition' model")
-    return DemoModel(name or Path(directory).name, load(directory, device=device), task, n_sequences)
+        return f"was trained on {task.name!r}; the demo needs an 'addition' model"
+    if task.max_shift:
+        return (f"was trained on the shifted format (max_shift={task.max_shift}), whose positions have no fixed "
+                "role; the demo needs a fixed-format addition model")
+    return None
+
+
+def demo_models(paths: Mapping[str, str | Path]) -> tuple[dict[str, Path], dict[str, str]]:
+    """Split checkpoints (as `discover_models` returns them) into those the demo shows and those it skips.
+
+    A `poslens reproduce` output holds shifted-format runs beside the fixed-format ones.
+
+    Args:
+        paths: run name → checkpoint folder.
+
+    Returns:
+        `(shown, skipped)`: name → folder of the runs the demo can show, and name → the reason
+        each other run is skipped.
+
+    Raises:
+        ValueError: when no run is left to show (the message lists every reason).
+    """
+    reasons = {name: unsupported_reason(path) for name, path in paths.items()}
+    shown = {name: Path(path) for name, path in paths.items() if reasons[name] is None}
+    skipped = {name: reason for name, reason in reasons.items() if reason is not None}
+    if not shown:
+        raise ValueError("no model the demo can show: " + "; ".join(f"{paths[name]} {reason}"
+                                                                    for name, reason in skipped.items()))
+    return shown, skipped
+
+
+def load_demo_model(directory: str | Path, *, name: str | None = None, device: str = "cpu",
+                    n_sequences: int = 300) -> DemoModel:
+    """The checkpoint in `directory` with its task, which must be fixed-format addition; the probe
+    and the cut table will use `n_sequences` held-out sequences.
+
+    Args:
+        directory: the checkpoint folder.
+        name: the model's name in the demo; default the folder's.
+        device: where the model runs.
+        n_sequences: held-out sequences for the probe and the cut table.
+
+    Returns:
+        The `DemoModel`.
+    """
+    reason = unsupported_reason(directory)
+    if reason is not None:
+        raise ValueError(f"{directory} {reason}")
+    return DemoModel(name or Path(directory).name, load(directory, device=device), load_task(directory), n_sequences)
 
 
 class ModelStore:

@@ -79,9 +79,12 @@ def _select(name: str, options: Sequence[str]) -> str:
     return f'<label>{name} <select id="{name}">{items}</select></label>'
 
 
-def static_page(figures: dict[str, dict[str, dict[str, dict]]]) -> str:
-    """The HTML of the page: plotly.js inline, the figures as JSON, the selects and the script."""
+def static_page(figures: dict[str, dict[str, dict[str, dict]]], skipped: Mapping[str, str] | None = None) -> str:
+    """The HTML of the page: plotly.js inline, the figures as JSON, the selects and the script, and
+    a line naming the runs left out (`skipped`: name → reason, see `demos.panels.demo_models`)."""
     models = list(figures)
+    left_out = "".join(f"<li>{html.escape(name)}: it {html.escape(reason)}</li>" for name, reason in (skipped or {}).items())
+    left_out = f"<p>Not shown:</p><ul>{left_out}</ul>" if left_out else ""
     prompts = list(figures[models[0]])
     data = json.dumps(figures).replace("</", "<\\/")  # nothing in the JSON may close the <script>
     return f"""<!DOCTYPE html>
@@ -95,6 +98,7 @@ first answer digit comes back: 1 = the clean run, 0 = the corrupted run.</p>
 <p>{_select("model", models)} {_select("prompt", prompts)} {_select("site", list(SITES))}</p>
 <div id="answers" style="font-family: monospace"></div>
 <div id="heatmap" style="height: 520px"></div>
+{left_out}
 <script>{_SCRIPT % data}</script>
 </body></html>
 """
@@ -102,11 +106,25 @@ first answer digit comes back: 1 = the clean run, 0 = the corrupted run.</p>
 
 def write_static_page(models: Mapping[str, str | Path] | ModelStore, out: str | Path, *,
                       prompts: Sequence[str] = STATIC_PROMPTS, overwrite: bool = False, device: str = "cpu",
-                      quiet: bool = False) -> Path:
+                      quiet: bool = False, skipped: Mapping[str, str] | None = None) -> Path:
     """Compute every heatmap and write the self-contained page to `out` (atomically; an existing
-    file only with `overwrite`)."""
+    file only with `overwrite`).
+
+    Args:
+        models: name → checkpoint folder (fixed-format addition runs: `demos.panels.demo_models`
+            picks them from a `reproduce` output), or a `ModelStore`.
+        out: the page's path, ending in `.html`.
+        prompts: the clean prompts (each corrupted by swapping the first operand's outer digits).
+        overwrite: replace an existing file.
+        device: where the models run.
+        quiet: no progress bar.
+        skipped: name → reason of runs left out, listed on the page.
+
+    Returns:
+        The path written.
+    """
     out = check_html_path(out, overwrite=overwrite)
     if not prompts:
         raise ValueError("the static page needs at least one prompt")
     store = models if isinstance(models, ModelStore) else ModelStore(models, device=device)
-    return atomic_write(out, static_page(static_figures(store, prompts, quiet=quiet)), overwrite=overwrite)
+    return atomic_write(out, static_page(static_figures(store, prompts, quiet=quiet), skipped), overwrite=overwrite)

@@ -27,19 +27,40 @@ def residual_sites(model: TransformerLensModel) -> list[str]:
 
     A block whose attention and MLP read the same input in parallel (GPT-NeoX / Pythia's
     `use_parallel_residual`) has no `hook_resid_mid`; its sites are then only `resid_post`
-    (`missing_resid_mid` names those blocks)."""
+    (`missing_resid_mid` names those blocks).
+
+    Args:
+        model: any TransformerLens model.
+
+    Returns:
+        The site names, from the embedding to the last block's `resid_post`.
+    """
     hooks = model.hook_dict
     return [EMBED] + [site for block in range(model.cfg.n_layers) for site in
                       (f"blocks.{block}.hook_resid_mid", f"blocks.{block}.hook_resid_post") if site in hooks]
 
 
 def missing_resid_mid(model: TransformerLensModel) -> list[int]:
-    """The blocks without a `hook_resid_mid` (parallel attention and MLP)."""
+    """The blocks without a `hook_resid_mid` (parallel attention and MLP).
+
+    Args:
+        model: any TransformerLens model.
+
+    Returns:
+        The block indices that have no `resid_mid`.
+    """
     return [block for block in range(model.cfg.n_layers) if f"blocks.{block}.hook_resid_mid" not in model.hook_dict]
 
 
 def hook_name(site: str) -> str:
-    """The hook that carries `site` (`embed` is block 0's `resid_pre`)."""
+    """The hook that carries `site` (`embed` is block 0's `resid_pre`).
+
+    Args:
+        site: `embed` or a full hook name.
+
+    Returns:
+        The hook name to capture.
+    """
     return "blocks.0.hook_resid_pre" if site == EMBED else site
 
 
@@ -67,6 +88,18 @@ def capture_residuals(model: TransformerLensModel, tokens: Int[Tensor, "example 
     `BATCH_TOKENS` tokens) on the model's device, writing straight into the result on the CPU, so
     peak memory is the result plus one batch's activations; each pass stops after the last
     requested site. `dtype` is the result's (default the model's; `torch.float16` halves it).
+
+    Args:
+        model: any TransformerLens model (a poslens variant or a bridge).
+        tokens: `[example, pos]` token ids.
+        sites: hook names (`residual_sites(model)` gives them; `embed` for the stream entering block 0).
+        batch_size: examples per forward pass.
+        dtype: the result's precision.
+        quiet: no progress bar.
+
+    Returns:
+        A `Capture`: `activations` `[site, example, pos, d_model]` on the CPU, and `sites`;
+        `capture[site]` is one site's `[example, pos, d_model]`.
     """
     allowed = residual_sites(model)
     sites = list(allowed if sites is None else sites)
@@ -112,7 +145,15 @@ def capture_residuals(model: TransformerLensModel, tokens: Int[Tensor, "example 
 @torch.no_grad()
 def capture_patterns(model: TransformerLensModel, tokens: Int[Tensor, "batch pos"]
                      ) -> tuple[Float[Tensor, "batch pos d_vocab"], Float[Tensor, "layer batch head query key"]]:
-    """Logits and every layer's attention pattern (`blocks.{l}.attn.hook_pattern`), caching nothing else."""
+    """Logits and every layer's attention pattern (`blocks.{l}.attn.hook_pattern`), caching nothing else.
+
+    Args:
+        model: any TransformerLens model.
+        tokens: the prompts.
+
+    Returns:
+        `(logits, patterns)`: `[batch, pos, d_vocab]` and `[layer, batch, head, query, key]`.
+    """
     logits, cache = model.run_with_cache(tokens.to(model.cfg.device),
                                          names_filter=lambda name: name.endswith("attn.hook_pattern"))
     return logits, torch.stack([cache["pattern", layer] for layer in range(model.cfg.n_layers)])

@@ -17,6 +17,13 @@ def cut_residual(block: int, sublayer: str = "both") -> FwdHooks:
     `resid_mid` becomes `attn_out` (`attn`), `resid_post` becomes `mlp_out` (`mlp`), or both.
 
     Equivalent, to the bit, to a model built with `residual_cuts={block: sublayer}` and the same weights.
+
+    Args:
+        block: the block whose residual connection(s) to remove.
+        sublayer: `attn`, `mlp` or `both`.
+
+    Returns:
+        Forward hooks for `model.hooks(fwd_hooks=...)`.
     """
     if sublayer not in SUBLAYERS:
         raise ValueError(f"unknown residual cut sublayer {sublayer!r}; allowed: {list(SUBLAYERS)}")
@@ -47,13 +54,28 @@ def _replacer(saved: dict[str, Tensor]):
 
 
 def zero_ablation(hook_name: str) -> FwdHooks:
-    """Replace the activation at `hook_name` by zeros."""
+    """Replace the activation at `hook_name` by zeros.
+
+    Args:
+        hook_name: the TransformerLens hook to ablate.
+
+    Returns:
+        Forward hooks for `model.hooks(fwd_hooks=...)`.
+    """
     return [(hook_name, lambda activation, hook: torch.zeros_like(activation))]
 
 
 def mean_ablation(hook_name: str, mean: Float[Tensor, "... d"]) -> FwdHooks:
     """Replace the activation at `hook_name` by `mean` (e.g. its mean over a dataset, per position
-    `[pos, d_model]` or overall `[d_model]`), broadcast over the batch."""
+    `[pos, d_model]` or overall `[d_model]`), broadcast over the batch.
+
+    Args:
+        hook_name: the TransformerLens hook to ablate.
+        mean: the replacement, `[pos, d_model]` or `[d_model]`.
+
+    Returns:
+        Forward hooks for `model.hooks(fwd_hooks=...)`.
+    """
 
     if mean.ndim not in (1, 2):
         raise ValueError(f"mean must be shaped [d_model] or [pos, d_model], got {tuple(mean.shape)}")

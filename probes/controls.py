@@ -23,7 +23,16 @@ def control_labels(token_ids: Int[ArrayLike, "*tokens"], labels: Int[ArrayLike, 
         Tensor, "*tokens"]:
     """Hewitt & Liang (2019) control task: every token type gets one random label, drawn from the
     empirical distribution of `labels` and kept wherever the type occurs, so the only way to
-    predict it is to memorise token identity. Same `seed`, same labels."""
+    predict it is to memorise token identity. Same `seed`, same labels.
+
+    Args:
+        token_ids: every token's id.
+        labels: the real labels (same shape), whose distribution the control labels follow.
+        seed: fixes the draw.
+
+    Returns:
+        The control label of every token, shaped like `labels`.
+    """
     token_ids, labels = _integers(token_ids, "token_ids"), _integers(labels, "labels")
     if token_ids.shape != labels.shape:
         raise ValueError(f"token_ids {tuple(token_ids.shape)} and labels {tuple(labels.shape)} differ in shape")
@@ -38,7 +47,15 @@ def control_labels(token_ids: Int[ArrayLike, "*tokens"], labels: Int[ArrayLike, 
 
 def selectivity(task_accuracy: Tensor | float, control_accuracy: Tensor | float) -> Tensor | float:
     """Hewitt & Liang's selectivity, task minus control accuracy: high when the probe reads the
-    label from the representation rather than memorising token identity."""
+    label from the representation rather than memorising token identity.
+
+    Args:
+        task_accuracy: the probe's accuracy on the real labels.
+        control_accuracy: the same probe's accuracy on `control_labels`.
+
+    Returns:
+        Their difference (a tensor for tensors).
+    """
     return task_accuracy - control_accuracy
 
 
@@ -49,7 +66,18 @@ def token_identity_baseline(token_ids: Int[ArrayLike, "sequence *position"],
     alone, the bar a probe of the residual stream has to clear.
 
     `train_idx` and `test_idx` index the leading axis (sequences of `[sequence, position]`
-    arrays, as `split_by_sequence` gives, or tokens of flat arrays)."""
+    arrays, as `split_by_sequence` gives, or tokens of flat arrays).
+
+    Args:
+        token_ids: the tokens' ids.
+        labels: the labels to predict, shaped like `token_ids`.
+        train_idx: the training sequences (or tokens).
+        test_idx: the test sequences (or tokens).
+        C: the inverse L2 strength of the one-hot probe.
+
+    Returns:
+        The test accuracy.
+    """
     predicted = token_identity_predictions(token_ids, labels, train_idx, test_idx, C=C)
     return (predicted == _integers(labels, "labels")[_integers(test_idx, "test_idx")].flatten()).double().mean().item()
 
@@ -64,7 +92,18 @@ def token_identity_predictions(token_ids: Int[ArrayLike, "sequence *position"],
     (a language model's vocabulary, where that probe would have a weight per type and class) it
     is what such a probe converges to with enough data: the most frequent training label of the
     token's type (the smallest on a tie), and the most frequent label overall for a type never
-    seen in training."""
+    seen in training.
+
+    Args:
+        token_ids: the tokens' ids.
+        labels: the labels to predict, shaped like `token_ids`.
+        train_idx: the training sequences (or tokens).
+        test_idx: the test sequences (or tokens).
+        C: the inverse L2 strength of the one-hot probe.
+
+    Returns:
+        The predicted label of every test token.
+    """
     token_ids, labels = _integers(token_ids, "token_ids"), _integers(labels, "labels")
     if token_ids.shape != labels.shape:
         raise ValueError(f"token_ids {tuple(token_ids.shape)} and labels {tuple(labels.shape)} differ in shape")
@@ -117,7 +156,14 @@ def bag_of_prefix_predictions(token_ids: Int[ArrayLike, "sequence position"],
 
 
 def chance_accuracy(labels: Int[ArrayLike, "*tokens"]) -> float:
-    """Accuracy of always predicting the most frequent label."""
+    """Accuracy of always predicting the most frequent label.
+
+    Args:
+        labels: every token's label.
+
+    Returns:
+        The majority class's share.
+    """
     labels = _integers(labels, "labels")
     if labels.numel() == 0:
         raise ValueError("labels is empty")
@@ -126,7 +172,14 @@ def chance_accuracy(labels: Int[ArrayLike, "*tokens"]) -> float:
 
 def random_guess_mad(n_positions: int) -> float:
     """Mean absolute distance between two independent uniform draws from `n_positions` positions,
-    (T² − 1) / 3T: the error of guessing a position at random (3.97 for T = 12)."""
+    (T² − 1) / 3T: the error of guessing a position at random (3.97 for T = 12).
+
+    Args:
+        n_positions: the number of positions T.
+
+    Returns:
+        (T² − 1) / 3T.
+    """
     n_positions = positive_int(n_positions, "n_positions")
     return (n_positions**2 - 1) / (3 * n_positions)
 

@@ -55,7 +55,7 @@ def minimize(objective: Objective, x0: Float[Tensor, "site rows cols"], precondi
             break
         newest_first = [(iteration - 1 - j) % history for j in range(min(iteration, history))]
         direction = _two_loop(g[sites], steps[:, sites], changes[:, sites], rho[:, sites], gamma[sites],
-                              lambda q: precondition(q, sites), newest_first)
+                              lambda q: precondition(q, sites), newest_first)  # noqa: B023 (called in this iteration)
         t, f_new, g_new, stuck = _line_search(objective, x[sites], f[sites], g[sites], direction, sites)
         step, change = _expand(t) * direction, g_new - g[sites]
         curvature = _dot(step, change)

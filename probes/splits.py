@@ -17,7 +17,16 @@ from poslens.probes.inputs import ArrayLike, as_tensor, positive_int
 def split_by_sequence(n_sequences: int, test_fraction: float = 0.25, seed: int = 0) -> tuple[
         Int[Tensor, " n_train"], Int[Tensor, " n_test"]]:
     """Sorted train and test sequence indices: a random partition of `range(n_sequences)`, the
-    same for the same `seed`, with at least one sequence on each side."""
+    same for the same `seed`, with at least one sequence on each side.
+
+    Args:
+        n_sequences: how many sequences there are.
+        test_fraction: the share of sequences held out.
+        seed: fixes the partition.
+
+    Returns:
+        `(train, test)`: sorted sequence indices.
+    """
     n_sequences = positive_int(n_sequences, "n_sequences")
     if n_sequences < 2:
         raise ValueError(f"need at least 2 sequences to split, got n_sequences={n_sequences}")
@@ -35,7 +44,16 @@ def flatten_tokens(activations: Float[ArrayLike, "site sequence position d_model
     activations and one label per token.
 
     `labels` defaults to the position itself; give `[position]` labels shared by all sequences
-    (a role per position) or `[sequence, position]` labels (a digit value per token)."""
+    (a role per position) or `[sequence, position]` labels (a digit value per token).
+
+    Args:
+        activations: `[site, sequence, position, d_model]`, as `capture_residuals` gives.
+        sequences: the sequence indices to take (e.g. one side of `split_by_sequence`).
+        labels: per-token labels; default the position.
+
+    Returns:
+        `(X, y)`: `[site, n_tokens, d_model]` features and `[n_tokens]` labels.
+    """
     activations = as_tensor(activations, "activations")
     if activations.ndim != 4:
         raise ValueError(

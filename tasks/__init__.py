@@ -21,7 +21,15 @@ TASKS = {"addition": Addition, "markov": MarkovICL}
 
 
 def make_task(name: str, **fields: Any) -> Addition | MarkovICL:
-    """The task called `name` (`addition` or `markov`), built with `fields`."""
+    """The task called `name` (`addition` or `markov`), built with `fields`.
+
+    Args:
+        name: `addition` or `markov` (the keys of `TASKS`).
+        **fields: the task's own fields, e.g. `n_digits=2` or `max_shift=4`.
+
+    Returns:
+        The task, an `Addition` or a `MarkovICL`.
+    """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; allowed: {sorted(TASKS)}")
     return TASKS[name](**fields)
@@ -30,7 +38,14 @@ def make_task(name: str, **fields: Any) -> Addition | MarkovICL:
 def from_record(record: dict[str, Any]) -> Addition | MarkovICL:
     """The task a run recorded as `{"name": ..., **fields}`. A field the record lacks (it was
     written before the field existed) takes the value in the task's `LEGACY_FIELDS`, which
-    reproduces what the run was trained on (e.g. `exclude_twins=False`), not today's default."""
+    reproduces what the run was trained on (e.g. `exclude_twins=False`), not today's default.
+
+    Args:
+        record: `{"name": ..., **fields}` as a run's `run.json` holds it.
+
+    Returns:
+        The task the run was trained on.
+    """
     if "name" not in record:
         raise ValueError(f"a task record needs a 'name' (one of {sorted(TASKS)}), got keys {sorted(record)}")
     legacy = getattr(TASKS.get(record["name"]), "LEGACY_FIELDS", {})

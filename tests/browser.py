@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("selenium", reason="browser tests need selenium: pip install -e '.[test]'")
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 

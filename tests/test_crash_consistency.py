@@ -22,6 +22,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import kill_points  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test kills and resumes real runs
+
 REPRODUCE_POINTS = {  # why each point, and the label of the first write point it names
     "the very first write: a temporary run.json, no run.json yet": r"write .*/runs/nope-causal-seed0/run\.json",
     "a run's final state committed, its model files not yet written": r"rename .*/runs/nope-causal\+cut0-seed0/"

@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
@@ -22,6 +23,7 @@ from poslens.demos.panels import (
     answers,
     attention_figure,
     corrupt_prompt,
+    demo_models,
     discover_models,
     distribution_figure,
     greedy_answer,
@@ -89,6 +91,40 @@ def test_load_demo_model_needs_an_addition_model(trained_runs, tmp_path):
     write_json(copy / "run.json", record)
     with pytest.raises(ValueError, match=r"was trained on 'markov'; the demo needs an 'addition' model"):
         load_demo_model(copy)
+
+
+def with_task(run_dir: Path, out: Path, **task_fields) -> Path:
+    """A copy of `run_dir` at `out` whose run.json records another task (what a reproduce output's other runs hold)."""
+    copy = shutil.copytree(run_dir, out)
+    record = read_json(copy / "run.json")
+    record["task"] = {**record["task"], **task_fields}
+    write_json(copy / "run.json", record)
+    return copy
+
+
+def test_demo_skips_shifted_format_runs_of_a_reproduce_output(trained_runs, tmp_path, run_cli):
+    # a reproduce output: fixed-format runs beside shifted-format ones (Addition(max_shift=4)), whose positions have
+    # no fixed role; the demo shows the former and names the latter instead of stopping on the first shifted run
+    runs = tmp_path / "reproduce" / "runs"
+    shutil.copytree(trained_runs[("nope-causal", 2)], runs / "nope-causal-seed0")
+    shifted = with_task(trained_runs[("nope-causal", 2)], runs / "nope-causal-shift4-seed0", max_shift=4)
+    shown, skipped = demo_models(discover_models(tmp_path / "reproduce"))
+    assert shown == {"nope-causal-seed0": runs / "nope-causal-seed0"}
+    assert list(skipped) == ["nope-causal-shift4-seed0"] and "shifted format (max_shift=4)" in skipped[
+        "nope-causal-shift4-seed0"]
+    with pytest.raises(ValueError, match=r"shift4-seed0 was trained on the shifted format \(max_shift=4\)"):
+        load_demo_model(shifted)
+    with pytest.raises(ValueError, match=r"no model the demo can show: .*max_shift=4"):
+        demo_models({"shifted": shifted})
+    out = tmp_path / "demo.html"
+    code, text, err = run_cli("demo", "--models", str(tmp_path / "reproduce"), "--static", str(out))
+    assert code == 0 and text.endswith(f"wrote {out}\n"), err
+    assert "skipping nope-causal-shift4-seed0: it was trained on the shifted format (max_shift=4)" in err
+    page = out.read_text(encoding="utf-8")
+    assert set(page_figures(page)) == {"nope-causal-seed0"}
+    assert "<li>nope-causal-shift4-seed0: it was trained on the shifted format (max_shift=4)" in page
+    code, _, err = run_cli("demo", "--models", str(shifted), "--static", str(tmp_path / "none.html"))
+    assert code == 2 and "no model the demo can show" in err and "Traceback" not in err
 
 
 def test_model_store_loads_once_and_names_unknown_models(store):

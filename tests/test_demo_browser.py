@@ -23,6 +23,8 @@ from poslens.demos.app import make_app
 from poslens.demos.panels import ModelStore, default_model, discover_models
 from poslens.demos.static import write_static_page
 
+pytestmark = pytest.mark.browser
+
 GRAPH = "document.querySelector('#{id}.js-plotly-plot, #{id} .js-plotly-plot')"  # Dash wraps it, the static page not
 
 
@@ -148,7 +150,7 @@ def test_bad_input_shows_an_inline_message_and_the_next_request_works(driver, ur
                           ("123+456=123+456=", "longer than the model's n_ctx"),
                           ("1234+56=", "is not two 3-digit operands")):
         enter(driver, "prompt", bad)
-        wait(driver, lambda d: expected in text_of(d, "message"), f"no inline message for {bad!r}")
+        wait(driver, lambda d: expected in text_of(d, "message"), f"no inline message for {bad!r}")  # noqa: B023
         assert text_of(driver, "answers") == answers_before  # the last good panels stay
     enter(driver, "prompt", "120+222=")
     wait(driver, lambda d: "120+222=" in text_of(d, "answers"), "the app stopped answering after bad input")
@@ -165,7 +167,7 @@ def test_static_page_dropdowns_switch_the_figure(driver, models, tmp_path):
     for select, index, expected in (("prompt", 1, "250+749="), ("model", 1, "learned-causal,"),
                                     ("site", 2, "resid_post")):
         Select(driver.find_element(By.ID, select)).select_by_index(index)
-        seen.append(wait_graph(driver, "heatmap", lambda g: expected in g["title"],
+        seen.append(wait_graph(driver, "heatmap", lambda g: expected in g["title"],  # noqa: B023
                                f"choosing {select} #{index} did not switch the figure"))
         assert seen[-1]["z"] != seen[-2]["z"], select
     assert "250+749=" in text_of(driver, "answers")

@@ -13,6 +13,7 @@ import urllib.request
 import pytest
 import torch
 
+pytest.importorskip("dash", reason="the demo server needs the demo extra: pip install -e '.[demo]'")
 from poslens.demos.app import MAX_PROMPT_CHARS, make_app
 from poslens.demos.panels import ModelStore
 from poslens.demos.server import MAX_BODY_BYTES, make_server

@@ -192,7 +192,7 @@ def test_training_dynamics_walks_every_snapshot(snapshot_run):
     assert (result.entropy["entropy_nats"] <= result.entropy["uniform_nats"] + 1e-6).all()
     assert result.entropy["uniform_nats"].unique().tolist() == pytest.approx([uniform_entropy_reference(11, True)])
     assert list(result.probes.columns) == list(PROBE_STEP_COLUMNS)
-    for step, rows in result.probes.groupby("step"):
+    for _step, rows in result.probes.groupby("step"):
         validate_probe_table(rows.drop(columns="step"))
         assert set(rows["baseline"]) == {"trained", "token_identity", "chance"}
     assert result.patterns.shape == (len(steps), 2, 4, 11, 11)
@@ -212,6 +212,7 @@ def test_training_dynamics_needs_snapshots(tiny, tmp_path, addition):
         training_dynamics(tmp_path, quiet=True)
 
 
+@pytest.mark.slow
 def test_cli_writes_outputs_and_a_rerun_resumes_without_measuring_again(run_cli, tmp_path):
     out = tmp_path / "dyn"
     args = ("dynamics", "--variant", "nope-causal", "--task", "addition", "--layers", "1", "--d-model", "32",
@@ -242,6 +243,7 @@ def test_cli_writes_outputs_and_a_rerun_resumes_without_measuring_again(run_cli,
     assert (out / "tables" / "metrics.csv").read_bytes() == before[1]  # same seed, same numbers
 
 
+@pytest.mark.slow
 def test_several_variants_and_seeds_in_one_study(run_cli, tmp_path):
     out = tmp_path / "study"
     code, text, err = run_cli("dynamics", "--variant", "nope-causal", "--variant", "learned-causal", "--task",
@@ -280,6 +282,7 @@ def test_cli_rejects_bad_schedules(run_cli, tmp_path):
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
+@pytest.mark.slow
 def test_cli_on_markov_adds_the_induction_analysis(run_cli, tmp_path):
     out = tmp_path / "markov"
     code, _, err = run_cli("dynamics", "--variant", "nope-causal", "--task", "markov", "--layers", "1", "--d-model", "16",

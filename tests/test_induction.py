@@ -152,7 +152,7 @@ def test_detect_head_scores_hand_set_heads_as_notes_say(tiny_sizes):
         (induction_targets(half_len), lambda p: induction_score_second_half(p, half_len), "induction_head", 0.5),
     ):
         perfect = one_hot_pattern(targets, n_heads=model.cfg.n_heads)
-        with model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", lambda pattern, hook: perfect)]):
+        with model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", lambda pattern, hook: perfect)]):  # noqa: B023
             _, cache = model.run_with_cache(text)
             tl_scores = detect_head(model, text, tl_name)
         assert torch.equal(ours(cache["pattern", 0]), torch.ones(1, model.cfg.n_heads))

@@ -12,6 +12,8 @@ from test_demo_browser import enter, graph, text_of, wait, wait_graph
 from poslens.demos.lm_app import make_app
 from poslens.demos.lm_panels import load_lm_demo
 
+pytestmark = pytest.mark.browser
+
 PANELS = {"next-tokens": "bar", "attention": "heatmap", "probe": "heatmap", "heatmap": "heatmap"}
 
 

@@ -18,8 +18,8 @@ def test_every_variant_has_transformer_lens_hook_names(tiny, name):
     assert isinstance(cache, ActivationCache) and logits.shape == (1, 8, 12)
     expected = {"hook_embed", "ln_final.hook_normalized"} | {f"blocks.{l}.{h}" for l in range(2) for h in BLOCK_HOOKS}
     assert expected <= set(cache.keys())
-    assert ("hook_pos_embed" in cache.keys()) == name.startswith(("learned", "sinusoidal"))
-    if "hook_pos_embed" in cache.keys():
+    assert ("hook_pos_embed" in cache.keys()) == name.startswith(("learned", "sinusoidal"))  # noqa: SIM118 (an ActivationCache, not a dict)
+    if "hook_pos_embed" in cache.keys():  # noqa: SIM118
         assert cache["hook_pos_embed"].shape == (1, 8, 32)
     assert cache.accumulated_resid().shape == (3, 1, 8, 32)
     assert cache.stack_activation("resid_post").shape == (2, 1, 8, 32)

@@ -14,10 +14,15 @@ import os
 import sys
 from pathlib import Path
 
-import nbformat
 import pytest
+
+for _module in ("nbformat", "nbclient", "ipykernel"):
+    pytest.importorskip(_module, reason=f"the notebook tests need {_module}: pip install -e '.[test]'")
+import nbformat
 from ipykernel.kernelspec import write_kernel_spec
 from nbclient import NotebookClient
+
+pytestmark = [pytest.mark.notebook, pytest.mark.slow]
 
 DEMOS = Path(__file__).resolve().parents[1] / "demos"
 CELL_TIMEOUT_S = 600
@@ -70,6 +75,7 @@ print(json.dumps({
     "accuracy": {f"{row.variant}|{row.site}|{row.baseline}": row.value for row in accuracy.itertuples()},
     "invariance": invariance[["variant", "weights", "n_layers", "invariant"]].to_dict("records"),
     "sites": capture.sites,
+    "leading_digits": sorted(set(probe_tokens[:, 0].tolist())),
 }))
 """
 
@@ -77,6 +83,9 @@ print(json.dumps({
 def test_probing_notebook(tmp_path, monkeypatch, jupyter_path):
     cells, result = run_notebook("probing.ipynb", PROBING_READOUT, tmp_path, monkeypatch, jupyter_path)
     assert result["kernel_python"] == sys.executable
+    # probed on a seeded random draw of held-out sums (task.sample_test), not the first rows of the sorted test set,
+    # whose first operands all start with 0..3
+    assert result["leading_digits"] == list(range(10))
 
     header = ("| site | nope-causal | nope-causal (random init) | learned-causal | learned-causal (random init) "
               "| token identity | chance |")
@@ -118,6 +127,7 @@ print(json.dumps({
     "swap_at_embed": swaps.iloc[0].to_dict(),
     "cuts": cuts.to_dict("records"),
     "attribution_labels": labels,
+    "leading_digits": sorted(set(sequences[:, 1].tolist())),
 }))
 """
 
@@ -125,6 +135,7 @@ print(json.dumps({
 def test_patching_notebook(tmp_path, monkeypatch, jupyter_path):
     cells, result = run_notebook("patching.ipynb", PATCHING_READOUT, tmp_path, monkeypatch, jupyter_path)
     assert result["exact_match"] >= 0.9  # the text says the model gets about 99% of sums right
+    assert result["leading_digits"] == list(range(10))  # task.sample_test, not the sorted test set's first rows
     assert len(outputs_with(cells, PLOTLY_MIME)) == 3  # two patching heatmaps, residual-cut bars
 
     roles, patch = result["roles"], result["patch"]

@@ -178,7 +178,7 @@ def test_by_position_finds_what_is_planted(full):
 def test_role_probes_and_their_controls(full):
     roles = full.table.query("probe in ['role', 'role_control']")
     assert set(roles["metric"]) == {"accuracy", "selectivity"}
-    for variant in ("learned-causal", "nope-bidirectional"):
+    for variant in ("learned-causal", "nope-bidirectional"):  # noqa: B007 (read by query as @variant)
         rows = full.table.query("variant == @variant and baseline == 'trained' and site == 'embed'").set_index(
             ["probe", "metric"])["value"]
         assert rows[("role", "selectivity")] == pytest.approx(rows[("role", "accuracy")] - rows[("role_control",

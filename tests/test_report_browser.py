@@ -16,6 +16,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from poslens.analyses.experiments.reproduce import reproduce
 
+pytestmark = pytest.mark.browser
+
 SECTIONS = ["Claims and verdicts", "Symmetry", "Learning the task", "Residual connections",
             "Vertical slices: block structure", "Position probes", "Geometry of positions", "Activation patching",
             "Position swap"]

@@ -1,6 +1,7 @@
 """`poslens reproduce` end to end on the tiny preset: every output file, every table's schema, resume."""
 
 import pandas as pd
+import pytest
 
 from poslens.analyses.claims import CLAIM_TABLE_COLUMNS
 from poslens.analyses.experiments.presets import REPRODUCE_VARIANTS, SHIFTED, SHIFTED_VARIANTS
@@ -42,6 +43,7 @@ VARIANTS = [*REPRODUCE_VARIANTS, *(f"{variant}{SHIFTED}" for variant in SHIFTED_
 TINY = ("reproduce", "--preset", "tiny", "--executor", "serial", "--quiet")  # executors agree: tests/test_sweep.py
 
 
+@pytest.mark.slow
 def test_reproduce_tiny_writes_everything_and_resumes(tmp_path):
     out = tmp_path / "repro"
     assert main([*TINY, "--seeds", "1", "--out", str(out)]) == 0

@@ -59,10 +59,12 @@ def serial_study(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 def test_local_workers_and_a_ray_cluster_give_the_serial_bits(serial_study, tmp_path, two_cores):
     reproduce(tmp_path / "local", preset_name="tiny", executor="local", workers=2, quiet=True)
     assert_same_study(serial_study, tmp_path / "local")
-    import ray  # the `cluster` extra the test command installs
+    ray = pytest.importorskip("ray", reason="the Ray executor needs the cluster extra: pip install -e '.[cluster]'")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
@@ -75,13 +77,14 @@ def test_local_workers_and_a_ray_cluster_give_the_serial_bits(serial_study, tmp_
     assert result.results == {f"u{i}": (1, i) for i in range(3)}, result.failures
 
 
-@pytest.mark.parametrize("executor, workers", [("serial", None), ("local", 2)])
+@pytest.mark.parametrize("executor, workers", [("serial", None), pytest.param("local", 2, marks=pytest.mark.slow)])
 def test_every_unit_runs_with_the_threads_asked_for(executor, workers, two_cores):
     result = run_units([Unit(f"u{i}", threads_and_echo, {"value": i}) for i in range(3)], executor=executor,
                        workers=workers, threads=1, quiet=True)
     assert result.results == {f"u{i}": (1, i) for i in range(3)}
 
 
+@pytest.mark.slow  # worker processes
 def test_a_failing_unit_is_reported_by_name_while_the_others_finish(two_cores):
     units = [Unit(f"u{i}", fails_on, {"value": i, "bad": 1}) for i in range(4)]
     for executor in ("serial", "local"):
@@ -92,6 +95,7 @@ def test_a_failing_unit_is_reported_by_name_while_the_others_finish(two_cores):
             result.raise_failures()
 
 
+@pytest.mark.slow
 def test_a_study_with_a_broken_run_finishes_the_others(tmp_path, run_cli):
     out = tmp_path / "study"
     (out / "runs" / "nope-causal+cut0-seed0").mkdir(parents=True)
@@ -103,6 +107,7 @@ def test_a_study_with_a_broken_run_finishes_the_others(tmp_path, run_cli):
                                "nope-causal-seed0", *(f"{variant}{SHIFTED}-seed0" for variant in SHIFTED_VARIANTS)])
 
 
+@pytest.mark.slow
 def test_a_killed_study_trains_only_what_is_missing(serial_study, tmp_path):
     out = tmp_path / "killed"
     command = [sys.executable, "-P", "-m", "poslens.cli", "reproduce", "--preset", "tiny", "--out", str(out),

@@ -129,7 +129,7 @@ def test_role_labels(bos):
                for position in range(task.prompt_len, task.seq_len))  # ... but the answer positions do
     assert torch.equal(task.role_labels(tokens[:, : task.prompt_len]), labels[:, : task.prompt_len])
     with pytest.raises(ValueError, match="have no fixed role; use role_labels"):
-        task.roles
+        _ = task.roles
     with pytest.raises(ValueError, match=rf"tokens must be \[batch, pos\] with pos <= {task.seq_len}"):
         task.role_labels(torch.zeros(2, task.seq_len + 1, dtype=torch.long))
 

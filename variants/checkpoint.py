@@ -28,7 +28,15 @@ FIELDS = ("config", "format", "sha256", "weights_sha256")
 
 
 def save(model: HookedTransformer, directory: str | Path) -> Path:
-    """Write `model.safetensors` then `config.json` (atomically each) into `directory`."""
+    """Write `model.safetensors` then `config.json` (atomically each) into `directory`.
+
+    Args:
+        model: the model to save.
+        directory: the folder to write into (created if missing).
+
+    Returns:
+        `directory` as a `Path`.
+    """
     directory = Path(directory)
     digest = save_tensors(directory / "model.safetensors", model.state_dict())
     write_json(directory / "config.json", _stamped({"format": FORMAT_VERSION, "config": model.cfg.to_json(),
@@ -40,6 +48,14 @@ def load(directory: str | Path, *, device: str = "cpu", dtype: torch.dtype | Non
     """The model saved in `directory`, in eval mode; a clear error if anything does not match.
 
     `dtype` (e.g. `torch.float64`) loads the weights into a model of that precision.
+
+    Args:
+        directory: a run or checkpoint folder holding `config.json` and `model.safetensors`.
+        device: where the model runs (`cpu`, `cuda`, ...; those this torch offers).
+        dtype: the precision to load the weights in; default the saved config's.
+
+    Returns:
+        The `HookedTransformer`, in eval mode.
     """
     directory = Path(directory)
     record = _verified_record(directory)

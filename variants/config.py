@@ -305,6 +305,14 @@ def preset(name: str, *, task: Any = None, **overrides: Any) -> VariantConfig:
     sublayers) or `L:attn` / `L:mlp`. `task` (any object with `alphabet` and `seq_len`, such as
     `poslens.tasks.Addition()`) supplies `alphabet` and `n_ctx`; `overrides` set any other field
     (sizes, seed, dtype...) and win over the task's.
+
+    Args:
+        name: the variant's name, with an optional `+cut` suffix.
+        task: supplies `alphabet` and `n_ctx` (or pass them in `overrides`).
+        **overrides: any other `VariantConfig` field (`n_layers`, `d_model`, `seed`, ...).
+
+    Returns:
+        The validated `VariantConfig`.
     """
     match = _PRESET_PATTERN.match(name)
     if match is None or match["base"] not in PRESET_NAMES:

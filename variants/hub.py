@@ -146,7 +146,15 @@ def fresh_twin(model: TransformerLensModel, *, seed: int = 0) -> TransformerLens
 
     A poslens model is rebuilt from its config (its own `cfg.seed`); a bridged Hugging Face model
     is re-created from its config with the architecture's own initialisation, seeded by `seed`
-    (without touching the global random state), and bridged with the same tokenizer."""
+    (without touching the global random state), and bridged with the same tokenizer.
+
+    Args:
+        model: a poslens model or a bridged Hugging Face model.
+        seed: seeds a bridged model's new weights (a poslens model uses its `cfg.seed`).
+
+    Returns:
+        An untrained model of the same architecture, in eval mode.
+    """
     if isinstance(model, HookedTransformer):
         return build(model.cfg).eval()
     original = getattr(model, "original_model", None)

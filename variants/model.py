@@ -388,6 +388,13 @@ class HookedTransformer(HookedRootModule):
 
 def build(cfg: VariantConfig) -> HookedTransformer:
     """A freshly initialised model for `cfg` (weights depend only on `cfg.seed`); a model whose
-    weights cannot fit the free memory is refused first (`config.check_memory`)."""
+    weights cannot fit the free memory is refused first (`config.check_memory`).
+
+    Args:
+        cfg: the variant's configuration (`preset` makes one from a name).
+
+    Returns:
+        A `HookedTransformer` with `cfg.seed`'s initial weights, on `cfg.device`.
+    """
     check_memory(cfg)
     return HookedTransformer(cfg)

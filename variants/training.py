@@ -151,7 +151,17 @@ def answer_loss(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, 
 @torch.no_grad()
 def evaluate(model: HookedTransformer, task: Task, tokens: Int[Tensor, "batch seq"] | None = None,
              batch_size: int = 1024) -> dict[str, float]:
-    """Test loss, per-token accuracy and exact match of greedy-decoded answers."""
+    """Test loss, per-token accuracy and exact match of greedy-decoded answers.
+
+    Args:
+        model: the model to evaluate (put in eval mode).
+        task: the task whose answers are scored (loss and accuracy on the answer tokens only).
+        tokens: the sequences to score; default the task's whole held-out set.
+        batch_size: sequences per forward pass.
+
+    Returns:
+        `{"test_loss", "token_accuracy", "exact_match"}` as floats.
+    """
     tokens = task.test_set() if tokens is None else tokens
     was_training = model.training
     model.eval()
@@ -443,7 +453,14 @@ def _save_snapshot(model: HookedTransformer, out_dir: Path, step: int) -> None:
 
 def task_record(out_dir: str | Path) -> dict[str, Any]:
     """The record of the task a run was trained on (`name` and fields; `poslens.tasks.make_task(**record)`
-    rebuilds it)."""
+    rebuilds it).
+
+    Args:
+        out_dir: a run directory (holds `run.json`).
+
+    Returns:
+        `{"name": ..., **fields}`.
+    """
     return dict(read_run_record(out_dir)["task"])
 
 
@@ -477,6 +494,19 @@ def train(
     `threads=N` (a keyword added by `variants.threads.uses_threads`) pins torch to N threads for
     the call; left out, the policy of `variants.threads` gives 1 (or the enclosing
     `torch_threads` block's). The weights depend on it: same settings, seed and threads, same bits.
+
+    Args:
+        cfg: the model's configuration (`preset`).
+        task: the task to train on.
+        out_dir: the run directory, locked while training.
+        resume: continue the run in `out_dir` instead of refusing it.
+        quiet: no progress bar.
+        on_step: called with the step number after every optimiser step.
+        snapshots: an int K (step 0 and K log-spaced steps) or the exact steps to keep.
+        **settings: `TrainSettings` fields (`steps`, `lr`, `batch_size`, `seed`, ...).
+
+    Returns:
+        A `TrainResult`: the trained model (eval mode), its evaluation history and the run folder.
     """
     settings_obj = TrainSettings(**settings)
     schedule = snapshot_schedule(snapshots, settings_obj.steps)

@@ -109,6 +109,15 @@ def training_dynamics(run_dir: str | Path, *, n_sequences: int = 1000, device: s
     All measures use one seeded, unbiased sample of `n_sequences` held-out sequences
     (`task.sample_test`); probes are trained on three quarters of them and tested on the rest,
     split by sequence. Entropy is also split into loss-bearing queries and the rest.
+
+    Args:
+        run_dir: a run trained with snapshots.
+        n_sequences: held-out sequences measured.
+        device: where the snapshots run.
+        quiet: no progress bars.
+
+    Returns:
+        A `DynamicsResult`: the tables and figures.
     """
     run_dir = Path(run_dir)
     snapshots = list_snapshots(run_dir)

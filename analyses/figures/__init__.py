@@ -36,6 +36,15 @@ def write_figure(figure: go.Figure, path: str | os.PathLike, *, overwrite: bool 
     A `standalone` page embeds plotly.js and opens offline anywhere; otherwise the page loads
     `plotly.min.js` from its own folder (written there once), so a folder of many figures holds
     one copy of the library.
+
+    Args:
+        figure: the plotly figure.
+        path: an `.html` path.
+        overwrite: replace an existing file.
+        standalone: embed plotly.js in the page.
+
+    Returns:
+        `path` as a `Path`.
     """
     path = check_html_path(path, overwrite=overwrite)
     if standalone:

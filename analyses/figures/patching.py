@@ -7,7 +7,16 @@ import plotly.graph_objects as go
 
 
 def patching_heatmap(table: pd.DataFrame, site: str = "resid_pre", title: str = "") -> go.Figure:
-    """Layer × position heatmap of one site's restoration metric (1 = clean, 0 = corrupted)."""
+    """Layer × position heatmap of one site's restoration metric (1 = clean, 0 = corrupted).
+
+    Args:
+        table: a patching table (`patch_table`, `activation_patching`).
+        site: the site to draw.
+        title: the figure's title.
+
+    Returns:
+        The plotly figure.
+    """
     grid = table[table["site"] == site].pivot(index="layer", columns="position", values="value")
     roles = table.drop_duplicates("position").set_index("position")["role"]
     figure = go.Figure(go.Heatmap(z=grid.to_numpy(), x=[f"{p}:{roles[p]}" for p in grid.columns], y=list(grid.index),

@@ -31,6 +31,14 @@ def probe_accuracy_figure(df: pd.DataFrame, metric: str = "accuracy", probe: str
     (averaged over variants if several report it). The x axis is the layer
     number of `analyses.tables.site_layer`, labelled with the site names; an
     accuracy axis spans [0, 1].
+
+    Args:
+        df: a tidy probe table.
+        metric: the metric to draw (`accuracy`, `mad`, ...).
+        probe: the probe target (`position`, `role`).
+
+    Returns:
+        The plotly figure.
     """
     summary = summarise_seeds(df)
     trained = select_summary(summary, metric=metric, probe=probe, baseline="trained")

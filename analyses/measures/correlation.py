@@ -46,7 +46,14 @@ def _standardise(x: Float[Tensor, "example feature"]) -> Float[Tensor, "example 
 
 def full_correlation(acts: Float[Tensor, "example pos d_model"]) -> Float[Tensor, "pos_dim pos_dim"]:
     """|Pearson correlation| across examples between every (position, dimension) feature,
-    ordered position-major: rows/columns `pos * d_model + dim`."""
+    ordered position-major: rows/columns `pos * d_model + dim`.
+
+    Args:
+        acts: one site's activations `[example, pos, d_model]`.
+
+    Returns:
+        The `[pos * d_model, pos * d_model]` matrix of |corr|.
+    """
     if acts.ndim != 3 or acts.shape[0] < 2:
         raise ValueError(f"need activations [example >= 2, pos, d_model], got shape {tuple(acts.shape)}")
     z = _standardise(einops.rearrange(acts.double(), "example pos d -> example (pos d)"))
@@ -98,7 +105,15 @@ def block_diagonality(full: Float[Tensor, "pos_dim pos_dim"], d_model: int) -> f
     gives (d_model - 1) / (n_pos * d_model - 1), about 1/n_pos. Self-correlations (the
     diagonal, always 1) are left out so they cannot inflate the score. Sampling noise adds
     |corr| ≈ sqrt(2 / (π n)) everywhere, so the share of a fixed structure grows with n:
-    compare it with its null (`block_scores`), not across sample sizes."""
+    compare it with its null (`block_scores`), not across sample sizes.
+
+    Args:
+        full: a `full_correlation` matrix.
+        d_model: the width of each position's block.
+
+    Returns:
+        The share, in [0, 1].
+    """
     _check_full(full, d_model)
     position = torch.arange(full.shape[0]) // d_model
     same_block = position[:, None] == position[None, :]
@@ -120,7 +135,16 @@ def block_scores(acts: Float[Tensor, "example pos d_model"], *, n_shuffles: int 
     examples independently per feature (`n_shuffles` draws, seeded): what features with no
     correlation at all score at this number of examples. One row per score (columns
     `BLOCK_SCORE_COLUMNS`): value, null_mean, null_sd, excess = value − null_mean, z =
-    excess / null_sd."""
+    excess / null_sd.
+
+    Args:
+        acts: one site's activations `[example, pos, d_model]`.
+        n_shuffles: draws of the null.
+        seed: fixes the shuffles.
+
+    Returns:
+        The scores with their nulls, columns `BLOCK_SCORE_COLUMNS`.
+    """
     if isinstance(n_shuffles, bool) or not isinstance(n_shuffles, int) or n_shuffles < 2:
         raise ValueError(f"n_shuffles must be an integer >= 2 (the null needs a spread), got {n_shuffles!r}")
     d_model = acts.shape[-1] if acts.ndim == 3 else 0

@@ -43,7 +43,14 @@ ROTARY_HOOKS = ("hook_rot_q", "hook_cos")
 def positional_encodings(model: TransformerLensModel) -> pd.DataFrame:
     """One row per block: `block`, `pe_kind`, `config_pe` (what the config claims), and
     `attention_spread`, the test's evidence: the largest max/min − 1 of an attention row over its
-    visible keys (0 for exactly uniform attention; a layer is NoPE below `UNIFORM_SPREAD`)."""
+    visible keys (0 for exactly uniform attention; a layer is NoPE below `UNIFORM_SPREAD`).
+
+    Args:
+        model: any TransformerLens model.
+
+    Returns:
+        One row per block.
+    """
     n_pos = min(model.cfg.n_ctx, TEST_LENGTH)
     candidates = ordinary_tokens(model)
     tokens = candidates[[len(candidates) // 4, len(candidates) // 2, 3 * len(candidates) // 4]]
@@ -120,7 +127,14 @@ def site_note(model: TransformerLensModel) -> str | None:
 
 
 def describe(model: TransformerLensModel) -> dict:
-    """A summary of the model for `poslens inspect`: sizes, tokenizer, residual sites, hook count."""
+    """A summary of the model for `poslens inspect`: sizes, tokenizer, residual sites, hook count.
+
+    Args:
+        model: any TransformerLens model.
+
+    Returns:
+        Name → value, ready to print.
+    """
     cfg, tokenizer = model.cfg, getattr(model, "tokenizer", None)
     return {"model": model_name(model), "class": type(model).__name__, "n_layers": cfg.n_layers,
             "d_model": cfg.d_model, "n_heads": cfg.n_heads, "d_vocab": cfg.d_vocab, "n_ctx": cfg.n_ctx,

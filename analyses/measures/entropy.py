@@ -82,6 +82,14 @@ def attention_entropy(pattern: Float[Tensor, "batch head query key"], *, causal:
     weights, and 0/ln 1 is undefined, so those rows are left out of the normalised mean
     (they stay in `nats`, as in JoMA); with no query seeing two keys it is NaN, and both are
     NaN for an empty `queries`.
+
+    Args:
+        pattern: attention patterns `[batch, head, query, key]`.
+        causal: whether query q sees only keys 0..q.
+        queries: the query positions to average over; default all.
+
+    Returns:
+        An `AttentionEntropy` with `nats` and `normalised` per head.
     """
     if pattern.ndim != 4:
         raise ValueError(f"pattern must be [batch, head, query, key], got shape {tuple(pattern.shape)}")
@@ -174,6 +182,13 @@ def entropy_rebound(entropy: pd.DataFrame, *, per_head: bool = False) -> pd.Data
     when it never fell below its initial value). `rebound` is >= 0 by construction and needs
     no fall, so it is descriptive only; the test statistic is `dip_and_rise`'s
     `rebound_excess` (with `dip`, `rise` and `noise`). Columns `REBOUND_COLUMNS` (+ `head`).
+
+    Args:
+        entropy: the entropy table over steps (`training_dynamics(...).entropy`).
+        per_head: one row per head instead of the layer's mean.
+
+    Returns:
+        The rebound table, columns `REBOUND_COLUMNS` (+ `head`).
     """
     check_columns(entropy, ENTROPY_COLUMNS, "entropy")
     unit = ["layer", "head"] if per_head else ["layer"]
@@ -232,6 +247,13 @@ def decodable_steps(probes: pd.DataFrame, margins: tuple[float, ...] = DECODABLE
     `accuracy_at_step` and `final_accuracy`. Step 0 is the untrained model, so a site that is
     decodable at step 0 carries a position signal before any training. Columns
     `DECODABLE_COLUMNS`.
+
+    Args:
+        probes: the probe table over steps (`training_dynamics(...).probes`).
+        margins: how far above token identity counts as decodable.
+
+    Returns:
+        One row per run, site and margin, columns `DECODABLE_COLUMNS`.
     """
     check_columns(probes, PROBE_STEP_COLUMNS, "probes")
     position = probes[(probes["probe"] == "position") & (probes["metric"] == "accuracy")]

@@ -117,7 +117,18 @@ class GeometryTables(NamedTuple):
 def position_geometry(model: HookedTransformer, tokens: Int[Tensor, "example pos"], *, sites: list[str] | None = None,
                       n_shuffles: int = 20, seed: int = 0) -> GeometryTables:
     """Variance by position, cosine by offset and both scores with their nulls at every residual
-    site (or `sites`) of `model` on `tokens` (give held-out prompts, e.g. a `task.sample_test`)."""
+    site (or `sites`) of `model` on `tokens` (give held-out prompts, e.g. a `task.sample_test`).
+
+    Args:
+        model: the model.
+        tokens: held-out prompts.
+        sites: the residual sites; default all.
+        n_shuffles: draws of each null.
+        seed: fixes the nulls.
+
+    Returns:
+        `GeometryTables`: variance, cosine and score tables.
+    """
     capture = capture_residuals(model, tokens, sites=sites)
     variance, cosine, scores = [], [], []
     for site in capture.sites:

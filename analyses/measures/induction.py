@@ -229,7 +229,21 @@ def induction_analysis(model: HookedTransformer, task: MarkovICL, *, n_sequences
     """Offset profiles, parent-match and head scores of every head, and the in-context loss of
     `model` against the Bayes-optimal predictors, on `n_sequences` fresh `task` sequences (and
     as many repeated random ones; TransformerLens's per-sequence `detect_head` on the first
-    `n_tl_sequences`). Same seed, same numbers."""
+    `n_tl_sequences`). Same seed, same numbers.
+
+    Args:
+        model: a model trained on `task`.
+        task: the `MarkovICL` task.
+        n_sequences: fresh sequences measured.
+        max_offset: the largest relative offset in the offset profiles.
+        n_tl_sequences: sequences for TransformerLens's `detect_head`.
+        chunk_size: sequences per forward pass.
+        seed: draws the sequences.
+        quiet: no progress bars.
+
+    Returns:
+        An `InductionReport`: `tables` (columns in `TABLE_COLUMNS`) and a `summary`.
+    """
     if not isinstance(task, MarkovICL):
         raise ValueError(f"induction_analysis needs a MarkovICL task, got {type(task).__name__}")
     for name, value in (("n_sequences", n_sequences), ("n_tl_sequences", n_tl_sequences), ("chunk_size", chunk_size)):

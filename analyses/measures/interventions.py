@@ -55,7 +55,18 @@ def position_swap(model: HookedTransformer, task: Addition, *, positions: tuple[
     4 × `n_sequences` held-out prompts). `fixed_by_construction`: the architecture alone keeps
     every answer position unchanged under this swap, or makes it a token swap the answer
     follows (`swap_is_token_swap`: NoPE's embedding), so the row is not evidence (columns
-    `SWAP_COLUMNS`)."""
+    `SWAP_COLUMNS`).
+
+    Args:
+        model: an addition model.
+        task: its task (fixed format).
+        positions: the two operand-digit positions whose vectors are exchanged.
+        n_sequences: the most prompts scored.
+        seed: draws the sample.
+
+    Returns:
+        One row per site, columns `SWAP_COLUMNS`.
+    """
     n_answer = task.seq_len - task.prompt_len
     sequences = task.sample_test(min(4 * n_sequences, task.n_test), seed)
     prompts = sequences[:, : task.prompt_len]
@@ -93,6 +104,17 @@ def swap_readout(model: HookedTransformer, task: Addition, *, positions: tuple[i
     `fixed_by_construction`: the column is exactly the unswapped vector of `origin`
     (`construction.swap_readout_fixed`), so reading the origin there says nothing about the
     model. Columns `SWAP_READOUT_COLUMNS`.
+
+    Args:
+        model: an addition model.
+        task: its task (fixed format).
+        positions: the two positions whose vectors are exchanged.
+        n_sequences: held-out prompts sampled.
+        seed: draws the sample and splits the probes' data.
+        C: the inverse L2 strength of the probes.
+
+    Returns:
+        The readout table, columns `SWAP_READOUT_COLUMNS`.
     """
     i, j = positions
     if i == j or not (0 <= i < task.prompt_len and 0 <= j < task.prompt_len):
@@ -142,6 +164,16 @@ def residual_cut_effects(model: HookedTransformer, task: Addition, *, n_sequence
     together): its greedy answer is all right exactly when every answer token is the argmax given
     the right earlier answer tokens, which is what that pass shows. A bidirectional model's
     earlier positions would see the answer, so its exact match is greedy-decoded.
+
+    Args:
+        model: an addition model.
+        task: its task.
+        n_sequences: held-out sequences measured.
+        C: the inverse L2 strength of the position probe.
+        seed: draws the sample and splits the probe's data.
+
+    Returns:
+        One row per cut.
     """
     tokens = task.sample_test(min(n_sequences, task.n_test), seed)
     split = split_by_sequence(len(tokens), test_fraction=0.25, seed=seed)

@@ -31,7 +31,17 @@ INVARIANCE_COLUMNS = ["variant", "n_layers", "dtype", "n_sequences", "n_perms",
 def permutation_test(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], *, n_perms: int = 20,
                      seed: int = 0) -> pd.DataFrame:
     """One row: max and mean |Δ logit| at the last position over random permutations of the
-    other positions, and whether that stays within float rounding (`TOLERANCE`)."""
+    other positions, and whether that stays within float rounding (`TOLERANCE`).
+
+    Args:
+        model: the model.
+        tokens: the prompts `[batch, pos]`.
+        n_perms: permutations per prompt.
+        seed: draws the permutations.
+
+    Returns:
+        A one-row table.
+    """
     tokens = model.check_tokens(tokens).to(model.cfg.device)
     if tokens.shape[1] < 3 or n_perms < 1:
         raise ValueError(f"need at least 3 positions and n_perms >= 1, got {tokens.shape[1]} and {n_perms!r}")
@@ -60,7 +70,21 @@ def invariance_table(variants: list[str] = (), checkpoints: list[str | Path] = (
     """`permutation_test` for fresh random-weight `variants` and trained `checkpoints`, on a
     seeded sample (`seed`, which also draws the permutations) of `n_sequences` held-out prompts of
     `task` (addition by default: `a+b=`, so the last position predicts the first answer digit).
-    `threads=N` pins torch to N threads (default: the policy of `variants.threads`)."""
+    `threads=N` pins torch to N threads (default: the policy of `variants.threads`).
+
+    Args:
+        variants: variant names, tested with fresh random weights.
+        checkpoints: trained run folders.
+        n_layers: the blocks of the random-weight models.
+        dtype: the precision of the test (float64 separates rounding from real changes).
+        task: the task whose prompts are permuted; default `Addition()`.
+        n_sequences: prompts tested.
+        n_perms: permutations per prompt.
+        seed: draws the prompts and the permutations.
+
+    Returns:
+        One `permutation_test` row per model.
+    """
     task = task or make_task("addition")
     prompts = task.sample_test(min(n_sequences, task.n_test), seed)[:, : task.prompt_len]
     sizes = {} if n_layers is None else {"n_layers": n_layers}

@@ -69,7 +69,18 @@ def corrupt(task: Addition, tokens: Int[Tensor, "batch seq"], kind: str = "swap"
             seed: int = 0) -> Int[Tensor, "batch seq"]:
     """Corrupted copies of addition `tokens`: `swap` exchanges the operand digits at prompt
     `positions` (default: the first operand's hundreds and units); `permute` shuffles all
-    operand digit positions (one random permutation for the batch); the answer is recomputed."""
+    operand digit positions (one random permutation for the batch); the answer is recomputed.
+
+    Args:
+        task: the addition task (fixed format).
+        tokens: full sequences `[batch, seq]`.
+        kind: `swap` or `permute`.
+        positions: the two operand-digit positions a `swap` exchanges.
+        seed: draws a `permute` corruption.
+
+    Returns:
+        The corrupted sequences, with their answers recomputed.
+    """
     operand_slots = task.operand_positions
     order = list(range(task.seq_len))
     if kind == "swap":
@@ -125,6 +136,15 @@ def restoration_metric(model: HookedTransformer, clean: Int[Tensor, "batch seq"]
     normalised `first_answer_logit_diff`; when every pair shares it (swapping the operands never
     changes the sum) it is the fraction of KL(clean ‖ corrupted) of the first-digit
     distribution that a patch removes. A batch that mixes the two cases is refused.
+
+    Args:
+        model: the model.
+        clean: the clean sequences (prompt and answer).
+        corrupted: the corrupted sequences.
+        prompt_len: where the answer starts.
+
+    Returns:
+        `(metric, name)`: the metric on the corrupted prompts' logits and its name.
     """
     device = model.cfg.device
     clean, corrupted = clean.to(device), corrupted.to(device)
@@ -193,7 +213,19 @@ def patch_table(model: HookedTransformer, task: Addition, clean: Int[Tensor, "ba
                 quiet: bool = True) -> tuple[pd.DataFrame, str]:
     """Patch every (layer, position) of each site from the clean into the corrupted run; the
     tidy table (`PATCHING_COLUMNS`: site, layer, position, role, value = `restoration_metric`)
-    and the name of the metric used."""
+    and the name of the metric used.
+
+    Args:
+        model: an addition model.
+        task: its task.
+        clean: the clean sequences.
+        corrupted: the corrupted sequences (same shape).
+        sites: the sites to patch (keys of `SITES`).
+        quiet: no progress bars.
+
+    Returns:
+        `(table, metric name)`.
+    """
     sites = [check_site(site) for site in sites]
     model.eval()
     metric, name = restoration_metric(model, clean, corrupted, task.prompt_len)
@@ -216,7 +248,19 @@ def prompt_patch_table(model: TransformerLensModel, clean: Int[Tensor, "batch po
     (`PATCHING_COLUMNS`, value = `next_token_restoration`) and the metric's name.
 
     A site the model lacks (`model_sites`) is refused. `role` is `labels[position]`, by default the
-    first pair's token ids at that position (`clean→corrupted` where they differ)."""
+    first pair's token ids at that position (`clean→corrupted` where they differ).
+
+    Args:
+        model: any TransformerLens model.
+        clean: the clean prompts.
+        corrupted: the corrupted prompts (same shape).
+        sites: the sites to patch.
+        labels: a label per position; default the token ids.
+        quiet: no progress bars.
+
+    Returns:
+        `(table, metric name)`.
+    """
     check_equal_lengths(clean, corrupted)
     allowed = model_sites(model)
     for site in sites:
@@ -278,7 +322,21 @@ def activation_patching(model: HookedTransformer, task: Addition, *, kind: str =
     """`patch_table` over every site on the `patching_sample` prompts, with a
     `fixed_by_construction` column (columns `ACTIVATION_PATCHING_COLUMNS`). Where the model
     answers both prompts alike (a NoPE-bidirectional model cannot tell them apart) every value
-    is NaN: there is nothing to restore."""
+    is NaN: there is nothing to restore.
+
+    Args:
+        model: a trained addition model.
+        task: its task (fixed format).
+        kind: the corruption, `swap` or `permute` (`corrupt`).
+        positions: the two operand-digit positions a `swap` exchanges.
+        n_sequences: the most clean/corrupted pairs used.
+        seed: draws the held-out sample.
+        permutation_seed: draws a `permute` corruption.
+        quiet: no progress bars.
+
+    Returns:
+        The table, columns `ACTIVATION_PATCHING_COLUMNS`.
+    """
     clean, corrupted = patching_sample(task, kind=kind, positions=positions, n_sequences=n_sequences, seed=seed,
                                        permutation_seed=permutation_seed)
     try:

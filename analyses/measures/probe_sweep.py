@@ -116,6 +116,23 @@ def sweep_probes(models_by_variant: Mapping[str, Sequence[TransformerLensModel]]
     Activations are kept in `activation_dtype` (default the model's; `torch.float16` halves the
     memory) and captured `batch_size` sequences at a time (`hooks.capture_residuals`).
     `threads=N` pins torch to N threads (default: the policy of `variants.threads`).
+
+    Args:
+        models_by_variant: variant name → its models (one per seed).
+        data: a task or a `[sequence, position]` token tensor.
+        n_sequences: sequences used; default all.
+        targets: what to probe: `position`, `role`.
+        sites: the residual sites; default all.
+        test_fraction: the share of sequences held out from the probes' training.
+        seed: draws the sample and the split.
+        C: the probes' inverse L2 strength.
+        controls: the baselines computed (`CONTROLS`).
+        activation_dtype: the captured activations' precision.
+        batch_size: sequences per forward pass.
+        quiet: no progress bars.
+
+    Returns:
+        A `ProbeSweep`: `.table`, `.by_position`, `.models` and `.export(path)`.
     """
     _check_choices("controls", controls, CONTROLS)
     _check_choices("targets", targets, TARGETS)
@@ -155,7 +172,17 @@ def probe_sweep(models_by_variant: Mapping[str, Sequence[TransformerLensModel]],
                 n_sequences: int = 1000, **options) -> pd.DataFrame:
     """The tidy probe table (schema `analyses.tables.PROBE_COLUMNS`) for every model, on an
     unbiased sample of `n_sequences` of the task's held-out sequences: `sweep_probes(...).table`
-    (same options)."""
+    (same options).
+
+    Args:
+        models_by_variant: variant name → its models (one per seed).
+        task: the task whose held-out sequences are probed.
+        n_sequences: how many held-out sequences to sample.
+        **options (Any): any other option of `sweep_probes`.
+
+    Returns:
+        The tidy probe table.
+    """
     return sweep_probes(models_by_variant, task, n_sequences=n_sequences, **options).table
 
 

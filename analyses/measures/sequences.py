@@ -22,7 +22,18 @@ from poslens.variants.hub import bos_token_id, encode_text, model_name
 
 def text_sequences(model: TransformerLensModel, text: str, max_len: int, *, bos: bool = True,
                    max_sequences: int | None = None) -> Int[Tensor, "sequence max_len"]:
-    """Consecutive chunks of `text`, tokenised by `model`, as `[sequence, max_len]` token ids."""
+    """Consecutive chunks of `text`, tokenised by `model`, as `[sequence, max_len]` token ids.
+
+    Args:
+        model: a model with a tokenizer.
+        text: the text to cut.
+        max_len: tokens per sequence, BOS included.
+        bos: put the BOS token first.
+        max_sequences: keep at most this many.
+
+    Returns:
+        The token ids.
+    """
     _check_max_len(model, max_len, bos)
     ids = encode_text(model, text)
     first = _first_token(model, bos)
@@ -49,7 +60,18 @@ def read_text(path: str | Path) -> str:
 def random_sequences(model: TransformerLensModel, n_sequences: int, max_len: int, *, bos: bool = True,
                      seed: int = 0) -> Int[Tensor, "sequence max_len"]:
     """`[n_sequences, max_len]` tokens drawn uniformly from the model's ordinary tokens (its
-    tokenizer's, less the special ones), the same for the same `seed`."""
+    tokenizer's, less the special ones), the same for the same `seed`.
+
+    Args:
+        model: a model with a tokenizer.
+        n_sequences: how many sequences.
+        max_len: tokens per sequence, BOS included.
+        bos: put the BOS token first.
+        seed: fixes the draw.
+
+    Returns:
+        The token ids.
+    """
     if n_sequences < 1:
         raise ValueError(f"n_sequences must be >= 1, got {n_sequences!r}")
     _check_max_len(model, max_len, bos)
