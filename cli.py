@@ -284,6 +284,8 @@ def check_options(args: argparse.Namespace) -> None:
         if dest == "layers" and isinstance(value, list):
             bounds = {"minimum": 0}
         for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):  # a positional of the same name holding paths (`probe CHECKPOINTS`)
+                continue
             name = "--" + dest.replace("_", "-")
             if isinstance(item, float):
                 check_number(name, item, **bounds)

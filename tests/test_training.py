@@ -1,6 +1,8 @@
 """Training: resumable bitwise, checkpoints verified, nothing overwritten, bad input named."""
 
+import itertools
 import json
+import math
 import shutil
 
 import pytest
@@ -8,7 +10,7 @@ import torch
 
 from poslens.analyses.runs import load_task
 from poslens.tasks import MarkovICL
-from poslens.variants import build, load, train
+from poslens.variants import build, load, train, training
 from poslens.variants.checkpoint import _stamped
 from poslens.variants.config import available_devices
 from poslens.variants.storage import read_json, read_tensors, save_tensors
@@ -244,11 +246,17 @@ def strict_json(path):
     return json.loads(path.read_text(), parse_constant=lambda constant: pytest.fail(f"{path} holds {constant}"))
 
 
-def test_a_diverging_run_stops_naming_the_step_and_stays_resumable(tiny, addition, tmp_path):
-    settings = {**SHORT, "lr": 1e12, "warmup_steps": 0, "checkpoint_every": 1}
-    for resume in (False, True):  # resuming reaches the same step again: nothing was committed past it
+def test_a_diverging_run_stops_naming_the_step_and_stays_resumable(tiny, addition, tmp_path, monkeypatch):
+    """The training loss of step 2 turns NaN (a learning rate large enough to do that on its own is
+    refused up front, `MAX_LR`, and clipped Adam steps stay finite below it)."""
+    settings = {**SHORT, "warmup_steps": 0, "checkpoint_every": 1}
+    real_loss = training.answer_loss
+    for resume, poisoned_call in ((False, 2), (True, 1)):  # resuming reaches the same step again: nothing was
+        calls = itertools.count(1)                          # committed past it
+        monkeypatch.setattr(training, "answer_loss", lambda *args, calls=calls, poisoned=poisoned_call: real_loss(
+            *args) * (math.nan if torch.is_grad_enabled() and next(calls) == poisoned else 1.0))
         with pytest.raises(FloatingPointError, match=r"training diverged: the loss is nan at step 2; .* keeps its last "
-                                                     r"checkpoint \(step 1\); try a smaller lr \(now 1000000000000.0\)"):
+                                                     r"checkpoint \(step 1\); try a smaller lr \(now 0.003\)"):
             train(tiny("nope-causal"), addition, out_dir=tmp_path, resume=resume, **settings)
         assert strict_json(tmp_path / "run.json")["step"] == 1 and strict_json(tmp_path / "history.json") == []
 
