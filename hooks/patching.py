@@ -45,6 +45,8 @@ from transformer_lens.model_protocol import TransformerLensModel
 from transformer_lens.tools.analysis.attribution_patching import cache_activation_and_gradient
 from transformer_lens.utilities import get_act_name
 
+from poslens.variants.model import HookedTransformer
+
 Metric = Callable[[Float[Tensor, "batch pos vocab"]], Tensor]
 
 POSITION_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")  # grid: layer × position
@@ -54,6 +56,7 @@ DEFAULT_MEMORY_MB = 1024
 # The input of the unembedding: a bridge's `unembed.hook_in` (after Hugging Face's final reshape), else the
 # final LayerNorm's output (poslens's model).
 READOUT_HOOKS = ("unembed.hook_in", "ln_final.hook_normalized")
+EMBED_HOOK = "hook_embed"
 
 
 def patchable_sites(model: TransformerLensModel) -> list[str]:
@@ -198,13 +201,15 @@ def patch_grids(model: TransformerLensModel, clean_tokens: Int[Tensor, "batch po
                          f"{tuple(clean_tokens.shape)} and {tuple(corrupted_tokens.shape)}")
     device = model.cfg.device
     clean_tokens, corrupted_tokens = clean_tokens.to(device), corrupted_tokens.to(device)
-    n_prompts, n_pos = corrupted_tokens.shape
+    n_pos = corrupted_tokens.shape[1]
     names = [get_act_name(site, layer) for site in sites for layer in range(model.cfg.n_layers)]
     with _autocast(model, dtype):
         _, cache = model.run_with_cache(clean_tokens, names_filter=names)
     clean = {name: cache[name] for name in names}
     readout = [(_readout_hook(model), lambda activation, hook: activation[:, -1:])] if last_position_only else []
-    per_pass = chunk_cells(model, n_prompts, n_pos, last_position_only=last_position_only, memory_mb=memory_mb)
+    groups = _prompt_groups(model, len(corrupted_tokens))
+    per_pass = chunk_cells(model, groups[0].stop - groups[0].start, n_pos, last_position_only=last_position_only,
+                           memory_mb=memory_mb)
     grids = {}
     for site in sites:
         shape = grid_shape(model, site, n_pos)
@@ -213,22 +218,35 @@ def patch_grids(model: TransformerLensModel, clean_tokens: Int[Tensor, "batch po
         with tqdm(total=len(cells), desc=f"patching {site}", disable=quiet) as bar:
             for start in range(0, len(cells), per_pass):
                 chunk = cells[start:start + per_pass]
-                with _autocast(model, dtype), model.hooks(fwd_hooks=_chunk_hooks(site, chunk, clean, n_prompts)
-                                                          + readout):
-                    logits = model(corrupted_tokens)
-                blocks = logits.float().split(n_prompts)[1:]
-                values.extend(float(metric(block)) for block in blocks)
+                per_group = []
+                for group in groups:
+                    hooks = _chunk_hooks(site, chunk, {name: act[group] for name, act in clean.items()},
+                                         group.stop - group.start)
+                    with _autocast(model, dtype), model.hooks(fwd_hooks=hooks + readout):
+                        logits = model(corrupted_tokens[group]).float()
+                    per_group.append(logits.split(group.stop - group.start)[1:])
+                values.extend(float(metric(torch.cat(blocks))) for blocks in zip(*per_group))
                 bar.update(len(chunk))
         grids[site] = torch.tensor(values, dtype=torch.float32).reshape(shape)
     return grids
 
 
+def _prompt_groups(model: TransformerLensModel, n_prompts: int) -> list[slice]:
+    """The prompts one pass carries: all of them on poslens's model, one at a time on any other model (a
+    Hugging Face model may build a `[batch, ...]` attention mask up front, which a grown batch does not match
+    unless batch is 1)."""
+    if isinstance(model, HookedTransformer):
+        return [slice(0, n_prompts)]
+    return [slice(prompt, prompt + 1) for prompt in range(n_prompts)]
+
+
 def attribution_grids(model: TransformerLensModel, clean_tokens: Int[Tensor, "batch pos"],
                       corrupted_tokens: Int[Tensor, "batch pos"], metric: Metric, sites: Sequence[str] = ("resid_pre",)
                       ) -> dict[str, Float[Tensor, "layer index"]]:
-    """Attribution patching (the gradient approximation of `patch_grids`): every cell's
-    `(a_clean − a_corrupted) · ∂metric/∂a` at the corrupted run, summed over the batch and the feature
-    axis (and, for `z`, over positions), from one clean forward and one corrupted forward + backward.
+    """Attribution patching (the gradient approximation of `patch_grids`): every cell's metric estimated
+    as the corrupted run's metric plus `(a_clean − a_corrupted) · ∂metric/∂a` at the corrupted run, summed
+    over the batch and the feature axis (and, for `z`, over positions), from one clean forward and one
+    corrupted forward + backward. Like `patch_grids`, a grid of metric values, so the two compare directly.
 
     Exact where the metric is linear in the patched activation; elsewhere a preview (see
     `docs/patching.md` for its measured correlation with the exact grid).
@@ -251,6 +269,9 @@ def attribution_grids(model: TransformerLensModel, clean_tokens: Int[Tensor, "ba
     names = [get_act_name(site, layer) for site in sites for layer in range(model.cfg.n_layers)]
     skips = _skip_gradients(model) if "resid_mid" in sites else {}
     names += [name for name in skips.values() if name not in names]
+    # TransformerLens: the most upstream cached point's backward hook never fires, and a bridge's converted
+    # points (`attn.hook_z`) get no gradient from the fallback; the embedding, upstream of every site, takes that role.
+    names += [EMBED_HOOK] if EMBED_HOOK in model.hook_dict else []
     with torch.enable_grad():
         clean = cache_activation_and_gradient(model, clean_tokens.to(device), metric, names_filter=names,
                                               compute_gradient=False)
@@ -262,7 +283,7 @@ def attribution_grids(model: TransformerLensModel, clean_tokens: Int[Tensor, "ba
             name = get_act_name(site, layer)
             gradient = _total(corrupted.gradients.get(name), corrupted.gradients.get(skips.get(name, "")))
             effect = (clean.activations[name] - corrupted.activations[name]) * gradient
-            rows.append(effect.sum(dim=(0, 1, 3)) if site in HEAD_SITES else effect.sum(dim=(0, 2)))
+            rows.append(corrupted.metric + (effect.sum(dim=(0, 1, 3)) if site in HEAD_SITES else effect.sum(dim=(0, 2))))
         grids[site] = torch.stack(rows).float().cpu()
     return grids
 
