@@ -1,7 +1,7 @@
 """Activation patching: TransformerLens's per-cell loop against poslens's batched engine (`hooks.patching`).
 
     python benchmarks/patching_speed.py [--prompt-tokens 16] [--quick-sequences 64] [--threads N]
-        [--models quick gpt2-small]
+        [--models quick gpt2-small] [--correlations]
 
 Same prompts, same machine, one run. Two models, both with random weights built locally (nothing is
 downloaded):
@@ -40,16 +40,18 @@ from poslens.variants import build, load_any, preset
 sys.path.insert(0, str(Path(__file__).parent))  # the benchmarks folder is not a package
 from probe_scale import peak_gb  # noqa: E402
 
+CORRELATION_VARIANTS = ("nope-causal", "learned-causal", "sinusoidal-causal", "rotary-causal", "learned-bidirectional",
+                        "nope-causal+cut0")
 TL_GRIDS = {"resid_pre": patching.get_act_patch_resid_pre, "resid_mid": patching.get_act_patch_resid_mid,
             "resid_post": partial(patching.generic_activation_patch, patch_setter=patching.layer_pos_patch_setter,
                                   activation_name="resid_post", index_axis_names=("layer", "pos")),
             "attn_out": patching.get_act_patch_attn_out, "mlp_out": patching.get_act_patch_mlp_out}
 
 
-def quick_case(n_sequences: int):
+def quick_case(n_sequences: int, variant: str = "learned-causal"):
     """poslens's quick-size model on swapped addition prompts: (name, model, clean, corrupted, metric, sites)."""
     task = Addition()
-    model = build(preset("learned-causal", task=task, n_layers=4, d_model=64, d_head=16)).eval()
+    model = build(preset(variant, task=task, n_layers=4, d_model=64, d_head=16)).eval()
     clean = task.sample_test(4 * n_sequences, 0)
     corrupted = corrupt(task, clean, "swap", positions=(0, 2))
     changed = clean[:, task.prompt_len] != corrupted[:, task.prompt_len]
@@ -97,6 +99,8 @@ def main() -> None:
                                                                         "model (default 64, reproduce's)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--models", nargs="+", default=["quick", "gpt2-small"], choices=["quick", "gpt2-small"])
+    parser.add_argument("--correlations", action="store_true", help="also: the preview's correlation with the exact "
+                                                                    "grid, per site, on every positional encoding")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"$ python {shlex.join(sys.argv)}")
@@ -122,6 +126,15 @@ def main() -> None:
             correlation = float(torch.corrcoef(torch.stack([flat(grids, sites), flat(reference, sites)]))[0, 1])
             print(f"| {name} | {', '.join(sites)} | {shape} | {label} | {seconds:.2f} | "
                   f"{reference_seconds / seconds:.1f}x | {difference:.1e} | {correlation:.3f} | {peak:.2f} |")
+    if args.correlations:
+        print("\n| variant (quick size, random weights) | site | Pearson r, preview vs exact | max abs diff |\n|---|---|---|---|")
+        for variant in CORRELATION_VARIANTS:
+            _, model, clean, corrupted, metric, sites = quick_case(args.quick_sequences, variant)
+            exact = patch_grids(model, clean, corrupted, metric, sites, last_position_only=True)
+            preview = attribution_grids(model, clean, corrupted, metric, sites)
+            for site in sites:
+                r = float(torch.corrcoef(torch.stack([exact[site].flatten(), preview[site].flatten()]))[0, 1])
+                print(f"| {variant} | {site} | {r:.3f} | {float((exact[site] - preview[site]).abs().max()):.2f} |")
     print(f"\nload average {os.getloadavg()[0]:.1f} at end")
 
 
