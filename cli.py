@@ -9,16 +9,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from poslens.analyses.experiments.dynamics import write_dynamics
 from poslens.analyses.experiments.induction import write_induction
+from poslens.analyses.experiments.patch import ALIGN_RULES, pairs_table, read_pairs, task_table, write_patching
 from poslens.analyses.experiments.presets import DEFAULT_PRESET, DYNAMICS_TASKS, MARKOV_VARIANT, PRESETS
 from poslens.analyses.experiments.reproduce import reproduce
 from poslens.analyses.figures import check_html_path, file_name, write_figure
 from poslens.analyses.figures.probes import probe_accuracy_figure, probe_position_figure
 from poslens.analyses.measures.discovery import describe, layer_sites, model_info, site_note
 from poslens.analyses.measures.invariance import invariance_table
+from poslens.analyses.measures.patching import METHODS, SITES
 from poslens.analyses.measures.probe_sweep import CONTROLS, TARGETS, sidecar_paths, sweep_probes
 from poslens.analyses.measures.sequences import random_sequences, read_text, text_sequences
 from poslens.analyses.report import compact
@@ -187,6 +190,35 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"residual sites ({len(sites)}): {', '.join(sites)}")
     _print_note(model)
     print(render_table(model_info(model, variant=_display_name(model, args.model)), "md"), end="")
+
+
+def _patch(args: argparse.Namespace) -> None:
+    if bool(args.checkpoints) == bool(args.model):
+        raise ValueError("give either checkpoint directories or --model SPEC (not both)")
+    if args.model and not args.pairs:
+        raise ValueError("--model needs --pairs FILE (clean<TAB>corrupted prompts, one pair per line)")
+    dtype = torch.bfloat16 if args.bfloat16 else None
+    options = {"method": args.method, "dtype": dtype, "quiet": args.quiet}
+    if args.model:
+        model = _load_model(args)
+        table, metric = pairs_table(model, read_pairs(args.pairs), sites=args.sites or ["resid_pre"],
+                                    align=args.align, **options)
+    else:
+        models = [load_any(directory, device=args.device) for directory in args.checkpoints]
+        if args.pairs:
+            results = [pairs_table(model, read_pairs(args.pairs), sites=args.sites or list(SITES), align=args.align,
+                                   **options) for model in models]
+        else:
+            results = [task_table(model, load_task(directory), kind=args.corruption, positions=tuple(args.positions),
+                                  n_sequences=args.sequences, seed=args.seed, **options)
+                       for model, directory in zip(models, args.checkpoints)]
+        table = pd.concat([result[0] for result in results], ignore_index=True)
+        metric = ", ".join(dict.fromkeys(result[1] for result in results))
+        if args.sites:
+            table = table[table["site"].isin(args.sites)].reset_index(drop=True)
+    paths = write_patching(table, args.out, title=f"{args.method} patching, {metric}", overwrite=args.overwrite)
+    print(f"{args.method} patching, metric: {metric}; {len(table)} cells")
+    print("wrote " + ", ".join(map(str, paths)))
 
 
 def _dynamics(args: argparse.Namespace) -> None:
@@ -417,6 +449,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     _add_model_load_options(p)
     p.set_defaults(run=_inspect)
+
+    p = commands.add_parser("patch", help="activation patching (exact or attribution) of checkpoints on their task's "
+                                           "corruptions, or of any model on a file of prompt pairs")
+    p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT_DIR", help="trained run directories")
+    p.add_argument("--model", help="instead: one model, a Hugging Face hub id, a save_pretrained folder or a "
+                                    "poslens run directory (needs --pairs)")
+    p.add_argument("--pairs", metavar="FILE", help="clean<TAB>corrupted prompts, one pair per line")
+    p.add_argument("--align", default="equal", choices=list(ALIGN_RULES),
+                   help="prompts of unequal token length: refuse them (equal, default) or compare positions "
+                        "counted from the end, cutting longer prompts' earliest tokens after BOS (end)")
+    p.add_argument("--sites", nargs="+", choices=list(SITES),
+                   help="default: every site for checkpoints, resid_pre for --model")
+    p.add_argument("--method", default="exact", choices=list(METHODS),
+                   help="exact activation patching, or its gradient estimate (attribution; one backward pass)")
+    p.add_argument("--corruption", default="swap", choices=["swap", "permute"], help="checkpoints without --pairs")
+    p.add_argument("--positions", nargs=2, type=int, default=[0, 2], metavar=("I", "J"),
+                   help="operand-digit positions that swap exchanges (default 0 2)")
+    p.add_argument("--sequences", type=int, default=64, help="task prompts patched at once (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the task prompts' sample")
+    p.add_argument("--bfloat16", action="store_true", help="run the exact passes under bfloat16 autocast")
+    p.add_argument("--tokenizer", help="with --model: a tokenizer folder or hub id (for a folder without one)")
+    p.add_argument("--dtype", default="float32", choices=list(MODEL_DTYPES), help="with --model: weight precision")
+    p.add_argument("--out", required=True, help="output folder: patching.{csv,md,tex,json} and "
+                                                "patching.MODEL.SITE.html heatmaps")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_patch)
 
     p = commands.add_parser("dynamics", help="train with log-spaced snapshots; loss, probes and attention entropy "
                                              "over training")

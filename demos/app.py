@@ -2,7 +2,8 @@
 
 Pick a model, type a clean prompt (`123+456=`), pick a corruption, and read: both answers and
 the correct ones; the layer × position activation-patching heatmap (`resid_pre`, `resid_mid` or
-`resid_post`; click a cell for the first-digit distribution before and after that patch); the
+`resid_post`; click a cell for the first-digit distribution before and after that patch), drawn
+after its attribution-patching preview (a gradient estimate, one backward pass); the
 residual-cut view; one head's attention pattern; and the position probe's prediction at every
 layer. Every number comes from `demos.panels`; this module only lays them out and wires the
 callbacks. Bad input shows an inline message and leaves the last good panels in place.
@@ -22,6 +23,7 @@ from typing import Any
 
 import dash
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 from dash import Input, Output, dcc, html
 from dash.exceptions import PreventUpdate
@@ -31,6 +33,7 @@ from poslens.analyses.figures.patching import patching_heatmap
 from poslens.analyses.measures.patching import SITES
 from poslens.demos.panels import (
     CORRUPTIONS,
+    PREVIEW_NOTE,
     DemoModel,
     ModelStore,
     answer_distribution,
@@ -98,6 +101,8 @@ def _layout(store: ModelStore) -> html.Div:
         dcc.Store(id="state"),
         html.H3("activation patching: clean → corrupted"),
         dcc.RadioItems(list(SITES), "resid_pre", id="site", inline=True),
+        html.Div(PREVIEW_NOTE),
+        dcc.Graph(id="preview"),
         html.Div([dcc.Graph(id="heatmap", style={"flex": "1"}), dcc.Graph(id="distribution", style={"flex": "1"})],
                  style={"display": "flex"}),
         html.H3("residual cuts"),
@@ -176,18 +181,27 @@ def make_app(models: Mapping[str, str | Path] | ModelStore, *, device: str = "cp
             state = {"model": name, "clean": prompt_text(demo, clean), "corrupted": prompt_text(demo, corrupted)}
         return "", _answers_view(answer_table), state, cuts, probe
 
-    @app.callback(Output("heatmap", "figure"), Input("state", "data"), Input("site", "value"))
-    @inline_errors(message_figure)
-    def heatmap(state, site):
+    def patching_figure(state: Any, site: Any, method: str) -> go.Figure:
         if not state:
             return message_figure("type a prompt")
         site = choice(site, SITES, "patching site")
         with lock:
             demo, clean, corrupted = restore(state)
-            table, metric = patch_effects(demo, clean, corrupted, site)
+            table, metric = patch_effects(demo, clean, corrupted, site, method)
             title = f"{site}: {metric}, patching {prompt_text(demo, clean)} into {prompt_text(demo, corrupted)}"
-        figure = patching_heatmap(table, site, title=title)
+        figure = patching_heatmap(table, site, title=title if method == "exact" else f"preview ({method}) {title}")
         return figure.update_traces(colorbar_title=metric.replace(" ", "<br>", 1))
+
+    # Registered first, so that the browser asks for the preview first and it usually takes the lock first.
+    @app.callback(Output("preview", "figure"), Input("state", "data"), Input("site", "value"))
+    @inline_errors(message_figure)
+    def preview(state, site):
+        return patching_figure(state, site, "attribution")
+
+    @app.callback(Output("heatmap", "figure"), Input("state", "data"), Input("site", "value"))
+    @inline_errors(message_figure)
+    def heatmap(state, site):
+        return patching_figure(state, site, "exact")
 
     @app.callback(Output("distribution", "figure"), Input("heatmap", "clickData"), Input("state", "data"),
                   Input("site", "value"))

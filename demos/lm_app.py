@@ -4,7 +4,8 @@ The page shows the model (sizes, residual sites and the positional encoding dete
 block), then for a typed prompt: its tokens and the most likely next tokens, one head's attention
 pattern, the position probe's prediction for every token at every residual site, and activation
 patching from the prompt into a corrupted prompt of the same token length (`resid_pre`,
-`resid_mid` where the model has it, `resid_post`; metric `next_token_restoration`). Every number
+`resid_mid` where the model has it, `resid_post`; metric `next_token_restoration`), its
+attribution-patching preview (a gradient estimate) drawn first, the exact grid after. Every number
 comes from `demos.lm_panels`; this module lays them out and wires the callbacks, on the hardened
 server of `demos.server`. A bad prompt shows an inline message and leaves the last good panels in
 place; a corrupted prompt of another token length is refused in the patching panel, naming both
@@ -37,7 +38,7 @@ from poslens.demos.lm_panels import (
     top_next_tokens,
     top_tokens_figure,
 )
-from poslens.demos.panels import message_figure, probe_figure
+from poslens.demos.panels import PREVIEW_NOTE, message_figure, probe_figure
 from poslens.demos.server import HOST, choice, inline_errors, integer, make_server, text
 from poslens.variants.tokens import excerpt
 
@@ -97,6 +98,8 @@ def _layout(demo: LMDemoModel, prompt: str, corrupted: str) -> html.Div:
         html.H3("activation patching: prompt → corrupted prompt"),
         dcc.RadioItems(demo.sites, demo.sites[0], id="site", inline=True),
         html.Div(id="patch-message", role="alert", style=ALERT),
+        html.Div(PREVIEW_NOTE),
+        dcc.Graph(id="preview"),
         dcc.Graph(id="heatmap"),
     ], style={"fontFamily": "sans-serif", "margin": "1em"})
 
@@ -145,23 +148,33 @@ def make_app(demo: LMDemoModel, *, prompt: str = DEFAULT_PROMPT, corrupted: str 
         with lock:
             return attention_figure(demo, restore(state)[0], layer, head)
 
-    @app.callback(Output("patch-message", "children"), Output("heatmap", "figure"), Input("state", "data"),
-                  Input("site", "value"))
-    @inline_errors(lambda message: (message, dash.no_update))
-    def heatmap(state, site):
+    def patching_figure(state: Any, site: Any, method: str) -> Any:
         if not state:
-            return "", message_figure("type a prompt")
+            return message_figure("type a prompt")
         site = choice(site, demo.sites, "patching site")
         with lock:
             clean, typed = restore(state)
             if not typed.strip():
-                return "", message_figure(f"type a corrupted prompt of {clean.shape[1]} tokens to patch")
+                return message_figure(f"type a corrupted prompt of {clean.shape[1]} tokens to patch")
             corrupted = encode_prompt(demo, typed, "corrupted prompt")
-            table, metric = patch_effects(demo, clean, corrupted, site)
+            table, metric = patch_effects(demo, clean, corrupted, site, method)
             tops = [top_next_tokens(demo, run, 1)["token"][0] for run in (clean, corrupted)]
-        title = plotly_text(f"{site}: {metric}; next token {tops[0]!r} (prompt) vs {tops[1]!r} (corrupted)")
+        title = f"{site}: {metric}; next token {tops[0]!r} (prompt) vs {tops[1]!r} (corrupted)"
+        title = plotly_text(title if method == "exact" else f"preview ({method}) {title}")
         figure = patching_heatmap(table, site, title=title).update_layout(xaxis_title="position:token", yaxis_dtick=1)
-        return "", figure.update_traces(colorbar_title=metric.replace(" ", "<br>", 1))
+        return figure.update_traces(colorbar_title=metric.replace(" ", "<br>", 1))
+
+    # Registered first, so that the browser asks for the preview first and it usually takes the lock first.
+    @app.callback(Output("preview", "figure"), Input("state", "data"), Input("site", "value"))
+    @inline_errors(message_figure)
+    def preview(state, site):
+        return patching_figure(state, site, "attribution")
+
+    @app.callback(Output("patch-message", "children"), Output("heatmap", "figure"), Input("state", "data"),
+                  Input("site", "value"))
+    @inline_errors(lambda message: (message, dash.no_update))
+    def heatmap(state, site):
+        return "", patching_figure(state, site, "exact")
 
     return app
 

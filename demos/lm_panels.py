@@ -225,11 +225,12 @@ def probe_predictions(demo: LMDemoModel, tokens: Int[Tensor, "1 pos"]) -> pd.Dat
 
 @torch.no_grad()
 def patch_effects(demo: LMDemoModel, clean: Int[Tensor, "1 pos"], corrupted: Int[Tensor, "1 pos"],
-                  site: str = "resid_pre") -> tuple[pd.DataFrame, str]:
+                  site: str = "resid_pre", method: str = "exact") -> tuple[pd.DataFrame, str]:
     """Patch each (layer, position) of `site` from the clean prompt into the corrupted one
-    (`analyses.measures.patching.prompt_patch_table`): the table and the name of its metric."""
+    (`analyses.measures.patching.prompt_patch_table`, `method` `exact` or `attribution`, its gradient
+    preview): the table and the name of its metric."""
     if site not in demo.sites:
         raise ValueError(f"unknown patching site {excerpt(site)} for {demo.name}; allowed: {demo.sites}")
     clean_labels, corrupted_labels = token_strings(demo, clean), token_strings(demo, corrupted)
     labels = [a if a == b else f"{a}→{b}" for a, b in zip(clean_labels, corrupted_labels)]
-    return prompt_patch_table(demo.model, clean, corrupted, [site], labels=labels)
+    return prompt_patch_table(demo.model, clean, corrupted, [site], labels=labels, method=method)

@@ -277,13 +277,17 @@ def answers(demo: DemoModel, clean: Int[Tensor, "1 seq"], corrupted: Int[Tensor,
 
 # activation patching -------------------------------------------------------------------------------------------------
 
+PREVIEW_NOTE = ("preview: attribution patching, a gradient estimate of the grid below from one backward pass, "
+                "drawn first; the exact grid (one batched patch per cell) follows")
+
 @torch.no_grad()
 def patch_effects(demo: DemoModel, clean: Int[Tensor, "1 seq"], corrupted: Int[Tensor, "1 seq"],
-                  site: str = "resid_pre") -> tuple[pd.DataFrame, str]:
+                  site: str = "resid_pre", method: str = "exact") -> tuple[pd.DataFrame, str]:
     """Patch each (layer, position) of `site` from the clean run into the corrupted one: the
-    `analyses.measures.patching.patch_table` of this prompt pair and the name of its metric."""
+    `analyses.measures.patching.patch_table` of this prompt pair (`method` `exact`, or `attribution`:
+    its gradient preview) and the name of its metric."""
     try:
-        return patch_table(demo.model, demo.task, clean, corrupted, [site])
+        return patch_table(demo.model, demo.task, clean, corrupted, [site], method=method)
     except ValueError as error:
         raise ValueError(f"{demo.name}, {prompt_text(demo, clean)!r} → {prompt_text(demo, corrupted)!r}: "
                          f"{error}") from error

@@ -1,4 +1,4 @@
-"""Activation plumbing on TransformerLens hook names: capture, cut, ablate."""
+"""Activation plumbing on TransformerLens hook names: capture, cut, ablate, patch."""
 
 from poslens.hooks.capture import (
            EMBED,
@@ -10,6 +10,8 @@ from poslens.hooks.capture import (
            residual_sites,
 )
 from poslens.hooks.interventions import cut_residual, mean_ablation, zero_ablation
+from poslens.hooks.patching import PATCH_SITES, attribution_grids, patch_grids, patchable_sites
 
-__all__ = ["EMBED", "Capture", "capture_patterns", "capture_residuals", "cut_residual", "hook_name", "mean_ablation",
-           "missing_resid_mid", "residual_sites", "zero_ablation"]
+__all__ = ["EMBED", "PATCH_SITES", "Capture", "attribution_grids", "capture_patterns", "capture_residuals", "cut_residual",
+           "hook_name", "mean_ablation", "missing_resid_mid", "patch_grids", "patchable_sites", "residual_sites",
+           "zero_ablation"]

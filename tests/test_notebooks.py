@@ -136,7 +136,7 @@ def test_patching_notebook(tmp_path, monkeypatch, jupyter_path):
     cells, result = run_notebook("patching.ipynb", PATCHING_READOUT, tmp_path, monkeypatch, jupyter_path)
     assert result["exact_match"] >= 0.9  # the text says the model gets about 99% of sums right
     assert result["leading_digits"] == list(range(10))  # task.sample_test, not the sorted test set's first rows
-    assert len(outputs_with(cells, PLOTLY_MIME)) == 3  # two patching heatmaps, residual-cut bars
+    assert len(outputs_with(cells, PLOTLY_MIME)) == 4  # two patching heatmaps, the attribution preview, residual cuts
 
     roles, patch = result["roles"], result["patch"]
     n_layers = 1 + max(row["layer"] for row in patch)

@@ -1,5 +1,6 @@
-"""Activation patching, through `transformer_lens.patching` unchanged: on addition prompts, and on
-any pair of prompts of equal token length.
+"""Activation patching on addition prompts, and on any pair of prompts of equal token length,
+through poslens's batched engine (`hooks.patching`: the same grids as `transformer_lens.patching`,
+every cell in a few passes).
 
 A corruption swaps two operand digits (or permutes all of them), so the clean and corrupted
 prompts differ only in *where* digits are. Each (layer, position) activation of the clean run
@@ -10,40 +11,32 @@ model, `prompt_patch_table`) there is no correct answer to read: the metric comp
 runs' own most likely next tokens instead (`next_token_restoration`). `activation_patching`
 draws its prompts with `task.sample_test` (an unbiased sample; the first rows of the sorted
 test set all have a small first operand) and marks the cells whose value the architecture
-fixes (`analyses.measures.construction.patch_fixed`): they are not evidence.
+fixes (`analyses.measures.construction.patch_fixed`): they are not evidence. `method="attribution"`
+gives the gradient preview of the same table (`hooks.patching.attribution_grids`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from functools import partial
+from collections.abc import Callable, Sequence
 
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import patching
 from transformer_lens.model_protocol import TransformerLensModel
 from transformer_lens.utilities import get_act_name
 
 from poslens.analyses.measures.construction import patch_fixed
+from poslens.hooks.patching import POSITION_SITES, attribution_grids, check_sites, patch_grids, patchable_sites
 from poslens.tasks import Addition
 from poslens.variants import HookedTransformer
 from poslens.variants.config import VariantConfig
 
 Metric = Callable[[Float[Tensor, "batch pos vocab"]], Tensor]
 
-# One (layer, position) patch per cell; TransformerLens names the first two, the rest use its generic patcher.
-SITES: dict[str, Callable] = {
-    "resid_pre": patching.get_act_patch_resid_pre,
-    "resid_mid": patching.get_act_patch_resid_mid,
-    "resid_post": partial(patching.generic_activation_patch, patch_setter=patching.layer_pos_patch_setter,
-                          activation_name="resid_post", index_axis_names=("layer", "pos")),
-    "attn_out": patching.get_act_patch_attn_out,
-    "mlp_out": patching.get_act_patch_mlp_out,
-}
+SITES = POSITION_SITES  # the layer × position sites of every table here
 RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post")
+METHODS = ("exact", "attribution")
 LOGIT_DIFF, KL_RESTORED = "normalised logit diff", "fraction of KL restored"
 PATCHING_COLUMNS = ("site", "layer", "position", "role", "value")
 ACTIVATION_PATCHING_COLUMNS = (*PATCHING_COLUMNS, "fixed_by_construction")
@@ -51,18 +44,6 @@ ACTIVATION_PATCHING_COLUMNS = (*PATCHING_COLUMNS, "fixed_by_construction")
 
 class NothingToRestore(ValueError):
     """The model answers the clean and the corrupted prompts alike: a restoration metric is undefined."""
-
-
-@contextmanager
-def quiet_patching(quiet: bool = True) -> Iterator[None]:
-    """Silence `transformer_lens.patching`'s own progress bars (it has no flag for them)."""
-    original = patching.tqdm
-    if quiet:
-        patching.tqdm = partial(original, disable=True)
-    try:
-        yield
-    finally:
-        patching.tqdm = original
 
 
 def corrupt(task: Addition, tokens: Int[Tensor, "batch seq"], kind: str = "swap", *, positions: tuple[int, int] = (0, 2),
@@ -202,64 +183,75 @@ def check_equal_lengths(clean: Int[Tensor, "batch pos"], corrupted: Int[Tensor, 
 
 
 def check_site(site: str) -> str:
+    """`site` if it is one of `SITES`, else a one-line `ValueError` naming them."""
     if site not in SITES:
         raise ValueError(f"unknown patching site {site!r}; allowed: {list(SITES)}")
     return site
 
 
+def check_method(method: str) -> str:
+    """`method` if it is one of `METHODS` (`exact`, `attribution`), else a one-line `ValueError`."""
+    if method not in METHODS:
+        raise ValueError(f"unknown patching method {method!r}; allowed: {list(METHODS)}")
+    return method
+
+
 @torch.no_grad()
 def patch_table(model: HookedTransformer, task: Addition, clean: Int[Tensor, "batch seq"],
-                corrupted: Int[Tensor, "batch seq"], sites: Sequence[str] = tuple(SITES), *,
-                quiet: bool = True) -> tuple[pd.DataFrame, str]:
-    """Patch every (layer, position) of each site from the clean into the corrupted run; the
-    tidy table (`PATCHING_COLUMNS`: site, layer, position, role, value = `restoration_metric`)
-    and the name of the metric used.
+                corrupted: Int[Tensor, "batch seq"], sites: Sequence[str] = SITES, *, method: str = "exact",
+                dtype: torch.dtype | None = None, quiet: bool = True) -> tuple[pd.DataFrame, str]:
+    """Patch every (layer, position) of each site from the clean into the corrupted run.
 
     Args:
-        model: an addition model.
-        task: its task.
-        clean: the clean sequences.
-        corrupted: the corrupted sequences (same shape).
-        sites: the sites to patch (keys of `SITES`).
-        quiet: no progress bars.
+        model: a poslens model trained on `task`.
+        task: the addition task (its prompt length and position roles).
+        clean: clean sequences (prompt and answer), `[batch, seq]`.
+        corrupted: their corrupted copies (`corrupt`).
+        sites: any of `SITES`.
+        method: `exact` (activation patching, `hooks.patching.patch_grids`) or `attribution` (its gradient
+            preview, `hooks.patching.attribution_grids`).
+        dtype: the exact passes' precision (None: the model's; `torch.bfloat16` under autocast).
+        quiet: no progress bar.
 
     Returns:
-        `(table, metric name)`.
+        The tidy table (`PATCHING_COLUMNS`: site, layer, position, role, value = `restoration_metric`)
+        and the name of the metric used.
     """
     sites = [check_site(site) for site in sites]
     model.eval()
     metric, name = restoration_metric(model, clean, corrupted, task.prompt_len)
     prompts = slice(0, task.prompt_len)
-    return _patch_rows(model, clean[:, prompts], corrupted[:, prompts], sites, metric, task.roles, quiet), name
+    return _patch_rows(model, clean[:, prompts], corrupted[:, prompts], sites, metric, task.roles,
+                       method=method, dtype=dtype, quiet=quiet), name
 
 
 def model_sites(model: TransformerLensModel) -> list[str]:
     """The `SITES` whose hook every block of `model` has (GPT-NeoX's parallel residual has no `resid_mid`)."""
-    return [site for site in SITES
-            if all(get_act_name(site, layer) in model.hook_dict for layer in range(model.cfg.n_layers))]
+    return [site for site in patchable_sites(model) if site in SITES]
 
 
 @torch.no_grad()
 def prompt_patch_table(model: TransformerLensModel, clean: Int[Tensor, "batch pos"], corrupted: Int[Tensor, "batch pos"],
                        sites: Sequence[str] = RESIDUAL_SITES, *, labels: Sequence[str] | None = None,
+                       method: str = "exact", dtype: torch.dtype | None = None,
                        quiet: bool = True) -> tuple[pd.DataFrame, str]:
-    """`patch_table` for any prompts of equal token length (free text on a language model): patch
-    every (layer, position) of each site from the clean into the corrupted prompts; the tidy table
-    (`PATCHING_COLUMNS`, value = `next_token_restoration`) and the metric's name.
+    """`patch_table` for any prompts of equal token length (free text on a language model).
 
-    A site the model lacks (`model_sites`) is refused. `role` is `labels[position]`, by default the
-    first pair's token ids at that position (`clean→corrupted` where they differ).
+    A site the model lacks (`model_sites`) is refused.
 
     Args:
         model: any TransformerLens model.
-        clean: the clean prompts.
-        corrupted: the corrupted prompts (same shape).
-        sites: the sites to patch.
-        labels: a label per position; default the token ids.
-        quiet: no progress bars.
+        clean: the clean prompts, `[batch, pos]`.
+        corrupted: the corrupted prompts, the same shape.
+        sites: any of `model_sites(model)`.
+        labels: the `role` of each position; by default the first pair's token ids there
+            (`clean→corrupted` where they differ).
+        method: `exact` or `attribution` (as in `patch_table`).
+        dtype: the exact passes' precision (as in `patch_table`).
+        quiet: no progress bar.
 
     Returns:
-        `(table, metric name)`.
+        The tidy table (`PATCHING_COLUMNS`, value = `next_token_restoration`) and the metric's name.
     """
     check_equal_lengths(clean, corrupted)
     allowed = model_sites(model)
@@ -272,16 +264,19 @@ def prompt_patch_table(model: TransformerLensModel, clean: Int[Tensor, "batch po
     if len(labels) != clean.shape[-1]:
         raise ValueError(f"labels must name each of the {clean.shape[-1]} positions, got {len(labels)}")
     metric, name = next_token_restoration(model, clean, corrupted)
-    return _patch_rows(model, clean, corrupted, sites, metric, labels, quiet), name
+    return _patch_rows(model, clean, corrupted, sites, metric, labels, method=method, dtype=dtype, quiet=quiet), name
 
 
 def _patch_rows(model: TransformerLensModel, clean: Int[Tensor, "batch pos"], corrupted: Int[Tensor, "batch pos"],
-                sites: Sequence[str], metric: Metric, roles: Sequence[str], quiet: bool) -> pd.DataFrame:
-    """The `PATCHING_COLUMNS` table of `SITES[site]` patching (clean → corrupted prompts) for each site."""
-    _, clean_cache = model.run_with_cache(clean.to(model.cfg.device))
-    corrupted = corrupted.to(model.cfg.device)
-    with quiet_patching(quiet):
-        grids = {site: SITES[site](model, corrupted, clean_cache, metric) for site in sites}
+                sites: Sequence[str], metric: Metric, roles: Sequence[str], *, method: str,
+                dtype: torch.dtype | None, quiet: bool) -> pd.DataFrame:
+    """The `PATCHING_COLUMNS` table of each site's grid (clean → corrupted prompts) by `method`. The
+    metrics here read only the last position's logits, so the exact passes unembed only that one."""
+    if check_method(method) == "exact":
+        grids = patch_grids(model, clean, corrupted, metric, check_sites(model, sites), last_position_only=True,
+                            dtype=dtype, quiet=quiet)
+    else:
+        grids = attribution_grids(model, clean, corrupted, metric, check_sites(model, sites))
     rows = [{"site": site, "layer": layer, "position": position, "role": roles[position],
              "value": float(grid[layer, position])}
             for site, grid in grids.items() for layer in range(grid.shape[0]) for position in range(grid.shape[1])]
