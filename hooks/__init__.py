@@ -1,4 +1,4 @@
-"""Activation plumbing on TransformerLens hook names: capture, cut, ablate."""
+"""Activation plumbing on TransformerLens hook names: capture, cut, ablate; and the positions a model is told."""
 
 from poslens.hooks.capture import (
            EMBED,
@@ -10,6 +10,17 @@ from poslens.hooks.capture import (
            residual_sites,
 )
 from poslens.hooks.interventions import cut_residual, mean_ablation, zero_ablation
+from poslens.hooks.positions import (
+           PositionEdit,
+           permuted,
+           position_support,
+           repeated,
+           shifted,
+           swapped,
+           unchanged,
+           with_positions,
+)
 
-__all__ = ["EMBED", "Capture", "capture_patterns", "capture_residuals", "cut_residual", "hook_name", "mean_ablation",
-           "missing_resid_mid", "residual_sites", "zero_ablation"]
+__all__ = ["EMBED", "Capture", "PositionEdit", "capture_patterns", "capture_residuals", "cut_residual", "hook_name",
+           "mean_ablation", "missing_resid_mid", "permuted", "position_support", "repeated", "residual_sites", "shifted",
+           "swapped", "unchanged", "with_positions", "zero_ablation"]
