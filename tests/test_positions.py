@@ -193,3 +193,35 @@ def test_models_without_position_ids_are_named():
     assert "no position_ids argument" in position_support(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="ALiBi"), with_positions(load_any(bloom), shifted(4, 1)):
         pass
+
+
+def test_figures_leave_fixed_rows_out(tiny, addition):
+    from poslens.analyses.figures.positions import position_edit_figure, position_readout_figure
+
+    tables = position_interventions(build(tiny("rotary-causal")).eval(), addition, n_sequences=32)
+    bars = position_edit_figure(tables["position_task"])
+    assert list(bars.data[0].x) == ["none", "swap 0,2", "repeat 2=0"]  # the shift is fixed for rotary
+    lines = position_readout_figure(tables["position_readout"])
+    assert {trace.name for trace in lines.data} == {f"{edit} · {reading}" for edit in ("swap 0,2", "repeat 2=0")
+                                                   for reading in ("reads_told", "reads_index")}
+    assert all("embed" not in list(trace.x) for trace in lines.data)  # rotary adds nothing at the embedding
+
+
+def test_positions_command_on_a_run_and_on_a_bridged_model(run_cli, trained_runs, tiny_hf, word_tokenizer, tmp_path):
+    run = trained_runs[("learned-causal", 2)]
+    code, text, err = run_cli("positions", "--model", str(run), "--sequences", "48", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert "| shift+1 | shift | 1 2 3 4 5 6 7 8 9 10 11 |" in text
+    assert (tmp_path / "run" / "tables" / "position_readout.csv").is_file()
+    assert (tmp_path / "run" / "figures" / "position_edits.html").is_file()
+    code, _, err = run_cli("positions", "--model", str(run), "--out", str(tmp_path / "run"))
+    assert code == 2 and "already exists" in err  # refused before any work
+    code, _, err = run_cli("positions", "--model", str(run), "--shift", "3", "--out", str(tmp_path / "far"))
+    assert code == 2 and "shifts [3] take positions past the learned table of n_ctx=12 rows" in err
+    folder = tmp_path / "llama"
+    tiny_hf("llama").save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    code, text, err = run_cli("positions", "--model", str(folder), "--random-tokens", "--max-len", "12",
+                              "--sequences", "16", "--shift", "1", "--shift", "20", "--out", str(tmp_path / "lm"))
+    assert code == 0, err
+    assert "| shift+20 | shift |" in text and "| True |" in text  # rotary: a shift is fixed by construction
