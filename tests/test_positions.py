@@ -225,3 +225,48 @@ def test_positions_command_on_a_run_and_on_a_bridged_model(run_cli, trained_runs
                               "--sequences", "16", "--shift", "1", "--shift", "20", "--out", str(tmp_path / "lm"))
     assert code == 0, err
     assert "| shift+20 | shift |" in text and "| True |" in text  # rotary: a shift is fixed by construction
+
+
+def test_demo_shift_control(trained_runs):
+    """The addition demo's "shift positions by k": the panel function and the app's callback."""
+    import json
+    import threading
+    import urllib.request
+
+    from poslens.demos.app import make_app
+    from poslens.demos.panels import ModelStore, max_position_shift, parse_prompt, shifted_answer
+    from poslens.demos.server import make_server
+
+    store = ModelStore({"learned": trained_runs[("learned-causal", 2)], "nope": trained_runs[("nope-causal", 2)]},
+                       n_sequences=48)
+    learned, nope = store["learned"], store["nope"]
+    assert max_position_shift(learned) == 1 and max_position_shift(nope) == 16
+    clean = parse_prompt(learned, "123+456=")
+    unshifted = shifted_answer(learned, clean, 0).iloc[0]
+    assert not unshifted.fixed_by_construction and unshifted.correct_answer == "9750"
+    assert shifted_answer(nope, clean, 16).iloc[0].answer == shifted_answer(nope, clean, 0).iloc[0].answer
+    assert shifted_answer(nope, clean, 16).iloc[0].fixed_by_construction
+    with pytest.raises(ValueError, match=r"shift must be an integer in 0..1 for learned, got 2"):
+        shifted_answer(learned, clean, 2)
+    server = make_server(make_app(store), port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        def shifted_view(k) -> str:
+            state = {"model": "learned", "clean": "123+456=", "corrupted": "321+456="}
+            body = json.dumps({"output": "shifted.children", "outputs": {"id": "shifted", "property": "children"},
+                               "inputs": [{"id": "state", "property": "data", "value": state},
+                                          {"id": "shift", "property": "value", "value": k}],
+                               "changedPropIds": ["shift.value"], "state": []}).encode()
+            request = urllib.request.Request(f"http://127.0.0.1:{server.server_port}/_dash-update-component",
+                                             data=body, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())["response"]["shifted"]["children"]
+
+        assert shifted_view(1).startswith("positions 1..11: 123+456= → model ")
+        assert "correct 9750" in shifted_view(1)
+        assert shifted_view(5) == "shift must be an integer in 0..1 for learned, got 5"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        server.server_close()
