@@ -3,8 +3,8 @@
 Pick a model, type a clean prompt (`123+456=`), pick a corruption, and read: both answers and
 the correct ones; the layer × position activation-patching heatmap (`resid_pre`, `resid_mid` or
 `resid_post`; click a cell for the first-digit distribution before and after that patch); the
-residual-cut view; one head's attention pattern; and the position probe's prediction at every
-layer. Every number comes from `demos.panels`; this module only lays them out and wires the
+residual-cut view; one head's attention pattern; the position probe's prediction at every
+layer; and the answer when every position id is shifted by k ("positions told", `hooks.positions`). Every number comes from `demos.panels`; this module only lays them out and wires the
 callbacks. Bad input shows an inline message and leaves the last good panels in place.
 
 `make_app(models)` builds the app, `demos.server.make_server(app, port)` binds it to 127.0.0.1
