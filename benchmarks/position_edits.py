@@ -7,7 +7,7 @@ global shift (+1, and +4 where the encoding is a formula), a swap of the first o
 digits' ids and a repeated id, and the readout of a position probe fitted on unedited runs.
 Prints the mean ± sd over seeds and writes the per-run tables to `RUNS/tables/`.
 
-    python -P benchmarks/position_edits.py --runs runs/position-edits --seeds 2 --steps 800
+    python -P benchmarks/position_edits.py --runs runs/position-edits --seeds 2 --steps 800 [--variant ...]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ READ_SITES = ("embed", "blocks.0.hook_resid_post", "blocks.3.hook_resid_post")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", required=True, help="folder of the training runs (reused when finished)")
+    parser.add_argument("--variant", action="append", choices=VARIANTS, help="repeatable (default: all three)")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=800, help="training steps (the quick preset trains 2500)")
     parser.add_argument("--sequences", type=int, default=1000)
@@ -39,7 +40,7 @@ def main() -> None:
     torch.set_num_threads(1)
     settings, task, parts = PRESETS["quick"], Addition(), {}
     for seed in range(args.seeds):
-        for variant in VARIANTS:
+        for variant in args.variant or VARIANTS:
             started = time.perf_counter()
             cfg = preset(variant, task=task, seed=seed, **settings.model)
             result = train(cfg, task, out_dir=Path(args.runs) / f"{variant}-seed{seed}", resume=True, quiet=True,
