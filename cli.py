@@ -15,6 +15,7 @@ import torch
 from poslens.analyses.experiments.dynamics import write_dynamics
 from poslens.analyses.experiments.induction import write_induction
 from poslens.analyses.experiments.patch import ALIGN_RULES, pairs_table, read_pairs, task_table, write_patching
+from poslens.analyses.experiments.positions import position_study
 from poslens.analyses.experiments.presets import DEFAULT_PRESET, DYNAMICS_TASKS, MARKOV_VARIANT, PRESETS
 from poslens.analyses.experiments.reproduce import reproduce
 from poslens.analyses.figures import check_html_path, file_name, write_figure
@@ -219,6 +220,15 @@ def _patch(args: argparse.Namespace) -> None:
     paths = write_patching(table, args.out, title=f"{args.method} patching, {metric}", overwrite=args.overwrite)
     print(f"{args.method} patching, metric: {metric}; {len(table)} cells")
     print("wrote " + ", ".join(map(str, paths)))
+
+
+def _positions(args: argparse.Namespace) -> None:
+    model = _load_model(args)
+    data, n_sequences = _model_data(model, args)
+    tables = position_study(model, data, args.out, shifts=args.shift or [1], n_sequences=n_sequences or 1000,
+                            seed=args.seed, overwrite=args.overwrite)
+    print(render_table(tables.get("position_task", tables.get("position_lm")), "md"), end="")
+    print(f"wrote {args.out}/tables/ and {args.out}/figures/")
 
 
 def _dynamics(args: argparse.Namespace) -> None:
@@ -477,6 +487,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_patch)
+
+    p = commands.add_parser("positions", help="task accuracy / next-token loss and position-probe readout when the "
+                                              "position ids a model is told are shifted, swapped or repeated")
+    p.add_argument("--model", required=True, help="a poslens run directory (measured on its task), a Hugging Face hub "
+                                                  "id or a save_pretrained folder (with --text or --random-tokens)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--text", metavar="FILE", help="a UTF-8 text, chunked into --max-len tokens, BOS first")
+    source.add_argument("--random-tokens", action="store_true", help="uniformly random tokens")
+    p.add_argument("--max-len", type=int, help=f"tokens per sequence, BOS included (default {DEFAULT_MAX_LEN}, or "
+                                               "n_ctx if smaller)")
+    p.add_argument("--no-bos", action="store_true", help="do not put the BOS token first")
+    p.add_argument("--sequences", type=int, help="sequences measured (default 1000 held-out sums, "
+                                                 f"{DEFAULT_MODEL_SEQUENCES} of text or random tokens)")
+    p.add_argument("--shift", type=int, action="append", help="a global shift of the position ids (repeatable; "
+                                                              "default 1)")
+    p.add_argument("--tokenizer", help="a tokenizer folder or hub id (for a folder without one)")
+    p.add_argument("--dtype", default="float32", choices=list(MODEL_DTYPES), help="weight precision")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sample, the random tokens and the probes' split")
+    p.add_argument("--out", required=True, help="output directory: OUT/tables/ and OUT/figures/")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(run=_positions)
 
     p = commands.add_parser("dynamics", help="train with log-spaced snapshots; loss, probes and attention entropy "
                                              "over training")

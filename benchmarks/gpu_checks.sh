@@ -48,3 +48,5 @@ step "capture overhead" $PY benchmarks/capture_overhead.py --device cuda --repea
 # 4. a probe sweep of a GPT-2-small-shaped random model with its activations captured on the GPU
 step "real-model sweep" $PY benchmarks/real_model_sweep.py --device cuda --sequences 256 --max-len 128 --float16 \
     --sklearn-sites 0 --repeats 3
+# 5. probes fitted, scored, saved and loaded on the GPU (issue 25; skipped on a CPU-only torch)
+step "probes on cuda" $PY -m pytest -q -p no:cacheprovider tests/test_probe_travel.py -k cuda -rs

@@ -4,8 +4,9 @@ Pick a model, type a clean prompt (`123+456=`), pick a corruption, and read: bot
 the correct ones; the layer × position activation-patching heatmap (`resid_pre`, `resid_mid` or
 `resid_post`; click a cell for the first-digit distribution before and after that patch), drawn
 after its attribution-patching preview (a gradient estimate, one backward pass); the
-residual-cut view; one head's attention pattern; and the position probe's prediction at every
-layer. Every number comes from `demos.panels`; this module only lays them out and wires the
+residual-cut view; one head's attention pattern; the position probe's prediction at every
+layer; and the answer when every position id is shifted by k ("positions told",
+`hooks.positions`). Every number comes from `demos.panels`; this module only lays them out and wires the
 callbacks. Bad input shows an inline message and leaves the last good panels in place.
 
 `make_app(models)` builds the app, `demos.server.make_server(app, port)` binds it to 127.0.0.1
@@ -41,6 +42,7 @@ from poslens.demos.panels import (
     attention_figure,
     corrupt_prompt,
     distribution_figure,
+    max_position_shift,
     message_figure,
     parse_prompt,
     patch_effects,
@@ -49,6 +51,7 @@ from poslens.demos.panels import (
     prompt_text,
     residual_cut_answers,
     residual_cut_figure,
+    shifted_answer,
 )
 from poslens.demos.server import HOST, choice, inline_errors, integer, make_server, text
 from poslens.variants.tokens import excerpt
@@ -115,6 +118,10 @@ def _layout(store: ModelStore) -> html.Div:
         dcc.Graph(id="attention"),
         html.H3("position probe"),
         dcc.Graph(id="probe"),
+        html.H3("positions told"),
+        html.Div([html.Label(["shift positions by k ", dcc.Dropdown(list(range(max_position_shift(
+            store[store.names[0]]) + 1)), 0, id="shift", clearable=False, style={"width": "6em"})]),
+                  html.Div(id="shifted", style={"fontFamily": "monospace", "whiteSpace": "pre"})], style=ROW),
     ], style={"fontFamily": "sans-serif", "margin": "1em"})
 
 
@@ -159,6 +166,13 @@ def make_app(models: Mapping[str, str | Path] | ModelStore, *, device: str = "cp
         with lock:
             swap, layers, heads = _model_options(store[name])
         return swap, swap, layers, heads
+
+    @app.callback(Output("shift", "options"), Input("model", "value"), prevent_initial_call=True)
+    def shift_options(name):
+        if not isinstance(name, str) or name not in store.names:
+            raise PreventUpdate  # the update callback names the bad model
+        with lock:
+            return list(range(max_position_shift(store[name]) + 1))
 
     @app.callback(Output("message", "children"), Output("answers", "children"), Output("state", "data"),
                   Output("cuts", "figure"), Output("probe", "figure"),
@@ -215,6 +229,19 @@ def make_app(models: Mapping[str, str | Path] | ModelStore, *, device: str = "cp
             demo, clean, corrupted = restore(state)
             table = answer_distribution(demo, clean, corrupted, site, layer, position)
         return distribution_figure(table, title=f"first answer digit, {site} layer {layer} position {position} patched")
+
+    @app.callback(Output("shifted", "children"), Input("state", "data"), Input("shift", "value"))
+    @inline_errors(lambda message: message)
+    def shifted_view(state, k):
+        if not state:
+            return "type a prompt"
+        k = integer(k, "shift")
+        with lock:
+            demo, clean, _ = restore(state)
+            row = shifted_answer(demo, clean, k).iloc[0]
+        note = "  (the encoding cannot see a global shift: fixed by construction)" if row.fixed_by_construction else ""
+        return (f"positions {k}..{k + demo.task.seq_len - 2}: {prompt_text(demo, clean)} → model {row.answer} "
+                f"{'✓' if row.is_correct else '✗'}   correct {row.correct_answer}{note}")
 
     @app.callback(Output("attention", "figure"), Input("state", "data"), Input("attn-layer", "value"),
                   Input("attn-head", "value"))

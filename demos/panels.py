@@ -16,6 +16,7 @@ Table schemas (one row per measurement):
 - `residual_cut_answers`: block (−1 = no cut), sublayer, exact_match (on held-out sums),
   answer, is_correct.
 - `probe_predictions`: site, position, token, predicted, probability, true_probability.
+- `shifted_answer`: shift, answer, correct_answer, is_correct, fixed_by_construction.
 """
 
 from __future__ import annotations
@@ -37,13 +38,16 @@ from transformer_lens.utilities import get_act_name
 
 from poslens.analyses.measures.interventions import residual_cut_effects
 from poslens.analyses.measures.patching import corrupt, patch_cell_hook, patch_table
+from poslens.analyses.measures.positions import edit_fixed, pe_kinds
 from poslens.analyses.runs import load_task
 from poslens.hooks import capture_residuals, cut_residual
+from poslens.hooks.positions import shifted, with_positions
 from poslens.probes import PositionProbe, flatten_tokens
 from poslens.tasks import Addition
 from poslens.tasks.addition import BOS
 from poslens.variants import HookedTransformer, load, preset, train
 
+MAX_DEMO_SHIFT = 16  # the largest "shift positions by k" offered where the encoding is a formula (or absent)
 CORRUPTIONS = {"swap": "swap two positions", "operands": "swap the operands", "prompt": "a second prompt"}
 
 # The built-in model: NoPE-causal (the variant the demo is about) at the default (quick preset) size,
@@ -261,6 +265,29 @@ def greedy_answer(demo: DemoModel, sequence: Int[Tensor, "1 seq"], hooks: list =
     with demo.model.hooks(fwd_hooks=list(hooks)):
         tokens = demo.model.generate(sequence[:, : demo.task.prompt_len].to(demo.model.cfg.device), n_answer)
     return demo.model.to_string(tokens[0])
+
+
+def max_position_shift(demo: DemoModel) -> int:
+    """The largest global shift of the position ids the model can take: up to the end of a learned
+    table (n_ctx rows for seq_len - 1 input tokens), `MAX_DEMO_SHIFT` otherwise."""
+    if demo.model.cfg.positional_embedding_type == "standard":
+        return demo.model.cfg.n_ctx - (demo.task.seq_len - 1)
+    return MAX_DEMO_SHIFT
+
+
+@torch.no_grad()
+def shifted_answer(demo: DemoModel, clean: Int[Tensor, "1 seq"], k: int) -> pd.DataFrame:
+    """The greedy answer to the clean prompt when every position id is shifted by `k` (tokens kept in
+    place; `hooks.positions`), beside the correct one. `fixed_by_construction`: the encoding cannot
+    see a global shift (NoPE, rotary), so the answer is the unshifted one whatever the weights."""
+    top = max_position_shift(demo)
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= top:
+        raise ValueError(f"shift must be an integer in 0..{top} for {demo.name}, got {k!r}")
+    with with_positions(demo.model, shifted(demo.task.seq_len - 1, k)):
+        answer = greedy_answer(demo, clean)
+    correct = demo.model.to_string(clean[0, demo.task.prompt_len :])
+    return pd.DataFrame([{"shift": k, "answer": answer, "correct_answer": correct, "is_correct": answer == correct,
+                          "fixed_by_construction": bool(k) and edit_fixed(pe_kinds(demo.model), "shift")}])
 
 
 def answers(demo: DemoModel, clean: Int[Tensor, "1 seq"], corrupted: Int[Tensor, "1 seq"]) -> pd.DataFrame:

@@ -14,7 +14,11 @@ numpy arrays and outputs are torch tensors. Features are standardised per site.
 Working memory is bounded whatever the number of sites, tokens and classes: a fit takes sites in
 groups within `memory_limit` and evaluates its logits in chunks (`probes.base`, `probes.logistic`).
 
-Depends on torch, numpy and einops only; the data come from `hooks` via the caller.
+Probes fit on the device their activations are on, `save(path)` / `load(path)` a fitted probe
+(one safetensors file, settings as JSON; `probes.saving`), and are scikit-learn estimators
+(`BaseEstimator`: `clone`, `GridSearchCV`, `Pipeline` see one site's 2-D `X`; `probes.base`).
+
+Depends on torch, numpy, einops and scikit-learn; the data come from `hooks` via the caller.
 """
 
 from poslens.probes.controls import (

@@ -116,7 +116,7 @@ def token_identity_predictions(token_ids: Int[ArrayLike, "sequence *position"],
 
         return PositionProbe(C=C).fit(one_hot(train_idx), train_labels).predict(one_hot(test_idx))
     n_labels = int(labels.max()) + 1
-    counts = torch.zeros(len(types), n_labels, dtype=torch.long).index_put_(
+    counts = torch.zeros(len(types), n_labels, dtype=torch.long, device=labels.device).index_put_(
         (train_types, train_labels), torch.ones_like(train_labels), accumulate=True)
     overall = torch.bincount(train_labels, minlength=n_labels).argmax()
     majority = torch.where(counts.sum(1) > 0, counts.argmax(1), overall)

@@ -1,7 +1,8 @@
 """Conversion and validation of probe inputs, with errors that name the offending value.
 
-Probes accept torch tensors or numpy arrays; everything downstream works on tensors. An
-activation array is either `[site, n_tokens, d_model]` or one site's `[n_tokens, d_model]`.
+Probes accept torch tensors or numpy arrays; everything downstream works on tensors, on the
+device the tensor is on (numpy arrays are CPU tensors). An activation array is either
+`[site, n_tokens, d_model]` or one site's `[n_tokens, d_model]`.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ class NotFittedError(ValueError, AttributeError):
 
 
 def as_tensor(values: ArrayLike, name: str) -> Tensor:
-    """`values` as a CPU tensor, without copying when it already is one."""
+    """`values` as a tensor, left where it is (a tensor keeps its device; anything else becomes a CPU
+    tensor), without copying when it already is one."""
+    if isinstance(values, Tensor):
+        return values
     try:
-        return torch.as_tensor(values, device="cpu")
+        return torch.as_tensor(values)
     except (TypeError, ValueError, RuntimeError) as error:
         raise ValueError(f"{name} must be a tensor or array of numbers, got {type(values).__name__}") from error
 

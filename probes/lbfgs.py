@@ -43,10 +43,10 @@ def minimize(objective: Objective, x0: Float[Tensor, "site rows cols"], precondi
     """
     n_sites = x0.shape[0]
     x = x0.clone()
-    f, g = objective(x, torch.arange(n_sites))
+    f, g = objective(x, torch.arange(n_sites, device=x.device))
     steps, changes = x.new_zeros(history, *x.shape), x.new_zeros(history, *x.shape)
     rho, gamma = x.new_zeros(history, n_sites), x.new_ones(n_sites)
-    n_iter = torch.zeros(n_sites, dtype=torch.long)
+    n_iter = torch.zeros(n_sites, dtype=torch.long, device=x.device)
     converged = _largest(g) <= tol
     ftol = 4 * torch.finfo(x.dtype).eps
     for iteration in range(max_iter):

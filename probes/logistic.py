@@ -24,6 +24,7 @@ import warnings
 
 import torch
 from jaxtyping import Float, Int
+from sklearn.base import ClassifierMixin
 from torch import Tensor
 
 from poslens.probes.base import DEFAULT_MEMORY_LIMIT, SiteProbe
@@ -34,7 +35,7 @@ LOGITS_PER_CHUNK = 2**23  # logits (classes × tokens) of one chunk of one site:
 KRONECKER_MIN_TOKENS_PER_CLASS = 32  # below it, plain L-BFGS: see the module docstring
 
 
-class PositionProbe(SiteProbe):
+class PositionProbe(ClassifierMixin, SiteProbe):
     """L2-penalised multinomial logistic regression from activation to integer class, batched over sites.
 
     Inputs are torch tensors or numpy arrays: `X` is `[site, n_tokens, d_model]`, or
@@ -54,6 +55,8 @@ class PositionProbe(SiteProbe):
     gets bias −inf: it is never predicted.
     """
 
+    _fitted = (*SiteProbe._fitted, "classes_", "weight_", "bias_", "n_iter_")
+
     def __init__(self, C: float = 1.0, *, max_iter: int = 200, tol: float = 1e-4, n_classes: int | None = None,
                  dtype: torch.dtype = torch.float32, memory_limit: int = DEFAULT_MEMORY_LIMIT):
         self.C, self.max_iter, self.tol, self.n_classes, self.dtype = C, max_iter, tol, n_classes, dtype
@@ -63,16 +66,18 @@ class PositionProbe(SiteProbe):
         C, tol = positive(self.C, "C"), positive(self.tol, "tol")
         max_iter = positive_int(self.max_iter, "max_iter")
         X, _ = activations(X)
-        y = class_labels(y, X.shape[1])
+        y = class_labels(y, X.shape[1]).to(X.device)
         n_classes = self._n_classes(y)
         observed = torch.unique(y)
         if len(observed) < 2:
             raise ValueError(f"y must contain at least 2 distinct classes, got only {observed.tolist()}")
         n_sites, n_tokens, d_model = X.shape
-        self.classes_ = torch.arange(n_classes)
-        self.weight_ = torch.zeros(n_sites, d_model, n_classes, dtype=self.dtype)
-        self.bias_ = torch.full((n_sites, n_classes), float("-inf"), dtype=self.dtype)
-        self.n_iter_, converged = torch.zeros(n_sites, dtype=torch.long), torch.zeros(n_sites, dtype=torch.bool)
+        on = {"device": X.device}
+        self.classes_ = torch.arange(n_classes, **on)
+        self.weight_ = torch.zeros(n_sites, d_model, n_classes, dtype=self.dtype, **on)
+        self.bias_ = torch.full((n_sites, n_classes), float("-inf"), dtype=self.dtype, **on)
+        self.n_iter_ = torch.zeros(n_sites, dtype=torch.long, **on)
+        converged = torch.zeros(n_sites, dtype=torch.bool, **on)
         targets, means, scales = torch.searchsorted(observed, y), [], []
         for group in self._site_groups(X, self._bytes_per_site(n_tokens, d_model + 1, len(observed))):
             Zt, mean, scale = self._standardise_fit(X[group], ones_row=True)
@@ -94,14 +99,14 @@ class PositionProbe(SiteProbe):
     def predict_proba(self, X: Float[ArrayLike, "*site n_tokens d_model"]) -> Float[Tensor, "*site n_tokens n_classes"]:
         """Probability of each class for each token."""
         X, single = self._checked(X)
-        out = torch.empty(*X.shape[:2], len(self.classes_), dtype=self.dtype)
+        out = torch.empty(*X.shape[:2], len(self.classes_), dtype=self.dtype, device=self.weight_.device)
         probs = self._map_standardised(X, lambda Z, site: self._site_logits(Z, site).softmax(-1), out)
         return probs[0] if single else probs
 
     def predict(self, X: Float[ArrayLike, "*site n_tokens d_model"]) -> Int[Tensor, "*site n_tokens"]:
         """The most probable class of each token."""
         X, single = self._checked(X)
-        out = torch.empty(X.shape[:2], dtype=torch.long)
+        out = torch.empty(X.shape[:2], dtype=torch.long, device=self.weight_.device)
         classes = self._map_standardised(X, lambda Z, site: self._site_logits(Z, site).argmax(-1), out)
         return classes[0] if single else classes
 
@@ -109,9 +114,19 @@ class PositionProbe(SiteProbe):
             Float[Tensor, " site"] | float):
         """Accuracy per site (a float for one site's 2-D `X`)."""
         predicted = self.predict(X)
-        y = class_labels(y, predicted.shape[-1])
+        y = class_labels(y, predicted.shape[-1]).to(predicted.device)
         accuracy = (predicted == y).double().mean(-1)
         return accuracy.item() if accuracy.ndim == 0 else accuracy
+
+    def _fitted_layout(self, n_sites: int, n_features: int, tensors: dict[str, Tensor]) -> dict[
+            str, tuple[tuple[int, ...], torch.dtype]]:
+        n_classes = len(tensors["classes_"]) if "classes_" in tensors else 0
+        if self.n_classes is not None and n_classes != self.n_classes:
+            raise ValueError(f"a saved PositionProbe has {n_classes} classes but its settings say n_classes="
+                             f"{self.n_classes}")
+        return {**super()._fitted_layout(n_sites, n_features, tensors), "classes_": ((n_classes,), torch.long),
+                "weight_": ((n_sites, n_features, n_classes), self.dtype),
+                "bias_": ((n_sites, n_classes), self.dtype), "n_iter_": ((n_sites,), torch.long)}
 
     def _site_logits(self, Z: Float[Tensor, "n_tokens d_model"], site: int) -> Float[Tensor, "n_tokens n_classes"]:
         return torch.addmm(self.bias_[site], Z, self.weight_[site])
@@ -170,7 +185,7 @@ class SoftmaxLoss:
         self.feature_values, self.feature_vectors = torch.linalg.eigh(torch.bmm(Zt, Zt.mT).div_(n_tokens))
         self.class_curvature = Zt.new_zeros(n_sites, n_classes, n_classes)
         self.class_values, self.class_vectors = Zt.new_zeros(n_sites, n_classes), self.class_curvature.clone()
-        self.stale = torch.ones(n_sites, dtype=torch.bool)
+        self.stale = torch.ones(n_sites, dtype=torch.bool, device=Zt.device)
 
     def start(self) -> Float[Tensor, "site d_model+1 n_classes"]:
         """Zero weights and the bias that predicts the class prior: the optimum of the bias alone."""

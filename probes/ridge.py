@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import torch
 from jaxtyping import Float
+from sklearn.base import RegressorMixin
 from torch import Tensor
 
 from poslens.probes.base import DEFAULT_MEMORY_LIMIT, SiteProbe
 from poslens.probes.inputs import ArrayLike, activations, positive, real_targets
 
 
-class RidgePositionProbe(SiteProbe):
+class RidgePositionProbe(RegressorMixin, SiteProbe):
     """Ridge regression from activation to a real target (usually the position), batched over sites.
 
     `X` is `[site, n_tokens, d_model]`, or `[n_tokens, d_model]` for one site (outputs then have
@@ -27,6 +28,8 @@ class RidgePositionProbe(SiteProbe):
     features (`(X - mean_) / scale_`).
     """
 
+    _fitted = (*SiteProbe._fitted, "weight_", "bias_")
+
     def __init__(self, alpha: float = 1.0, *, dtype: torch.dtype = torch.float64,
                  memory_limit: int = DEFAULT_MEMORY_LIMIT):
         self.alpha, self.dtype, self.memory_limit = alpha, dtype, memory_limit
@@ -35,13 +38,13 @@ class RidgePositionProbe(SiteProbe):
             ) -> RidgePositionProbe:
         alpha = positive(self.alpha, "alpha")
         X, _ = activations(X)
-        y = real_targets(y, X.shape[1]).to(self.dtype)
+        y = real_targets(y, X.shape[1]).to(X.device, self.dtype)
         centred, (n_sites, n_tokens, d_model) = y - y.mean(), X.shape
         weights, means, scales = [], [], []
         bytes_per_site = (d_model * n_tokens + 2 * d_model**2) * torch.finfo(self.dtype).bits // 8
         for group in self._site_groups(X, bytes_per_site):
             Zt, mean, scale = self._standardise_fit(X[group])
-            gram = torch.bmm(Zt, Zt.mT) + alpha * torch.eye(d_model, dtype=self.dtype)
+            gram = torch.bmm(Zt, Zt.mT) + alpha * torch.eye(d_model, dtype=self.dtype, device=X.device)
             # gram is symmetric positive definite: a Cholesky solve (the batched LU solve of this torch/MKL build
             # fails with "DLASWP" errors and hangs on [site, 768, 768] float64 batches)
             weights.append(torch.cholesky_solve((Zt @ centred).unsqueeze(-1), torch.linalg.cholesky(gram)).squeeze(-1))
@@ -53,10 +56,15 @@ class RidgePositionProbe(SiteProbe):
         self.bias_ = y.mean().expand(n_sites).clone()
         return self
 
+    def _fitted_layout(self, n_sites: int, n_features: int, tensors: dict[str, Tensor]) -> dict[
+            str, tuple[tuple[int, ...], torch.dtype]]:
+        return {**super()._fitted_layout(n_sites, n_features, tensors),
+                "weight_": ((n_sites, n_features), self.dtype), "bias_": ((n_sites,), self.dtype)}
+
     def predict(self, X: Float[ArrayLike, "*site n_tokens d_model"]) -> Float[Tensor, "*site n_tokens"]:
         """The predicted target (position) of each token."""
         X, single = self._checked(X)
-        out = torch.empty(X.shape[:2], dtype=self.dtype)
+        out = torch.empty(X.shape[:2], dtype=self.dtype, device=self.weight_.device)
         predicted = self._map_standardised(X, lambda Z, site: Z @ self.weight_[site] + self.bias_[site], out)
         return predicted[0] if single else predicted
 
@@ -80,4 +88,4 @@ class RidgePositionProbe(SiteProbe):
     def _predict_with_targets(self, X: Float[ArrayLike, "*site n_tokens d_model"], y: Float[ArrayLike, " n_tokens"]
                               ) -> tuple[Float[Tensor, "*site n_tokens"], Float[Tensor, " n_tokens"]]:
         predicted = self.predict(X)
-        return predicted, real_targets(y, predicted.shape[-1]).to(predicted.dtype)
+        return predicted, real_targets(y, predicted.shape[-1]).to(predicted)

@@ -9,6 +9,7 @@ from poslens.analyses.measures.correlation import BLOCK_SCORE_COLUMNS
 from poslens.analyses.measures.geometry import COSINE_COLUMNS, SCORE_COLUMNS, VARIANCE_COLUMNS
 from poslens.analyses.measures.interventions import SWAP_COLUMNS, SWAP_READOUT_COLUMNS
 from poslens.analyses.measures.patching import ACTIVATION_PATCHING_COLUMNS
+from poslens.analyses.measures.positions import READOUT_COLUMNS, TASK_COLUMNS
 from poslens.analyses.measures.probe_sweep import PROBE_POSITION_COLUMNS
 from poslens.analyses.measures.shift import SHIFT_COLUMNS
 from poslens.analyses.measures.symmetry import SYMMETRY_COLUMNS
@@ -36,6 +37,8 @@ TABLES = {
     "symmetry": [*SYMMETRY_COLUMNS, "seed"],  # `variant` is the run the twins belong to
     "shift_probe": [*SHIFT_COLUMNS, "variant", "seed"],
     "claims": list(CLAIM_TABLE_COLUMNS),
+    "position_task": [*TASK_COLUMNS, "variant", "seed"],
+    "position_readout": [*READOUT_COLUMNS, "variant", "seed"],
 }
 VARIANTS = [*REPRODUCE_VARIANTS, *(f"{variant}{SHIFTED}" for variant in SHIFTED_VARIANTS)]
 
@@ -55,7 +58,8 @@ def test_reproduce_tiny_writes_everything_and_resumes(tmp_path):
     validate_probe_table(read_table(out / "tables" / "probe.json"))
     training = read_table(out / "tables" / "training.csv")
     assert list(training["variant"]) == VARIANTS
-    for name in ("invariance", "residual_cuts", "activation_patching", "position_swap", "swap_readout"):
+    for name in ("invariance", "residual_cuts", "activation_patching", "position_swap", "swap_readout",
+                 "position_task"):
         assert list(pd.unique(read_table(out / "tables" / f"{name}.csv")["variant"])) == list(REPRODUCE_VARIANTS)
     probe = read_table(out / "tables" / "probe.csv")
     assert set(probe.loc[probe["probe"] == "role", "variant"]) == {f"{v}{SHIFTED}" for v in SHIFTED_VARIANTS}

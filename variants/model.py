@@ -81,12 +81,13 @@ class Attention(nn.Module):
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, x: Float[Tensor, "batch pos d_model"], position_ids: Int[Tensor, "*batch pos"] | None = None
+                ) -> Float[Tensor, "batch pos d_model"]:
         q = self.hook_q(self._project(x, self.W_Q, self.b_Q))
         k = self.hook_k(self._project(x, self.W_K, self.b_K))
         v = self.hook_v(self._project(x, self.W_V, self.b_V))
         if self.cfg.positional_embedding_type == "rotary":
-            q, k = self.hook_rot_q(self._rotate(q)), self.hook_rot_k(self._rotate(k))
+            q, k = self.hook_rot_q(self._rotate(q, position_ids)), self.hook_rot_k(self._rotate(k, position_ids))
         n_pos = x.shape[1]
         scores = einops.rearrange(q, "batch q_pos head d_head -> batch head q_pos d_head") @ einops.rearrange(
             k, "batch k_pos head d_head -> batch head d_head k_pos") / math.sqrt(self.cfg.d_head)
@@ -104,28 +105,39 @@ class Attention(nn.Module):
                            einops.rearrange(b, "head d_head -> (head d_head)"))
         return einops.rearrange(stacked, "batch pos (head d_head) -> batch pos head d_head", head=self.cfg.n_heads)
 
-    def _rotate(self, x: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch pos head d_head"]:
-        """Rotary position embedding (GPT-NeoX layout: the two halves of d_head pair up)."""
+    def _rotate(self, x: Float[Tensor, "batch pos head d_head"], position_ids: Int[Tensor, "*batch pos"] | None = None
+                ) -> Float[Tensor, "batch pos head d_head"]:
+        """Rotary position embedding (GPT-NeoX layout: the two halves of d_head pair up), at positions
+        0..pos-1 (the cached tables) or at explicit `position_ids` (computed from the same formula)."""
         first, second = x.chunk(2, dim=-1)
-        cos = einops.rearrange(self.rotary_cos[: x.shape[1]], "pos d_head -> pos 1 d_head")
-        sin = einops.rearrange(self.rotary_sin[: x.shape[1]], "pos d_head -> pos 1 d_head")
+        if position_ids is None:
+            cos, sin = self.rotary_cos[: x.shape[1]], self.rotary_sin[: x.shape[1]]
+        else:
+            cos, sin = (table.to(x.device) for table in rotary_tables(self.cfg, position_ids.cpu()))
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [*batch, pos, 1, d_head]: one angle for every head
         return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
-def rotary_tables(cfg: VariantConfig) -> tuple[Tensor, Tensor]:
-    """cos and sin tables `[n_ctx, d_head]` of the rotary embedding (frequencies base^(-2i/d_head), halves paired)."""
+def rotary_tables(cfg: VariantConfig, positions: Int[Tensor, "*shape"] | None = None
+                  ) -> tuple[Float[Tensor, "*shape d_head"], Float[Tensor, "*shape d_head"]]:
+    """cos and sin tables `[n_ctx, d_head]` of the rotary embedding (frequencies base^(-2i/d_head), halves
+    paired), or `[*positions.shape, d_head]` at `positions` (the same numbers, to the bit, where they overlap)."""
+    positions = torch.arange(cfg.n_ctx) if positions is None else positions
     frequencies = cfg.rotary_base ** (-torch.arange(0, cfg.d_head, 2, dtype=torch.float64) / cfg.d_head)
-    angles = einops.einsum(torch.arange(cfg.n_ctx, dtype=torch.float64), frequencies, "pos, freq -> pos freq")
-    angles = einops.repeat(angles, "pos freq -> pos (half freq)", half=2)
+    angles = einops.einsum(positions.to(torch.float64), frequencies, "... pos, freq -> ... pos freq")
+    angles = einops.repeat(angles, "... pos freq -> ... pos (half freq)", half=2)
     return angles.cos().to(cfg.dtype), angles.sin().to(cfg.dtype)
 
 
-def sinusoidal_table(cfg: VariantConfig) -> Float[Tensor, "n_ctx d_model"]:
-    """Vaswani et al.'s fixed encoding: sin on even dimensions, cos on odd ones."""
+def sinusoidal_table(cfg: VariantConfig, positions: Int[Tensor, "*shape"] | None = None
+                     ) -> Float[Tensor, "*shape d_model"]:
+    """Vaswani et al.'s fixed encoding: sin on even dimensions, cos on odd ones; `[n_ctx, d_model]`, or
+    `[*positions.shape, d_model]` at `positions` (the same numbers, to the bit, where they overlap)."""
+    positions = torch.arange(cfg.n_ctx) if positions is None else positions
     frequencies = 10_000.0 ** (-torch.arange(0, cfg.d_model, 2, dtype=torch.float64) / cfg.d_model)
-    angles = einops.einsum(torch.arange(cfg.n_ctx, dtype=torch.float64), frequencies, "pos, freq -> pos freq")
-    table = einops.rearrange([angles.sin(), angles.cos()], "kind pos freq -> pos (freq kind)")
-    return table[:, : cfg.d_model].to(cfg.dtype)
+    angles = einops.einsum(positions.to(torch.float64), frequencies, "... pos, freq -> ... pos freq")
+    table = einops.rearrange([angles.sin(), angles.cos()], "kind ... freq -> ... (freq kind)")
+    return table[..., : cfg.d_model].to(cfg.dtype)
 
 
 class MLP(nn.Module):
@@ -153,9 +165,10 @@ class TransformerBlock(nn.Module):
         for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
             setattr(self, f"hook_{name}", HookPoint())
 
-    def forward(self, resid_pre: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, resid_pre: Float[Tensor, "batch pos d_model"],
+                position_ids: Int[Tensor, "*batch pos"] | None = None) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre)))
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), position_ids))
         resid_mid = self.hook_resid_mid(attn_out if self.cut_attn else resid_pre + attn_out)
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
         return self.hook_resid_post(mlp_out if self.cut_mlp else resid_mid + mlp_out)
@@ -175,13 +188,23 @@ class PosEmbed(nn.Module):
 
     def __init__(self, cfg: VariantConfig):
         super().__init__()
+        self.cfg = cfg
         if cfg.positional_embedding_type == "standard":
             self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model, dtype=cfg.dtype))
         else:
             self.register_buffer("W_pos", sinusoidal_table(cfg), persistent=False)
 
-    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        return einops.repeat(self.W_pos[: tokens.shape[1]], "pos d_model -> batch pos d_model", batch=tokens.shape[0])
+    def forward(self, tokens: Int[Tensor, "batch pos"], position_ids: Int[Tensor, "*batch pos"] | None = None
+                ) -> Float[Tensor, "batch pos d_model"]:
+        if position_ids is None:
+            table = self.W_pos[: tokens.shape[1]]
+        elif isinstance(self.W_pos, nn.Parameter):  # learned: rows of the table
+            table = self.W_pos[position_ids]
+        else:  # sinusoidal: the formula, defined at every position
+            table = sinusoidal_table(self.cfg, position_ids.cpu()).to(self.W_pos.device)
+        if table.ndim == 3:  # [batch, pos] ids: a fresh [batch, pos, d_model] tensor already
+            return table
+        return einops.repeat(table, "pos d_model -> batch pos d_model", batch=tokens.shape[0])
 
 
 class HookedTransformer(HookedRootModule):
@@ -221,16 +244,32 @@ class HookedTransformer(HookedRootModule):
                 param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float64) * std)
 
     def forward(
-        self, input: str | list[str] | Int[Tensor, "batch pos"], return_type: str = "logits"
+        self, input: str | list[str] | Int[Tensor, "batch pos"], return_type: str = "logits", *,
+        position_ids: Int[Tensor, "*batch pos"] | None = None,
     ) -> Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "batch pos d_model"]:
         """Logits `[batch, pos, d_vocab]` (`return_type="logits"`) or the final normalised stream
-        (`"normalized"`). Strings are tokenised with the model's alphabet."""
+        (`"normalized"`). Strings are tokenised with the model's alphabet.
+
+        Args:
+            input: tokens `[batch, pos]`, a string or a list of strings.
+            return_type: `"logits"` or `"normalized"`.
+            position_ids: the position each token is *told* it has, `[pos]` (every sequence) or
+                `[batch, pos]`; default 0..pos-1. Learned encodings read rows of `W_pos` (so ids must be
+                below `n_ctx`); sinusoidal and rotary ones evaluate their formula at any id >= 0; NoPE has
+                no positional signal and ignores them. `poslens.hooks.positions` builds shifted, swapped
+                and repeated ids and applies them to any model.
+
+        Returns:
+            The logits or the final normalised stream.
+        """
         tokens = self.to_tokens(input) if isinstance(input, (str, list)) else self.check_tokens(input)
+        if position_ids is not None:
+            position_ids = check_position_ids(position_ids, tokens, self.cfg)
         resid = self.hook_embed(self.embed(tokens))
         if hasattr(self, "pos_embed"):
-            resid = resid + self.hook_pos_embed(self.pos_embed(tokens))
+            resid = resid + self.hook_pos_embed(self.pos_embed(tokens, position_ids))
         for block in self.blocks:
-            resid = block(resid)
+            resid = block(resid, position_ids)
         normalized = self.ln_final(resid)
         if return_type == "normalized":
             return normalized
@@ -384,6 +423,33 @@ class HookedTransformer(HookedRootModule):
 
     def _stack(self, sublayer: str, name: str) -> Tensor:
         return torch.stack([getattr(getattr(block, sublayer), name) for block in self.blocks])
+
+
+def check_position_ids(position_ids: Tensor, tokens: Int[Tensor, "batch pos"], cfg: VariantConfig
+                       ) -> Int[Tensor, "*batch pos"]:
+    """`position_ids` on the tokens' device if they are valid for `tokens` and `cfg`, else a clear error.
+
+    Args:
+        position_ids: integer ids, `[pos]` or `[batch, pos]` shaped like `tokens`.
+        tokens: the batch they go with.
+        cfg: the model's config (a learned table has `n_ctx` rows; other encodings take any id >= 0).
+
+    Returns:
+        The ids as int64 on the tokens' device.
+    """
+    if not isinstance(position_ids, Tensor) or position_ids.is_floating_point() or position_ids.is_complex() or (
+            position_ids.dtype == torch.bool):
+        raise ValueError(f"position_ids must be an integer tensor, got {type(position_ids).__name__}"
+                         + (f" of {position_ids.dtype}" if isinstance(position_ids, Tensor) else ""))
+    if tuple(position_ids.shape) not in (tuple(tokens.shape[1:]), tuple(tokens.shape)):
+        raise ValueError(f"position_ids must be shaped [pos] = [{tokens.shape[1]}] or [batch, pos] = "
+                         f"{list(tokens.shape)}, got {list(position_ids.shape)}")
+    if position_ids.numel() and int(position_ids.min()) < 0:
+        raise ValueError(f"position_ids must be >= 0, got {int(position_ids.min())}")
+    if cfg.positional_embedding_type == "standard" and position_ids.numel() and int(position_ids.max()) >= cfg.n_ctx:
+        raise ValueError(f"position_ids must be in 0..{cfg.n_ctx - 1} for a learned position table of n_ctx="
+                         f"{cfg.n_ctx} rows, got {int(position_ids.max())}")
+    return position_ids.long().to(tokens.device)
 
 
 def build(cfg: VariantConfig) -> HookedTransformer:

@@ -35,6 +35,7 @@ from poslens.analyses.experiments.presets import (
     ReproducePreset,
 )
 from poslens.analyses.figures.patching import residual_cut_delta_figure
+from poslens.analyses.figures.positions import position_edit_figure, position_readout_figure
 from poslens.analyses.figures.probes import probe_accuracy_figure, probe_position_figure
 from poslens.analyses.figures.reproduce import (
     block_means_figure,
@@ -49,6 +50,7 @@ from poslens.analyses.measures.geometry import position_geometry
 from poslens.analyses.measures.interventions import position_swap, residual_cut_effects, swap_readout
 from poslens.analyses.measures.invariance import permutation_test
 from poslens.analyses.measures.patching import activation_patching
+from poslens.analyses.measures.positions import position_interventions
 from poslens.analyses.measures.probe_sweep import sweep_probes
 from poslens.analyses.measures.shift import shift_probe
 from poslens.analyses.measures.symmetry import symmetry_twins
@@ -68,7 +70,7 @@ ANALYSIS_VERSION = 3
 """Bumped whenever a per-run measure changes, so runs measured before are measured again."""
 RUN_TABLES = ("training", "curves", "invariance", "probe", "probe_by_position", "correlation", "geometry",
               "variance", "cosine", "residual_cuts", "activation_patching", "position_swap", "swap_readout",
-              "symmetry", "shift_probe")
+              "symmetry", "shift_probe", "position_task", "position_readout")
 
 
 def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = DEFAULT_PRESET, seeds: int | None = None,
@@ -170,6 +172,7 @@ def measure_trained(result: TrainResult, label: str, seed: int, settings: Reprod
         "activation_patching": activation_patching(model, task, n_sequences=settings.n_patch_sequences, seed=seed),
         "position_swap": position_swap(model, task, n_sequences=settings.n_patch_sequences * 2, seed=seed),
         "swap_readout": swap_readout(model, task, n_sequences=settings.n_probe_sequences, seed=seed),
+        **position_interventions(model, task, n_sequences=settings.n_probe_sequences, seed=seed),
     }
     return found | {name: table.assign(**labels) for name, table in tables.items()}
 
@@ -237,6 +240,9 @@ HOWTO = {
     "patching": "how much of the clean first answer digit a patch of one (layer, position) restores (1 = all).",
     "swap": "after exchanging two positions' vectors: does the answer (or a position probe) follow the vectors or "
             "their places?",
+    "positions told": "the tokens stay where they are, only the position ids the encoding reads change (shifted by "
+                      "k, two swapped, one repeated): exact match, answers unchanged, answers that follow the told "
+                      "order; a probe fitted on unedited runs reads the told or the real position (docs/positions.md).",
 }
 
 
@@ -275,6 +281,8 @@ def _figures(committed: Committed, labels: dict[str, str]) -> dict[str, go.Figur
         "patching_learned": patching_mean_heatmap(tables["activation_patching"], "learned-causal"),
         "position_swap": swap_figure(tables["position_swap"]),
         "swap_readout": swap_readout_figure(tables["swap_readout"], "nope-causal"),
+        "position_edits": position_edit_figure(tables["position_task"]),
+        "position_edit_readout": position_readout_figure(tables["position_readout"], "learned-causal"),
     }
 
 
@@ -318,4 +326,9 @@ def _sections(committed: Committed, figures: dict[str, go.Figure]) -> list[Secti
                 table=mean_sd_text(tables["position_swap"], ["variant", "site", "fixed_by_construction"],
                                    ["follows_swap", "keeps_original"]),
                 details={"swap readout, every run": tables["swap_readout"]}),
+        Section("Positions told", howto=HOWTO["positions told"],
+                figures=[figures["position_edits"], figures["position_edit_readout"]],
+                table=mean_sd_text(tables["position_task"], ["variant", "edit", "fixed_by_construction"],
+                                   ["exact_match", "keeps_answer", "follows_told"]),
+                details={"position-id readout, every run": tables["position_readout"]}),
     ]
