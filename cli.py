@@ -195,22 +195,23 @@ def _demo(args: argparse.Namespace) -> None:
         try:  # the server needs the optional `demo` extra (dash); the static page does not
             from poslens.demos.app import serve
             from poslens.demos.lm_app import serve as serve_language_model
-            from poslens.demos.server import check_port
+            from poslens.demos.server import check_hosts, check_port
         except ImportError as error:
             raise ValueError(f"the demo server needs dash: pip install 'poslens[demo]' ({error})") from error
         check_port(args.port)
+        check_hosts(args.allow_host)
     if args.model:
         demo = load_lm_demo(args.model, tokenizer=_tokenizer(args), device=args.device,
                             dtype=MODEL_DTYPES[args.dtype or "float32"], text=args.text,
                             n_sequences=DEFAULT_SEQUENCES if args.sequences is None else args.sequences,
                             max_len=args.max_len, seed=args.seed)
-        return serve_language_model(demo, port=args.port, quiet=args.quiet)
+        return serve_language_model(demo, port=args.port, allow_hosts=args.allow_host, quiet=args.quiet)
     models = discover_models(args.models or default_model(device=args.device, quiet=args.quiet))
     if args.static:
         path = write_static_page(models, args.static, overwrite=args.overwrite, device=args.device, quiet=args.quiet)
         print(f"wrote {path}")
     else:
-        serve(models, port=args.port, device=args.device, quiet=args.quiet)
+        serve(models, port=args.port, device=args.device, allow_hosts=args.allow_host, quiet=args.quiet)
 
 
 def _add_sweep_options(p: argparse.ArgumentParser) -> None:
@@ -365,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                f"included (default {MAX_PROMPT_TOKENS}, or n_ctx if smaller)")
     p.add_argument("--seed", type=int, default=0, help="with --model: seeds the probe's random tokens")
     p.add_argument("--port", type=int, default=8050, help="port on 127.0.0.1 (default 8050; 0 = any free port)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="repeatable: also answer requests addressed to NAME (a reverse proxy's host name; "
+                        "'.example.org' for its subdomains); default: loopback names only (see docs/demos.md)")
     p.add_argument("--static", metavar="OUT.html", help="write one self-contained HTML page instead of serving")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --static file")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
