@@ -66,11 +66,10 @@ def settled(server, output: str, inputs: dict, changed: str, host: str | None = 
     it computes) until the answer is there; (status, body, seconds of the first answer)."""
     status, body, seconds = post(server, callback(output, inputs, changed), host)
     deadline = time.monotonic() + 60
-    while status == 200 and json.loads(body)["response"].get("heatmap-poll") == {"disabled": False}:
-        while (answer := post(server, callback(output, inputs, "heatmap-poll.n_intervals"), host))[0] == 204:
-            assert time.monotonic() < deadline, "the patching grid never finished"
-            time.sleep(0.05)
-        status, body = answer[:2]
+    while status == 204 or (status == 200 and json.loads(body)["response"].get("heatmap-poll") == {"disabled": False}):
+        assert time.monotonic() < deadline, "the patching grid never finished"
+        time.sleep(0.05)
+        status, body = post(server, callback(output, inputs, "heatmap-poll.n_intervals"), host)[:2]
     return status, body, seconds
 
 
