@@ -312,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the random tokens")
     p.add_argument("--float16", action="store_true", help="keep the captured activations in float16 (half the memory)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--figure", help="also write the accuracy-vs-layer figure as a standalone .html (and one "
-                                    "accuracy-by-position figure per variant beside it)")
+    p.add_argument("--figure", help="also write the accuracy-vs-layer figure as an offline .html (and one "
+                                    "accuracy-by-position figure per variant beside it; they share plotly.min.js)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_probe)
