@@ -23,6 +23,7 @@ from poslens.analyses.tables import (
     empty_probe_table,
     export_table,
     read_table,
+    render_table,
     site_layer,
     summarise_seeds,
     validate_probe_table,
@@ -223,6 +224,34 @@ def test_latex_is_booktabs_with_every_variant_and_escapes(tmp_path, two_variants
     assert r"site & nope\_causal 50\% \& \#1 & alpha \\" in text
     assert r"embed & 0.200 $\pm$ 0.100 & 0.100 $\pm$ 0.100 \\" in text
     assert "±" not in text and "\\toprule" in text and "\\begin{tabular}{lll}" in text
+
+
+LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+                  "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}",
+                  ">": r"\textgreater{}", "±": r"$\pm$", "\n": " "}
+
+
+@settings(max_examples=60, deadline=None)
+@given(names=st.lists(ODD_TEXT, min_size=1, max_size=3, unique=True), cells=st.lists(ODD_TEXT, min_size=1, max_size=4),
+       numbers=st.lists(VALUES, min_size=1, max_size=4))
+def test_latex_through_styler_is_the_hand_rendered_booktabs_table(names, cells, numbers):
+    """`Styler.to_latex` lays out exactly the tabular poslens wrote by hand before: a text column per
+    name (left), a float column (right, 4 significant digits, empty for NaN), every special character
+    escaped once; the expected text is built here line by line."""
+    rows = min(len(cells), len(numbers))
+    frame = pd.DataFrame({**{name: cells[:rows] for name in names}, "value ±": numbers[:rows]})
+
+    def escaped(text: str) -> str:
+        return "".join(LATEX_SPECIALS.get(character, character) for character in text)
+
+    def number(value: float) -> str:
+        return "" if math.isnan(value) else f"{value:.4g}"
+
+    expected = [rf"\begin{{tabular}}{{{'l' * len(names)}r}}", r"\toprule",
+                " & ".join(escaped(name) for name in [*names, "value ±"]) + r" \\", r"\midrule",
+                *[" & ".join([escaped(cell)] * len(names) + [number(value)]) + r" \\"
+                  for cell, value in zip(cells[:rows], numbers[:rows])], r"\bottomrule", r"\end{tabular}"]
+    assert render_table(frame, "tex") == "\n".join(expected) + "\n"
 
 
 def test_refuses_to_overwrite_unless_asked(tmp_path, two_variants):
