@@ -8,8 +8,10 @@ layer. Every number comes from `demos.panels`; this module only lays them out an
 callbacks. Bad input shows an inline message and leaves the last good panels in place.
 
 `make_app(models)` builds the app, `demos.server.make_server(app, port)` binds it to 127.0.0.1
-(port 0 picks a free one; requests addressed to another host are refused) and
-`serve(models, port=...)` runs it until interrupted.
+(port 0 picks a free one; requests addressed to another host than loopback or an allowed one
+are refused), `demos.server.show_inline(app)` shows it in Jupyter and `serve(models, port=...)`
+runs it until interrupted. The patching grid is computed in the background (`demos.server.Jobs`),
+so the other panels answer while it runs.
 """
 
 from __future__ import annotations

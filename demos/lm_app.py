@@ -10,7 +10,9 @@ server of `demos.server`. A bad prompt shows an inline message and leaves the la
 place; a corrupted prompt of another token length is refused in the patching panel, naming both
 lengths, while the other panels follow the prompt.
 
-`make_app(demo)` builds the app and `serve(demo, port=...)` runs it until interrupted.
+`make_app(demo)` builds the app and `serve(demo, port=...)` runs it until interrupted
+(`demos.server.show_inline(app)` in Jupyter). The patching grid is computed in the background on a
+copy of the model (`demos.server.Jobs`), so the other panels answer while it runs.
 """
 
 from __future__ import annotations

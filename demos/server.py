@@ -159,6 +159,13 @@ def show_inline(app: dash.Dash, *, port: int | None = None, allow_hosts: Iterabl
     Returns:
         The app's address on this machine, `http://127.0.0.1:PORT/`.
     """
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        get_ipython = type(None)
+    if get_ipython() is None:
+        raise ValueError("show_inline shows an app in a Jupyter notebook; outside one, serve it with "
+                         "make_server(app).serve_forever() or `poslens demo`")
     if port is None:
         with socket.socket() as probe:
             probe.bind((HOST, 0))

@@ -258,3 +258,12 @@ def test_a_bad_allowed_host_is_refused_by_name(name):
 def test_demo_command_checks_allowed_hosts_before_loading(run_cli, tmp_path):
     code, _, err = run_cli("demo", "--models", str(tmp_path / "missing"), "--allow-host", "https://x.org")
     assert code == 2 and "--allow-host 'https://x.org' is not a host name" in err and "Traceback" not in err
+
+
+def test_show_inline_needs_a_notebook(trained_runs):
+    """Outside a Jupyter kernel Dash's inline mode would block serving; `show_inline` says so instead
+    (inside one it is run by the patching notebook, tests/test_notebooks.py)."""
+    from poslens.demos.server import show_inline
+
+    with pytest.raises(ValueError, match="show_inline shows an app in a Jupyter notebook; outside one"):
+        show_inline(make_app({"nope": trained_runs[("nope-causal", 2)]}))
