@@ -267,9 +267,12 @@ def serve(models: Mapping[str, str | Path], *, port: int = 8050, device: str = "
     """Run the demo on http://127.0.0.1:`port` until interrupted (Ctrl-C), also answering requests
     addressed to `allow_hosts` (a reverse proxy's names). The first model, its position probe and
     its residual-cut table are prepared before the server starts."""
-    store = ModelStore(models, device=device)
-    server = make_server(make_app(store), port, allow_hosts=allow_hosts)
+    store, jobs = ModelStore(models, device=device), Jobs()
+    server = make_server(make_app(store, jobs=jobs), port, allow_hosts=allow_hosts)
     if not quiet:
         print(f"preparing {store.names[0]} (position probe, residual cuts)…", flush=True)
     store[store.names[0]].prepare()
-    run_server(server, quiet=quiet)
+    try:
+        run_server(server, quiet=quiet)
+    finally:
+        jobs.close()  # a grid still running stops at its next forward pass, so Ctrl-C exits at once

@@ -207,8 +207,12 @@ def serve(demo: LMDemoModel, *, port: int = 8050, allow_hosts: Sequence[str] = (
     """Run the demo on http://127.0.0.1:`port` until interrupted (Ctrl-C), also answering requests
     addressed to `allow_hosts` (a reverse proxy's names). The port is bound first (a busy one is
     refused at once); the position probe is fitted before the server answers."""
-    server = make_server(make_app(demo), port, allow_hosts=allow_hosts)
+    jobs = Jobs()
+    server = make_server(make_app(demo, jobs=jobs), port, allow_hosts=allow_hosts)
     if not quiet:
         print(f"preparing {demo.name} (position probe on {demo.n_sequences} sequences)…", flush=True)
     demo.prepare()
-    run_server(server, quiet=quiet)
+    try:
+        run_server(server, quiet=quiet)
+    finally:
+        jobs.close()  # a grid still running stops at its next forward pass, so Ctrl-C exits at once
