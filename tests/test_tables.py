@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import plotly.offline
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -341,3 +342,20 @@ def test_json_tables_are_strict_json_and_keep_infinities(tmp_path):
     rows = json.loads(path.read_text(), parse_constant=lambda constant: pytest.fail(f"non-strict {constant}"))["data"]
     assert [row["value"] for row in rows] == [1.5, "Infinity", "-Infinity", None]
     pd.testing.assert_frame_equal(read_table(path), table)
+
+
+def test_figure_pages_of_a_folder_share_one_plotly_js_kept_current(tmp_path):
+    from poslens.analyses.figures import write_figure
+
+    stale = tmp_path / "plotly.min.js"
+    stale.write_text("/* plotly.js v0.0.1, left by an older plotly */")
+    figure = go.Figure(go.Bar(x=[1, 2], y=[3, 4]))
+    pages = [write_figure(figure, tmp_path / f"{name}.html") for name in ("a", "b")]
+    assert all('src="plotly.min.js"' in page.read_text() and page.stat().st_size < 100_000 for page in pages)
+    assert stale.read_text() == plotly.offline.get_plotlyjs()  # replaced by this plotly's own
+    written = stale.stat().st_mtime_ns
+    write_figure(figure, tmp_path / "c.html")
+    assert stale.stat().st_mtime_ns == written  # a current copy is not written again
+    alone = write_figure(figure, tmp_path / "alone" / "d.html", standalone=True)
+    assert "<script src=" not in alone.read_text() and alone.stat().st_size > 1_000_000
+    assert not (tmp_path / "alone" / "plotly.min.js").exists()
