@@ -280,15 +280,17 @@ def _demo(args: argparse.Namespace) -> None:
         try:  # the server needs the optional `demo` extra (dash); the static page does not
             from poslens.demos.app import serve
             from poslens.demos.lm_app import serve as serve_language_model
-            from poslens.demos.server import check_port
+            from poslens.demos.server import check_hosts, check_port
         except ImportError as error:
             raise ValueError(f"the demo server needs dash: pip install 'poslens[demo]' ({error})") from error
         check_port(args.port)
+        check_hosts(args.allow_host)
     if args.model:
-        demo = load_lm_demo(args.model, tokenizer=_tokenizer(args), dtype=MODEL_DTYPES[args.dtype or "float32"],
-                            text=args.text, n_sequences=DEFAULT_SEQUENCES if args.sequences is None else args.sequences,
+        demo = load_lm_demo(args.model, tokenizer=_tokenizer(args), device=args.device,
+                            dtype=MODEL_DTYPES[args.dtype or "float32"], text=args.text,
+                            n_sequences=DEFAULT_SEQUENCES if args.sequences is None else args.sequences,
                             max_len=args.max_len, seed=args.seed, **_load_options(args))
-        return serve_language_model(demo, port=args.port, quiet=args.quiet)
+        return serve_language_model(demo, port=args.port, allow_hosts=args.allow_host, quiet=args.quiet)
     models, skipped = demo_models(discover_models(args.models or default_model(device=args.device, quiet=args.quiet)))
     for name, reason in skipped.items() if not args.quiet else ():
         print(f"skipping {name}: it {reason}", file=sys.stderr)
@@ -297,7 +299,7 @@ def _demo(args: argparse.Namespace) -> None:
                                  skipped=skipped)
         print(f"wrote {path}")
     else:
-        serve(models, port=args.port, device=args.device, quiet=args.quiet)
+        serve(models, port=args.port, device=args.device, allow_hosts=args.allow_host, quiet=args.quiet)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -445,8 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the random tokens")
     p.add_argument("--float16", action="store_true", help="keep the captured activations in float16 (half the memory)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--figure", help="also write the accuracy-vs-layer figure as a standalone .html (and one "
-                                    "accuracy-by-position figure per variant beside it)")
+    p.add_argument("--figure", help="also write the accuracy-vs-layer figure as an offline .html (and one "
+                                    "accuracy-by-position figure per variant beside it; they share plotly.min.js)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, help="torch threads (default 1: variants.threads; at most the usable cores)")
@@ -552,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                f"included (default {MAX_PROMPT_TOKENS}, or n_ctx if smaller)")
     p.add_argument("--seed", type=int, default=0, help="with --model: seeds the probe's random tokens")
     p.add_argument("--port", type=int, default=8050, help="port on 127.0.0.1 (default 8050; 0 = any free port)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="repeatable: also answer requests addressed to NAME (a reverse proxy's host name; "
+                        "'.example.org' for its subdomains); default: loopback names only (see docs/demos.md)")
     p.add_argument("--static", metavar="OUT.html", help="write one self-contained HTML page instead of serving")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --static file")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")

@@ -3,7 +3,9 @@
 An experiment hands over `Section`s: a title, a verdict line, a sentence on how to read the
 measure, figures, one compact table (rounded, no empty columns) and any number of long tidy
 tables, which the page folds away in `<details>` and links to their files in `tables/`. The page
-embeds plotly.js once, so it opens with no network.
+loads plotly.js from the output folder's one shared offline copy, `figures/plotly.min.js` (the
+figure pages' own, `analyses.figures.write_plotly_js`), by a relative path: it opens with no
+network, from `file://` too, as long as it stays beside its `figures/` folder.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-import plotly.offline
 
+from poslens.analyses.figures import write_plotly_js
 from poslens.analyses.tables import render_table
 from poslens.variants.storage import atomic_write
 
@@ -109,15 +111,16 @@ def _alerts_html(alerts: Sequence[str]) -> str:
 
 
 def write_report(out_dir: str | os.PathLike, title: str, meta: str, sections: Sequence[Section],
-                 alerts: Sequence[str] = ()) -> Path:
+                 alerts: Sequence[str] = (), *, figures_dir: str = "figures") -> Path:
     """`out_dir/report.html` (one offline page) and `out_dir/summary.md` (the same sections'
     verdicts and compact tables), both written atomically; returns the page's path.
 
     Args:
-        out_dir: the folder both files go to.
+        out_dir: the output folder.
         title: the page's title.
-        meta: one paragraph under the title (settings, seeds).
-        sections: the sections in order.
+        meta: one line under the title (preset, seeds, versions).
+        sections: the sections, in order.
+        figures_dir: the subfolder whose shared `plotly.min.js` the page loads (written if missing).
         alerts: lines a reader must see before any result (e.g. runs that missed the
             criterion), listed at the top of both files.
 
@@ -125,12 +128,13 @@ def write_report(out_dir: str | os.PathLike, title: str, meta: str, sections: Se
         The path of `report.html`.
     """
     out_dir = Path(out_dir)
+    script = write_plotly_js(out_dir / figures_dir).relative_to(out_dir).as_posix()
     for index, section in enumerate(sections):
         section.anchor = section.anchor or f"s{index}"
     toc = "".join(f'<li><a href="#{html.escape(s.anchor)}">{html.escape(s.title)}</a></li>' for s in sections)
     body = "\n".join(_section_html(section, "tables/") for section in sections)
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{CSS}</style><script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head>"
+            f"<style>{CSS}</style><script charset='utf-8' src='{html.escape(script)}'></script></head>"
             f"<body><h1>{html.escape(title)}</h1><p class='meta'>{html.escape(meta)}</p>{_alerts_html(alerts)}"
             f"<ol>{toc}</ol>{body}"
             f"</body></html>")

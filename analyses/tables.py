@@ -31,9 +31,11 @@ The key ``(variant, seed, site, probe, metric, baseline)`` is unique.
 
 Tables are exported with `export_table` (CSV and JSON keep every bit and
 every dtype; Markdown and LaTeX are for reading) and read back with
-`read_table`. Markdown and LaTeX are rendered here rather than with
-``DataFrame.to_markdown`` / ``to_latex`` so poslens needs neither tabulate nor
-jinja2, and so LaTeX escaping (``±`` included) is under our control.
+`read_table`. Markdown is rendered here rather than with
+``DataFrame.to_markdown``, so poslens does not need tabulate. LaTeX is laid out
+by pandas' ``Styler.to_latex`` (its jinja2 comes with torch) with our own cell
+escaping: pandas' ``escape="latex"`` leaves ``±``, ``<``, ``>`` and line breaks
+as they are, which LaTeX would misread or reject.
 """
 
 from __future__ import annotations
@@ -407,12 +409,12 @@ def _render_markdown(df: pd.DataFrame) -> str:
 
 
 def _render_latex(df: pd.DataFrame) -> str:
-    """A booktabs tabular (``\\toprule``/``\\midrule``/``\\bottomrule``) with LaTeX-escaped text."""
-    def row(cells: list[str]) -> str:
-        return " & ".join(c.translate(_LATEX_ESCAPES) for c in cells) + r" \\"
+    """A booktabs tabular (``\\toprule``/``\\midrule``/``\\bottomrule``) with LaTeX-escaped text, numeric
+    columns right-aligned, through pandas' `Styler.to_latex`."""
+    def escaped(value: object) -> str:
+        return _cell_text(value).translate(_LATEX_ESCAPES)
 
     spec = "".join("r" if pd.api.types.is_numeric_dtype(df[c]) else "l" for c in df.columns)
-    body = [row([_cell_text(v) for v in values]) for values in df.itertuples(index=False)]
-    lines = [rf"\begin{{tabular}}{{{spec}}}", r"\toprule", row([str(c) for c in df.columns]), r"\midrule",
-             *body, r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(lines) + "\n"
+    styler = df.style.hide(axis="index").format(escaped).format_index(lambda c: str(c).translate(_LATEX_ESCAPES),
+                                                                       axis=1)
+    return styler.to_latex(column_format=spec, hrules=True)

@@ -10,21 +10,21 @@ layer; and the answer when every position id is shifted by k ("positions told",
 callbacks. Bad input shows an inline message and leaves the last good panels in place.
 
 `make_app(models)` builds the app, `demos.server.make_server(app, port)` binds it to 127.0.0.1
-(port 0 picks a free one; requests addressed to another host are refused) and
-`serve(models, port=...)` runs it until interrupted.
+(port 0 picks a free one; requests addressed to another host than loopback or an allowed one
+are refused), `demos.server.show_inline(app)` shows it in Jupyter and `serve(models, port=...)`
+runs it until interrupted. The patching grid is computed in the background (`demos.server.Jobs`),
+so the other panels answer while it runs.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import dash
 import pandas as pd
-import plotly.graph_objects as go
 import torch
 from dash import Input, Output, dcc, html
 from dash.exceptions import PreventUpdate
@@ -53,12 +53,23 @@ from poslens.demos.panels import (
     residual_cut_figure,
     shifted_answer,
 )
-from poslens.demos.server import HOST, choice, inline_errors, integer, make_server, text
+from poslens.demos.server import (
+    POLL_MS,
+    Jobs,
+    Pending,
+    choice,
+    inline_errors,
+    integer,
+    make_server,
+    run_server,
+    text,
+)
 from poslens.variants.tokens import excerpt
 
 MAX_PROMPT_CHARS = 100  # a prompt is a few tokens; anything longer is refused before it is parsed
 DEFAULT_PROMPT = "123+456="
 CLICK_HINT = "click a heatmap cell to see the first answer digit before and after that patch"
+COMPUTING = "computing the patching grid…"
 ROW = {"display": "flex", "gap": "1.5em", "alignItems": "center", "flexWrap": "wrap", "margin": "0.5em 0"}
 
 
@@ -80,14 +91,14 @@ def _model_options(demo: DemoModel) -> tuple[list[dict], list[int], list[int]]:
     return swap, list(range(demo.model.cfg.n_layers)), list(range(demo.model.cfg.n_heads))
 
 
-def _layout(store: ModelStore) -> html.Div:
+def _layout(store: ModelStore, prompt: str) -> html.Div:
     swap, layers, heads = _model_options(store[store.names[0]])
     return html.Div([
         html.H2("poslens: where does a transformer keep token position?"),
         html.Div([
             html.Label(["model ", dcc.Dropdown(store.names, store.names[0], id="model", clearable=False,
                                                style={"width": "22em"})]),
-            html.Label(["clean prompt ", dcc.Input(id="prompt", value=DEFAULT_PROMPT, debounce=True, type="text")]),
+            html.Label(["clean prompt ", dcc.Input(id="prompt", value=prompt, debounce=True, type="text")]),
         ], style=ROW),
         html.Div([
             html.Label(["corruption ", dcc.RadioItems([{"label": label, "value": kind} for kind, label
@@ -108,6 +119,7 @@ def _layout(store: ModelStore) -> html.Div:
         dcc.Graph(id="preview"),
         html.Div([dcc.Graph(id="heatmap", style={"flex": "1"}), dcc.Graph(id="distribution", style={"flex": "1"})],
                  style={"display": "flex"}),
+        dcc.Interval(id="heatmap-poll", interval=POLL_MS, disabled=True),
         html.H3("residual cuts"),
         dcc.Graph(id="cuts"),
         html.H3("attention"),
@@ -125,28 +137,36 @@ def _layout(store: ModelStore) -> html.Div:
     ], style={"fontFamily": "sans-serif", "margin": "1em"})
 
 
-def make_app(models: Mapping[str, str | Path] | ModelStore, *, device: str = "cpu") -> dash.Dash:
+def make_app(models: Mapping[str, str | Path] | ModelStore, *, device: str = "cpu", prompt: str = DEFAULT_PROMPT,
+             jobs: Jobs | None = None) -> dash.Dash:
     """The demo app over `models` (name → checkpoint folder, see `demos.panels.discover_models`,
     or a `ModelStore` whose models are already loaded).
 
-    Models are loaded on first use and kept; callbacks run one at a time (the models' hooks are
-    shared state), so concurrent requests never see each other's patches. Every callback value
-    is checked (`demos.server`) before the lock is taken, and a bad one becomes the inline
-    message. The client-side `state` holds only the model name and the two prompts as typed
-    (at most `MAX_PROMPT_CHARS` each); every callback parses them again, so a forged state is
-    refused like a typed prompt and can never make a request slower than a typed one.
+    Models are loaded on first use and kept; the cheap callbacks run one at a time (the models'
+    hooks are shared state), so concurrent requests never see each other's patches. The
+    patching grid runs in the background (`demos.server.Jobs`) on a copy of the model made on its
+    first grid, so it never holds the other panels up; its attribution preview (one backward
+    pass) is drawn at once, and the exact heatmap shows "computing" until it is there, and a grid whose page has gone is cancelled. Every callback value is checked
+    (`demos.server`) before the lock is taken, and a bad one becomes the inline message. The
+    client-side `state` holds only the model name and the two prompts as typed (at most
+    `MAX_PROMPT_CHARS` each); every callback parses them again, so a forged state is refused
+    like a typed prompt and can never make a request slower than a typed one.
 
     Args:
         models: name → checkpoint folder, or a `ModelStore`.
-        device: where the models run.
+        device: where models are loaded (when `models` is not a store).
+        prompt: the clean prompt shown first (it must suit the first model's task).
+        jobs: where the patching grids run (default: a new `Jobs()`).
 
     Returns:
-        The Dash app (serve it with `serve`, or `demos.server.make_server`).
+        The Dash app; serve it with `demos.server.make_server` or `demos.server.show_inline`.
     """
     store = models if isinstance(models, ModelStore) else ModelStore(models, device=device)
     lock = threading.Lock()
+    jobs = jobs or Jobs()
+    patchers: dict[str, DemoModel] = {}  # model name → the copy patching grids run on
     app = dash.Dash(__name__, title="poslens demo")
-    app.layout = _layout(store)
+    app.layout = _layout(store, prompt)
 
     def restore(state: Any) -> tuple[DemoModel, Tensor, Tensor]:
         """The model and the clean and corrupted sequences a client `state` names, checked."""
@@ -195,27 +215,43 @@ def make_app(models: Mapping[str, str | Path] | ModelStore, *, device: str = "cp
             state = {"model": name, "clean": prompt_text(demo, clean), "corrupted": prompt_text(demo, corrupted)}
         return "", _answers_view(answer_table), state, cuts, probe
 
-    def patching_figure(state: Any, site: Any, method: str) -> go.Figure:
+    @app.callback(Output("heatmap", "figure"), Output("heatmap-poll", "disabled"), Input("state", "data"),
+                  Input("site", "value"), Input("heatmap-poll", "n_intervals"))
+    @inline_errors(lambda message: (message_figure(message), True))
+    def heatmap(state, site, _ticks):
         if not state:
-            return message_figure("type a prompt")
+            return message_figure("type a prompt"), True
         site = choice(site, SITES, "patching site")
         with lock:
             demo, clean, corrupted = restore(state)
-            table, metric = patch_effects(demo, clean, corrupted, site, method)
-            title = f"{site}: {metric}, patching {prompt_text(demo, clean)} into {prompt_text(demo, corrupted)}"
-        figure = patching_heatmap(table, site, title=title if method == "exact" else f"preview ({method}) {title}")
-        return figure.update_traces(colorbar_title=metric.replace(" ", "<br>", 1))
+            if demo.name not in patchers:
+                patchers[demo.name] = jobs.replica(demo)
+        patcher = patchers[demo.name]
 
-    # Registered first, so that the browser asks for the preview first and it usually takes the lock first.
+        def grid() -> tuple:
+            return (*patch_effects(patcher, clean, corrupted, site),
+                    f"patching {prompt_text(patcher, clean)} into {prompt_text(patcher, corrupted)}")
+
+        key = (demo.name, tuple(clean[0].tolist()), tuple(corrupted[0].tolist()), site)
+        try:
+            table, metric, what = jobs.answer(key, grid, polled=dash.ctx.triggered_id == "heatmap-poll")
+        except Pending:
+            return message_figure(COMPUTING), False
+        figure = patching_heatmap(table, site, title=f"{site}: {metric}, {what}")
+        return figure.update_traces(colorbar_title=metric.replace(" ", "<br>", 1)), True
+
     @app.callback(Output("preview", "figure"), Input("state", "data"), Input("site", "value"))
     @inline_errors(message_figure)
     def preview(state, site):
-        return patching_figure(state, site, "attribution")
-
-    @app.callback(Output("heatmap", "figure"), Input("state", "data"), Input("site", "value"))
-    @inline_errors(message_figure)
-    def heatmap(state, site):
-        return patching_figure(state, site, "exact")
+        if not state:
+            return message_figure("type a prompt")
+        site = choice(site, SITES, "patching site")
+        with lock:  # one clean, one corrupted forward and one backward: cheap enough to answer inline
+            demo, clean, corrupted = restore(state)
+            table, metric = patch_effects(demo, clean, corrupted, site, "attribution")
+        title = f"preview (attribution) {site}: {metric}, patching {prompt_text(demo, clean)} into " \
+                f"{prompt_text(demo, corrupted)}"
+        return patching_heatmap(table, site, title=title).update_traces(colorbar_title=metric.replace(" ", "<br>", 1))
 
     @app.callback(Output("distribution", "figure"), Input("heatmap", "clickData"), Input("state", "data"),
                   Input("site", "value"))
@@ -270,26 +306,25 @@ def _clicked_cell(click: Any) -> tuple[int, int]:
     return layer, int(position)
 
 
-def serve(models: Mapping[str, str | Path], *, port: int = 8050, device: str = "cpu", quiet: bool = False) -> None:
-    """Run the demo on http://127.0.0.1:`port` until interrupted (Ctrl-C). The first model, its
-    position probe and its residual-cut table are prepared before the server starts.
+def serve(models: Mapping[str, str | Path], *, port: int = 8050, device: str = "cpu",
+          allow_hosts: Sequence[str] = (), quiet: bool = False) -> None:
+    """Run the demo on http://127.0.0.1:`port` until interrupted (Ctrl-C), also answering requests
+    addressed to `allow_hosts` (a reverse proxy's names). The first model, its position probe and
+    its residual-cut table are prepared before the server starts.
 
     Args:
         models: name → checkpoint folder.
         port: the port on 127.0.0.1 (0 = any free port).
         device: where the models run.
+        allow_hosts: Host names answered besides the loopback ones (`--allow-host`).
         quiet: no request log or progress bars.
     """
-    store = ModelStore(models, device=device)
-    server = make_server(make_app(store), port)
+    store, jobs = ModelStore(models, device=device), Jobs()
+    server = make_server(make_app(store, jobs=jobs), port, allow_hosts=allow_hosts)
     if not quiet:
         print(f"preparing {store.names[0]} (position probe, residual cuts)…", flush=True)
     store[store.names[0]].prepare()
-    logging.getLogger("werkzeug").setLevel(logging.WARNING if quiet else logging.INFO)
-    print(f"poslens demo on http://{HOST}:{server.server_port}/ (Ctrl-C to stop)", flush=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        run_server(server, quiet=quiet)
     finally:
-        server.server_close()
+        jobs.close()  # a grid still running stops at its next forward pass, so Ctrl-C exits at once

@@ -11,13 +11,15 @@ server of `demos.server`. A bad prompt shows an inline message and leaves the la
 place; a corrupted prompt of another token length is refused in the patching panel, naming both
 lengths, while the other panels follow the prompt.
 
-`make_app(demo)` builds the app and `serve(demo, port=...)` runs it until interrupted.
+`make_app(demo)` builds the app and `serve(demo, port=...)` runs it until interrupted
+(`demos.server.show_inline(app)` in Jupyter). The patching grid is computed in the background on a
+copy of the model (`demos.server.Jobs`), so the other panels answer while it runs.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
+from collections.abc import Sequence
 from html import escape as html_escape
 from typing import Any
 
@@ -39,7 +41,17 @@ from poslens.demos.lm_panels import (
     top_tokens_figure,
 )
 from poslens.demos.panels import PREVIEW_NOTE, message_figure, probe_figure
-from poslens.demos.server import HOST, choice, inline_errors, integer, make_server, text
+from poslens.demos.server import (
+    POLL_MS,
+    Jobs,
+    Pending,
+    choice,
+    inline_errors,
+    integer,
+    make_server,
+    run_server,
+    text,
+)
 from poslens.variants.tokens import excerpt
 
 MAX_PROMPT_CHARS = 2000  # longer text is refused before it is tokenised
@@ -47,6 +59,7 @@ DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
 DEFAULT_CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
 ROW = {"display": "flex", "gap": "1.5em", "alignItems": "center", "flexWrap": "wrap", "margin": "0.5em 0"}
 ALERT = {"color": "crimson", "fontWeight": "bold", "minHeight": "1.2em"}
+COMPUTING = "computing the patching grid… (the other panels keep answering)"
 
 
 def plotly_text(text: str) -> str:
@@ -101,18 +114,34 @@ def _layout(demo: LMDemoModel, prompt: str, corrupted: str) -> html.Div:
         html.Div(PREVIEW_NOTE),
         dcc.Graph(id="preview"),
         dcc.Graph(id="heatmap"),
+        dcc.Interval(id="heatmap-poll", interval=POLL_MS, disabled=True),
     ], style={"fontFamily": "sans-serif", "margin": "1em"})
 
 
-def make_app(demo: LMDemoModel, *, prompt: str = DEFAULT_PROMPT, corrupted: str = DEFAULT_CORRUPTED) -> dash.Dash:
+def make_app(demo: LMDemoModel, *, prompt: str = DEFAULT_PROMPT, corrupted: str = DEFAULT_CORRUPTED,
+             jobs: Jobs | None = None) -> dash.Dash:
     """The demo app for `demo`, starting with `prompt` and `corrupted` in the inputs.
 
-    Callbacks run one at a time (the model's hooks are shared state). Every callback value is
-    checked (`demos.server`) before the lock is taken, and a bad one becomes an inline message.
-    The client-side `state` holds only the two prompts as typed (at most `MAX_PROMPT_CHARS`
-    each); every callback tokenises them again, so a forged state is refused like a typed prompt.
+    The cheap callbacks run one at a time on `demo.model` (its hooks are shared state); the
+    patching grid runs in the background (`demos.server.Jobs`) on a copy of the model, so it never
+    holds them up: the heatmap shows "computing" until the grid is there, and a grid whose page
+    has gone is cancelled. The copy doubles the weights' memory. Every callback value is checked
+    (`demos.server`) before the lock is taken, and a bad one becomes an inline message. The
+    client-side `state` holds only the two prompts as typed (at most `MAX_PROMPT_CHARS` each);
+    every callback tokenises them again, so a forged state is refused like a typed prompt.
+
+    Args:
+        demo: the model and its position probe.
+        prompt: the prompt shown first.
+        corrupted: the corrupted prompt shown first.
+        jobs: where the patching grids run (default: a new `Jobs()`).
+
+    Returns:
+        The Dash app; serve it with `demos.server.make_server` or `demos.server.show_inline`.
     """
     lock = threading.Lock()
+    jobs = jobs or Jobs()
+    patcher = jobs.replica(demo)
     app = dash.Dash(__name__, title=f"poslens demo: {demo.name}")
     app.layout = _layout(demo, prompt, corrupted)
 
@@ -148,49 +177,61 @@ def make_app(demo: LMDemoModel, *, prompt: str = DEFAULT_PROMPT, corrupted: str 
         with lock:
             return attention_figure(demo, restore(state)[0], layer, head)
 
-    def patching_figure(state: Any, site: Any, method: str) -> Any:
+    @app.callback(Output("patch-message", "children"), Output("heatmap", "figure"), Output("heatmap-poll", "disabled"),
+                  Input("state", "data"), Input("site", "value"), Input("heatmap-poll", "n_intervals"))
+    @inline_errors(lambda message: (message, dash.no_update, True))
+    def heatmap(state, site, _ticks):
         if not state:
-            return message_figure("type a prompt")
+            return "", message_figure("type a prompt"), True
         site = choice(site, demo.sites, "patching site")
         with lock:
             clean, typed = restore(state)
             if not typed.strip():
-                return message_figure(f"type a corrupted prompt of {clean.shape[1]} tokens to patch")
+                return "", message_figure(f"type a corrupted prompt of {clean.shape[1]} tokens to patch"), True
             corrupted = encode_prompt(demo, typed, "corrupted prompt")
-            table, metric = patch_effects(demo, clean, corrupted, site, method)
-            tops = [top_next_tokens(demo, run, 1)["token"][0] for run in (clean, corrupted)]
-        title = f"{site}: {metric}; next token {tops[0]!r} (prompt) vs {tops[1]!r} (corrupted)"
-        title = plotly_text(title if method == "exact" else f"preview ({method}) {title}")
-        figure = patching_heatmap(table, site, title=title).update_layout(xaxis_title="position:token", yaxis_dtick=1)
-        return figure.update_traces(colorbar_title=metric.replace(" ", "<br>", 1))
 
-    # Registered first, so that the browser asks for the preview first and it usually takes the lock first.
+        def grid() -> tuple:
+            table, metric = patch_effects(patcher, clean, corrupted, site)
+            return table, metric, [top_next_tokens(patcher, run, 1)["token"][0] for run in (clean, corrupted)]
+
+        key = (tuple(clean[0].tolist()), tuple(corrupted[0].tolist()), site)
+        try:
+            table, metric, tops = jobs.answer(key, grid, polled=dash.ctx.triggered_id == "heatmap-poll")
+        except Pending:
+            return "", message_figure(COMPUTING), False
+        title = plotly_text(f"{site}: {metric}; next token {tops[0]!r} (prompt) vs {tops[1]!r} (corrupted)")
+        figure = patching_heatmap(table, site, title=title).update_layout(xaxis_title="position:token", yaxis_dtick=1)
+        return "", figure.update_traces(colorbar_title=metric.replace(" ", "<br>", 1)), True
+
     @app.callback(Output("preview", "figure"), Input("state", "data"), Input("site", "value"))
     @inline_errors(message_figure)
     def preview(state, site):
-        return patching_figure(state, site, "attribution")
-
-    @app.callback(Output("patch-message", "children"), Output("heatmap", "figure"), Input("state", "data"),
-                  Input("site", "value"))
-    @inline_errors(lambda message: (message, dash.no_update))
-    def heatmap(state, site):
-        return "", patching_figure(state, site, "exact")
+        if not state:
+            return message_figure("type a prompt")
+        site = choice(site, demo.sites, "patching site")
+        with lock:  # one clean, one corrupted forward and one backward: cheap enough to answer inline
+            clean, typed = restore(state)
+            if not typed.strip():
+                return message_figure(f"type a corrupted prompt of {clean.shape[1]} tokens to patch")
+            corrupted = encode_prompt(demo, typed, "corrupted prompt")
+            table, metric = patch_effects(demo, clean, corrupted, site, "attribution")
+        title = plotly_text(f"preview (attribution) {site}: {metric}")
+        figure = patching_heatmap(table, site, title=title).update_layout(xaxis_title="position:token", yaxis_dtick=1)
+        return figure.update_traces(colorbar_title=metric.replace(" ", "<br>", 1))
 
     return app
 
 
-def serve(demo: LMDemoModel, *, port: int = 8050, quiet: bool = False) -> None:
-    """Run the demo on http://127.0.0.1:`port` until interrupted (Ctrl-C). The port is bound first
-    (a busy one is refused at once); the position probe is fitted before the server answers."""
-    server = make_server(make_app(demo), port)
+def serve(demo: LMDemoModel, *, port: int = 8050, allow_hosts: Sequence[str] = (), quiet: bool = False) -> None:
+    """Run the demo on http://127.0.0.1:`port` until interrupted (Ctrl-C), also answering requests
+    addressed to `allow_hosts` (a reverse proxy's names). The port is bound first (a busy one is
+    refused at once); the position probe is fitted before the server answers."""
+    jobs = Jobs()
+    server = make_server(make_app(demo, jobs=jobs), port, allow_hosts=allow_hosts)
     if not quiet:
         print(f"preparing {demo.name} (position probe on {demo.n_sequences} sequences)…", flush=True)
     demo.prepare()
-    logging.getLogger("werkzeug").setLevel(logging.WARNING if quiet else logging.INFO)
-    print(f"poslens demo on http://{HOST}:{server.server_port}/ (Ctrl-C to stop)", flush=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        run_server(server, quiet=quiet)
     finally:
-        server.server_close()
+        jobs.close()  # a grid still running stops at its next forward pass, so Ctrl-C exits at once

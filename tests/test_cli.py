@@ -55,7 +55,12 @@ def test_probe_writes_the_table_and_never_overwrites(run_cli, tmp_path):
     table = pd.read_csv(table_path)
     assert set(table["variant"]) == {"nope-causal", "learned-causal"}
     assert set(table["baseline"]) == {"trained", "chance", "random_init"}
-    assert "plotly" in figure_path.read_text()
+    pages = sorted(path.name for path in tmp_path.glob("probe*.html"))
+    assert pages == ["probe.html", "probe.learned-causal.by_position.html", "probe.nope-causal.by_position.html"]
+    for page in pages:  # one shared offline copy of plotly.js beside them, not one each
+        text = (tmp_path / page).read_text()
+        assert '<script charset="utf-8" src="plotly.min.js">' in text and len(text) < 500_000, page
+    assert "plotly.js" in (tmp_path / "plotly.min.js").read_text()[:1000]
     before = table_path.read_bytes()
     code, _, err = run_cli("probe", *runs, "--out", str(table_path), "--sequences", "40", "--quiet")
     assert code == 2 and "already exists" in err and table_path.read_bytes() == before

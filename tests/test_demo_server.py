@@ -16,10 +16,12 @@ import torch
 pytest.importorskip("dash", reason="the demo server needs the demo extra: pip install -e '.[demo]'")
 from poslens.demos.app import MAX_PROMPT_CHARS, make_app
 from poslens.demos.panels import ModelStore
-from poslens.demos.server import MAX_BODY_BYTES, make_server
+from poslens.demos.server import MAX_BODY_BYTES, check_hosts, make_server
 
 UPDATE = "..message.children...answers.children...state.data...cuts.figure...probe.figure.."
 OPTIONS = "..swap-i.options...swap-j.options...attn-layer.options...attn-head.options.."
+HEATMAP = "..heatmap.figure...heatmap-poll.disabled.."
+POLL = {"heatmap-poll.n_intervals": None}
 GOOD = {"model.value": "nope", "prompt.value": "123+456=", "corruption.value": "swap", "swap-i.value": 0,
         "swap-j.value": 2, "second-prompt.value": ""}
 FAST_S = 1.0
@@ -60,6 +62,18 @@ def callback(output: str, inputs: dict, changed: str) -> bytes:
                        "changedPropIds": [changed], "state": []}).encode()
 
 
+def settled(server, output: str, inputs: dict, changed: str, host: str | None = None) -> tuple[int, bytes, float]:
+    """POST a patching-grid request, then poll it as the page's `heatmap-poll` interval does (204 while
+    it computes) until the answer is there; (status, body, seconds of the first answer)."""
+    status, body, seconds = post(server, callback(output, inputs, changed), host)
+    deadline = time.monotonic() + 60
+    while status == 204 or (status == 200 and json.loads(body)["response"].get("heatmap-poll") == {"disabled": False}):
+        assert time.monotonic() < deadline, "the patching grid never finished"
+        time.sleep(0.05)
+        status, body = post(server, callback(output, inputs, "heatmap-poll.n_intervals"), host)[:2]
+    return status, body, seconds
+
+
 def inline_message(body: bytes) -> str:
     """The text a callback answered with: the message div, or the annotation of a message figure."""
     response = json.loads(body)["response"]
@@ -79,12 +93,12 @@ def state(server):
 
 
 def test_good_requests_work(server, state):
-    for output, inputs in (("heatmap.figure", {"state.data": state, "site.value": "resid_mid"}),
+    for output, inputs in ((HEATMAP, {"state.data": state, "site.value": "resid_mid", **POLL}),
                            ("attention.figure", {"state.data": state, "attn-layer.value": 1, "attn-head.value": 2}),
                            ("distribution.figure", {"heatmap.clickData": {"points": [{"x": "4:y2", "y": 1}]},
                                                     "state.data": state, "site.value": "resid_pre"})):
-        status, body, _ = post(server, callback(output, inputs, next(iter(inputs))))
-        figure = json.loads(body)["response"][output.split(".")[0]]["figure"]
+        status, body, _ = settled(server, output, inputs, next(iter(inputs)))
+        figure = json.loads(body)["response"][output.strip(".").split(".")[0]]["figure"]
         assert status == 200 and figure["data"], output  # a message figure has no data
     assert "layer 1 position 4 patched" in json.dumps(figure["layout"]["title"])
 
@@ -108,16 +122,16 @@ def hostile_requests(state: dict) -> list[tuple[str, str, dict, str]]:
         ("corruption as list", UPDATE, {**GOOD, "corruption.value": ["swap"]}, "unknown corruption ['swap']"),
         ("swap position null", UPDATE, {**GOOD, "swap-i.value": None}, "swap position must be an integer, got None"),
         ("bad character", UPDATE, {**GOOD, "prompt.value": "<script>1</script>"}, "is not in the vocabulary"),
-        ("forged 20,000-row state", "heatmap.figure", {"state.data": forged, "site.value": "resid_pre"},
+        ("forged 20,000-row state", HEATMAP, {"state.data": forged, "site.value": "resid_pre", **POLL},
          "clean must be text, got list [[1, 1, 1"),
-        ("state of an unknown model", "heatmap.figure", {"state.data": {**state, "model": "gpt"},
-                                                          "site.value": "resid_pre"}, "unknown model 'gpt'"),
+        ("state of an unknown model", HEATMAP, {"state.data": {**state, "model": "gpt"}, "site.value": "resid_pre",
+                                                 **POLL}, "unknown model 'gpt'"),
         ("state of another shape", "attention.figure", {"state.data": [1, 2], "attn-layer.value": 0,
                                                          "attn-head.value": 0}, "state must be {'model'"),
         ("state with an unparsable prompt", "attention.figure", {"state.data": {**state, "clean": "1+1="},
                                                                   "attn-layer.value": 0, "attn-head.value": 0},
          "prompt '1+1=' is not two 3-digit operands"),
-        ("site as list", "heatmap.figure", {"state.data": state, "site.value": ["resid_pre"]},
+        ("site as list", HEATMAP, {"state.data": state, "site.value": ["resid_pre"], **POLL},
          "unknown patching site ['resid_pre']"),
         ("clickData a string", "distribution.figure", {"heatmap.clickData": "x", "state.data": state,
                                                        "site.value": "resid_pre"}, "a heatmap click must hold"),
@@ -154,11 +168,14 @@ def test_malformed_requests_oversized_bodies_and_foreign_hosts_are_refused(serve
     port = server.server_port
     good = callback("attention.figure", {"state.data": state, "attn-layer.value": 0, "attn-head.value": 0},
                     "state.data")
-    assert post(server, good, host=f"localhost:{port}")[0] == 200
-    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", "localhost",
-                 f"127.0.0.1:{port + 1}"):
+    # Names are checked, not ports: `ssh -L 9000:localhost:PORT` arrives as localhost:9000.
+    for host in (f"localhost:{port}", "localhost", f"127.0.0.1:{port + 1}"):
+        assert post(server, good, host=host)[0] == 200, host
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", "localhost.evil.example",
+                 "demo.example.org"):
         status, body, _ = post(server, good, host=host)
         assert status == 403 and b"refused: this server answers only requests addressed to" in body, host
+        assert b"--allow-host NAME" in body and len(body) < 300
     assert post(server, callback(OPTIONS, {"model.value": ["nope"]}, "model.value"))[0] == 204
     for body in (b"not json", b'{"output": "nowhere.figure"}', json.dumps({"output": UPDATE}).encode()):
         status, answer, _ = post(server, body)
@@ -207,3 +224,47 @@ def test_the_state_the_app_keeps_parses_back_to_the_same_sequences(server, train
             positions = tuple(demo.task.operand_positions[i] for i in (3, 5))
             corrupted = corrupt_prompt(demo, clean, kind, positions=positions, second_prompt="124+456=")
             assert torch.equal(parse_prompt(demo, prompt_text(demo, corrupted)), corrupted), (demo.name, kind)
+
+
+def test_allowed_proxy_hosts_are_answered_and_others_refused(trained_runs, state):
+    """`--allow-host demo.example.org` (a reverse proxy) and `.lab.example` (its subdomains): requests
+    addressed to them are answered, page and callbacks alike; any other name is still refused."""
+    store = ModelStore({"nope": trained_runs[("nope-causal", 2)]}, n_sequences=48)
+    server = make_server(make_app(store), port=0, allow_hosts=["demo.example.org", ".Lab.example"])
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        good = callback("attention.figure", {"state.data": state, "attn-layer.value": 0, "attn-head.value": 0},
+                        "state.data")
+        for host in ("demo.example.org", "demo.example.org:443", "a.lab.example:8080", "lab.example", "localhost"):
+            assert post(server, good, host=host)[0] == 200, host
+            page = urllib.request.Request(f"http://127.0.0.1:{server.server_port}/", headers={"Host": host})
+            with urllib.request.urlopen(page, timeout=30) as response:
+                assert response.status == 200 and b"_dash-config" in response.read(), host
+        for host in ("evil.example", "demo.example.org.evil.example", "x.demo.example.org", "lab.example.evil"):
+            status, body, _ = post(server, good, host=host)
+            assert status == 403 and b"'demo.example.org', '.lab.example'" in body, host
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        server.server_close()
+
+
+@pytest.mark.parametrize("name", ["http://demo.example.org", "demo.example.org:8080", "*", "", "a b", "-x.org", 5])
+def test_a_bad_allowed_host_is_refused_by_name(name):
+    with pytest.raises(ValueError, match=r"--allow-host .* is not a host name: give a name such as"):
+        check_hosts([name])
+
+
+def test_demo_command_checks_allowed_hosts_before_loading(run_cli, tmp_path):
+    code, _, err = run_cli("demo", "--models", str(tmp_path / "missing"), "--allow-host", "https://x.org")
+    assert code == 2 and "--allow-host 'https://x.org' is not a host name" in err and "Traceback" not in err
+
+
+def test_show_inline_needs_a_notebook(trained_runs):
+    """Outside a Jupyter kernel Dash's inline mode would block serving; `show_inline` says so instead
+    (inside one it is run by the patching notebook, tests/test_notebooks.py)."""
+    from poslens.demos.server import show_inline
+
+    with pytest.raises(ValueError, match="show_inline shows an app in a Jupyter notebook; outside one"):
+        show_inline(make_app({"nope": trained_runs[("nope-causal", 2)]}))

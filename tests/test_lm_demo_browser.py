@@ -51,8 +51,8 @@ def test_typing_prompts_redraws_the_panels_and_unequal_lengths_are_refused_inlin
     assert text_of(driver, "message") == ""
 
     enter(driver, "corrupted", "w7 w50 w9")
-    after = wait_graph(driver, "heatmap", lambda g: g["z"] != first["heatmap"]["z"],
-                       "the patching heatmap did not follow the prompts")
+    after = wait_graph(driver, "heatmap", lambda g: g["types"] == ["heatmap"] and g["z"] != first["heatmap"]["z"],
+                       "the patching heatmap did not follow the prompts")  # past the "computing" figure
     assert after["title"].startswith("resid_pre: ") and text_of(driver, "patch-message") == ""
     driver.find_element(By.CSS_SELECTOR, "#site input[value='resid_post']").click()
     wait_graph(driver, "heatmap", lambda g: g["title"].startswith("resid_post: "), "the site selector did nothing")

@@ -119,7 +119,24 @@ def test_probing_notebook(tmp_path, monkeypatch, jupyter_path):
 
 PATCHING_READOUT = """
 import json
+import urllib.error
+import urllib.request
+
+
+def demo_status(host, path=""):
+    request = urllib.request.Request(demo_url + path, headers={"Host": host})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
 print(json.dumps({
+    "demo_url": demo_url,
+    "demo_page": demo_status(demo_url.split("/")[2]),
+    "demo_layout": demo_status("localhost", "_dash-layout"),
+    "demo_foreign": demo_status("evil.example"),
     "exact_match": result.history[-1]["exact_match"],
     "roles": task.roles,
     "swap": list(SWAP),
@@ -136,6 +153,14 @@ def test_patching_notebook(tmp_path, monkeypatch, jupyter_path):
     cells, result = run_notebook("patching.ipynb", PATCHING_READOUT, tmp_path, monkeypatch, jupyter_path)
     assert result["exact_match"] >= 0.9  # the text says the model gets about 99% of sums right
     assert result["leading_digits"] == list(range(10))  # task.sample_test, not the sorted test set's first rows
+
+    # The demo shown inline: an iframe of the app the kernel serves, hardened like `poslens demo`.
+    (frame,) = [output["data"]["text/html"] for output in outputs_with(cells, "text/html")
+                if "<iframe" in output["data"]["text/html"]]
+    assert f'src="{result["demo_url"]}"' in frame
+    assert result["demo_page"][0] == 200 and "_dash-config" in result["demo_page"][1]
+    assert result["demo_layout"][0] == 200 and '"37+25="' in result["demo_layout"][1]
+    assert result["demo_foreign"][0] == 403 and "refused" in result["demo_foreign"][1]
     assert len(outputs_with(cells, PLOTLY_MIME)) == 4  # two patching heatmaps, the attribution preview, residual cuts
 
     roles, patch = result["roles"], result["patch"]

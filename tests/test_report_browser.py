@@ -46,7 +46,13 @@ def test_every_section_and_figure_renders_offline(report):
         assert len(verdicts) == 14  # one coloured verdict per claim
         details = driver.find_elements(By.TAG_NAME, "details")
         assert details and not any(element.get_attribute("open") for element in details)  # long tables folded
-        assert "<script src=" not in report.read_text()  # plotly.js is inline: the page needs no network
+        # plotly.js comes from the folder's one offline copy, by a relative path: no network, from file://
+        assert [src for src in driver.execute_script("return [...document.scripts].map(s => s.src)") if src] == \
+            [(report.parent / "figures" / "plotly.min.js").as_uri()]
+        for page in ("probe_accuracy.html", "patching_nope.html"):  # figure pages share the same copy
+            driver.get((report.parent / "figures" / page).as_uri())
+            WebDriverWait(driver, 60).until(lambda d: d.execute_script(
+                "return document.querySelector('.js-plotly-plot .main-svg') !== null"), message=f"{page} did not render")
     finally:
         driver.quit()
 

@@ -1,5 +1,7 @@
 """`poslens reproduce` end to end on the tiny preset: every output file, every table's schema, resume."""
 
+import re
+
 import pandas as pd
 import pytest
 
@@ -79,7 +81,10 @@ def test_reproduce_tiny_writes_everything_and_resumes(tmp_path):
     assert {"plotly.min.js", "probe_accuracy.html", "residual_cuts.html", "patching_nope.html", "block_means.html",
             "swap_readout.html"} <= figures
     report = (out / "report.html").read_text()
-    assert report.count("<script type='text/javascript'>") == 1 and "<script src=" not in report
+    # One offline plotly.js for the whole folder: the report and every figure page load figures/plotly.min.js.
+    assert re.findall(r"<script[^>]*src=[^>]*>", report) == ["<script charset='utf-8' src='figures/plotly.min.js'>"]
+    assert len(report) < 4_000_000
+    assert sum(path.stat().st_size > 4_000_000 for path in out.rglob("*")) == 1  # the one copy of plotly.js
     assert report.index("Claims and verdicts") < report.index("<h2 id=\"s1\">")  # the verdicts come first
     summary = (out / "summary.md").read_text()
     assert "## Analysis plan, version 3" in summary and "dtype" not in summary and "Name:" not in summary

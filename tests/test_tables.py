@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import plotly.offline
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,6 +24,7 @@ from poslens.analyses.tables import (
     empty_probe_table,
     export_table,
     read_table,
+    render_table,
     site_layer,
     summarise_seeds,
     validate_probe_table,
@@ -225,6 +227,34 @@ def test_latex_is_booktabs_with_every_variant_and_escapes(tmp_path, two_variants
     assert "±" not in text and "\\toprule" in text and "\\begin{tabular}{lll}" in text
 
 
+LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+                  "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}",
+                  ">": r"\textgreater{}", "±": r"$\pm$", "\n": " "}
+
+
+@settings(max_examples=60, deadline=None)
+@given(names=st.lists(ODD_TEXT, min_size=1, max_size=3, unique=True), cells=st.lists(ODD_TEXT, min_size=1, max_size=4),
+       numbers=st.lists(VALUES, min_size=1, max_size=4))
+def test_latex_through_styler_is_the_hand_rendered_booktabs_table(names, cells, numbers):
+    """`Styler.to_latex` lays out exactly the tabular poslens wrote by hand before: a text column per
+    name (left), a float column (right, 4 significant digits, empty for NaN), every special character
+    escaped once; the expected text is built here line by line."""
+    rows = min(len(cells), len(numbers))
+    frame = pd.DataFrame({**{name: cells[:rows] for name in names}, "value ±": numbers[:rows]})
+
+    def escaped(text: str) -> str:
+        return "".join(LATEX_SPECIALS.get(character, character) for character in text)
+
+    def number(value: float) -> str:
+        return "" if math.isnan(value) else f"{value:.4g}"
+
+    expected = [rf"\begin{{tabular}}{{{'l' * len(names)}r}}", r"\toprule",
+                " & ".join(escaped(name) for name in [*names, "value ±"]) + r" \\", r"\midrule",
+                *[" & ".join([escaped(cell)] * len(names) + [number(value)]) + r" \\"
+                  for cell, value in zip(cells[:rows], numbers[:rows])], r"\bottomrule", r"\end{tabular}"]
+    assert render_table(frame, "tex") == "\n".join(expected) + "\n"
+
+
 def test_refuses_to_overwrite_unless_asked(tmp_path, two_variants):
     target = tmp_path / "t.csv"
     target.write_text("original", encoding="utf-8")
@@ -312,3 +342,20 @@ def test_json_tables_are_strict_json_and_keep_infinities(tmp_path):
     rows = json.loads(path.read_text(), parse_constant=lambda constant: pytest.fail(f"non-strict {constant}"))["data"]
     assert [row["value"] for row in rows] == [1.5, "Infinity", "-Infinity", None]
     pd.testing.assert_frame_equal(read_table(path), table)
+
+
+def test_figure_pages_of_a_folder_share_one_plotly_js_kept_current(tmp_path):
+    from poslens.analyses.figures import write_figure
+
+    stale = tmp_path / "plotly.min.js"
+    stale.write_text("/* plotly.js v0.0.1, left by an older plotly */")
+    figure = go.Figure(go.Bar(x=[1, 2], y=[3, 4]))
+    pages = [write_figure(figure, tmp_path / f"{name}.html") for name in ("a", "b")]
+    assert all('src="plotly.min.js"' in page.read_text() and page.stat().st_size < 100_000 for page in pages)
+    assert stale.read_text() == plotly.offline.get_plotlyjs()  # replaced by this plotly's own
+    written = stale.stat().st_mtime_ns
+    write_figure(figure, tmp_path / "c.html")
+    assert stale.stat().st_mtime_ns == written  # a current copy is not written again
+    alone = write_figure(figure, tmp_path / "alone" / "d.html", standalone=True)
+    assert "<script src=" not in alone.read_text() and alone.stat().st_size > 1_000_000
+    assert not (tmp_path / "alone" / "plotly.min.js").exists()

@@ -30,28 +30,43 @@ def check_html_path(path: str | os.PathLike, *, overwrite: bool = False) -> Path
 
 
 def write_figure(figure: go.Figure, path: str | os.PathLike, *, overwrite: bool = False,
-                 standalone: bool = True) -> Path:
+                 standalone: bool = False) -> Path:
     """Write `figure` as an HTML page at `path`, atomically; an existing file only with `overwrite`.
 
-    A `standalone` page embeds plotly.js and opens offline anywhere; otherwise the page loads
-    `plotly.min.js` from its own folder (written there once), so a folder of many figures holds
-    one copy of the library.
+    The page loads plotly.js from `plotly.min.js` in its own folder (`write_plotly_js`), so the
+    figures of one folder share one 4.8 MB copy and still open offline (`file://`, a relative
+    script). A `standalone` page embeds its own copy instead, to be sent on its own.
 
     Args:
-        figure: the plotly figure.
-        path: an `.html` path.
-        overwrite: replace an existing file.
-        standalone: embed plotly.js in the page.
+        figure: the figure.
+        path: where the page goes; it must end in `.html`.
+        overwrite: replace an existing page.
+        standalone: embed plotly.js in the page rather than sharing the folder's copy.
 
     Returns:
-        `path` as a `Path`.
+        The page's path.
     """
     path = check_html_path(path, overwrite=overwrite)
     if standalone:
         return atomic_write(path, figure.to_html(include_plotlyjs=True, full_html=True), overwrite=overwrite)
-    if not (path.parent / SHARED_PLOTLY_JS).exists():
-        atomic_write(path.parent / SHARED_PLOTLY_JS, plotly.offline.get_plotlyjs())
-    return atomic_write(path, figure.to_html(include_plotlyjs="directory", full_html=True), overwrite=overwrite)
+    write_plotly_js(path.parent)
+    return atomic_write(path, figure.to_html(include_plotlyjs=SHARED_PLOTLY_JS, full_html=True), overwrite=overwrite)
+
+
+def write_plotly_js(folder: str | os.PathLike) -> Path:
+    """`folder/plotly.min.js`, the offline plotly.js the pages of `folder` share: written atomically
+    when missing or when it is not this plotly's own (an older plotly left it there).
+
+    Args:
+        folder: the folder of the pages.
+
+    Returns:
+        The script's path.
+    """
+    path, script = Path(folder) / SHARED_PLOTLY_JS, plotly.offline.get_plotlyjs().encode("utf-8")
+    if not path.is_file() or path.stat().st_size != len(script) or path.read_bytes() != script:
+        atomic_write(path, script)
+    return path
 
 
 def file_name(name: str) -> str:
