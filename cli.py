@@ -29,8 +29,8 @@ from poslens.analyses.report import compact
 from poslens.analyses.runs import load_models_by_variant, load_task
 from poslens.analyses.sweep import EXECUTORS, UnitsFailed, check_executor
 from poslens.analyses.tables import EXPORT_SUFFIXES, check_writable, render_table, side_by_side
+from poslens.demos.discovery import DEFAULT_MODEL_DIR, default_model, demo_models, discover_models
 from poslens.demos.lm_panels import DEFAULT_SEQUENCES, MAX_PROMPT_TOKENS, load_lm_demo
-from poslens.demos.panels import DEFAULT_MODEL_DIR, default_model, demo_models, discover_models
 from poslens.demos.static import write_static_page
 from poslens.tasks import TASKS, make_task
 from poslens.variants import HookedTransformer, TrainSettings, load_any, preset, train

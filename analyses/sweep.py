@@ -325,7 +325,7 @@ def _local(units: list[Unit], *, workers: int, threads: int, **_: Any) -> Iterat
                 yield unit.name, ok, value
         stopped = False
     finally:
-        for process, connection in idle:
+        for _process, connection in idle:
             try:
                 connection.send(None)
             except OSError:

@@ -204,9 +204,7 @@ def compare_study(reference: Path, candidate: Path) -> list[str]:
         if not (candidate / name).is_file():
             problems.append(f"{name} is missing")
         elif path.suffix in TABLE_FORMATS and masked(path.read_text(), path.suffix) != masked(
-                (candidate / name).read_text(), path.suffix):
-            problems.append(f"{name} differs")
-        elif path.suffix not in TABLE_FORMATS and path.read_bytes() != (candidate / name).read_bytes():
+                (candidate / name).read_text(), path.suffix) or path.suffix not in TABLE_FORMATS and path.read_bytes() != (candidate / name).read_bytes():
             problems.append(f"{name} differs")
     for path in sorted(reference.glob("runs/*/model.safetensors")):
         twin = candidate / path.relative_to(reference)

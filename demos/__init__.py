@@ -9,7 +9,8 @@ from __future__ import annotations
 from poslens.analyses import lazy_exports
 
 EXPORTS = {
-    **dict.fromkeys(["ModelStore", "demo_models", "discover_models", "load_demo_model"], "poslens.demos.panels"),
+    **dict.fromkeys(["ModelStore", "load_demo_model"], "poslens.demos.panels"),
+    **dict.fromkeys(["demo_models", "discover_models"], "poslens.demos.discovery"),
     **dict.fromkeys(["make_app", "serve"], "poslens.demos.app"),
     "write_static_page": "poslens.demos.static",
     "load_lm_demo": "poslens.demos.lm_panels",

@@ -139,7 +139,7 @@ def _layout(store: ModelStore, prompt: str) -> html.Div:
 
 def make_app(models: Mapping[str, str | Path] | ModelStore, *, device: str = "cpu", prompt: str = DEFAULT_PROMPT,
              jobs: Jobs | None = None) -> dash.Dash:
-    """The demo app over `models` (name → checkpoint folder, see `demos.panels.discover_models`,
+    """The demo app over `models` (name → checkpoint folder, see `demos.discovery.discover_models`,
     or a `ModelStore` whose models are already loaded).
 
     Models are loaded on first use and kept; the cheap callbacks run one at a time (the models'

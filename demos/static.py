@@ -81,7 +81,7 @@ def _select(name: str, options: Sequence[str]) -> str:
 
 def static_page(figures: dict[str, dict[str, dict[str, dict]]], skipped: Mapping[str, str] | None = None) -> str:
     """The HTML of the page: plotly.js inline, the figures as JSON, the selects and the script, and
-    a line naming the runs left out (`skipped`: name → reason, see `demos.panels.demo_models`)."""
+    a line naming the runs left out (`skipped`: name → reason, see `demos.discovery.demo_models`)."""
     models = list(figures)
     left_out = "".join(f"<li>{html.escape(name)}: it {html.escape(reason)}</li>" for name, reason in (skipped or {}).items())
     left_out = f"<p>Not shown:</p><ul>{left_out}</ul>" if left_out else ""
@@ -111,7 +111,7 @@ def write_static_page(models: Mapping[str, str | Path] | ModelStore, out: str | 
     file only with `overwrite`).
 
     Args:
-        models: name → checkpoint folder (fixed-format addition runs: `demos.panels.demo_models`
+        models: name → checkpoint folder (fixed-format addition runs: `demos.discovery.demo_models`
             picks them from a `reproduce` output), or a `ModelStore`.
         out: the page's path, ending in `.html`.
         prompts: the clean prompts (each corrupted by swapping the first operand's outer digits).

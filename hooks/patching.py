@@ -147,7 +147,7 @@ def _chunk_hooks(site: str, cells: list[tuple[int, int]], clean: dict[str, Tenso
             return torch.cat([activation, corrupted.repeat(n_new, *[1] * (activation.ndim - 1))])
 
         def patch(activation: Tensor, entries: list[tuple[int, int]] = entries,
-                  source: Tensor = clean[get_act_name(site, layer)]) -> Tensor:
+                  source: Tensor = clean[get_act_name(site, layer)]) -> Tensor:  # noqa: B008 (bound per cell)
             for row_block, index in entries:
                 rows = slice(row_block * n_prompts, (row_block + 1) * n_prompts)
                 if site in HEAD_SITES:

@@ -15,7 +15,8 @@ import torch
 
 from poslens.analyses.measures.patching import KL_RESTORED, LOGIT_DIFF, SITES, corrupt
 from poslens.cli import main
-from poslens.demos import panels
+from poslens.demos import discovery, panels
+from poslens.demos.discovery import demo_models, discover_models
 from poslens.demos.panels import (
     DemoModel,
     ModelStore,
@@ -23,8 +24,6 @@ from poslens.demos.panels import (
     answers,
     attention_figure,
     corrupt_prompt,
-    demo_models,
-    discover_models,
     distribution_figure,
     greedy_answer,
     load_demo_model,
@@ -137,13 +136,13 @@ def test_model_store_loads_once_and_names_unknown_models(store):
 
 
 def test_default_model_trains_once_then_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr(panels, "DEFAULT_STEPS", 2)
-    out = panels.default_model(tmp_path / "default", quiet=True)
+    monkeypatch.setattr(discovery, "DEFAULT_STEPS", 2)
+    out = discovery.default_model(tmp_path / "default", quiet=True)
     assert read_json(out / "run.json")["step"] == 2 and read_json(out / "run.json")["finished"]
-    assert read_json(out / "config.json")["config"] == preset(panels.DEFAULT_VARIANT, task=Addition()).to_json()
+    assert read_json(out / "config.json")["config"] == preset(discovery.DEFAULT_VARIANT, task=Addition()).to_json()
     weights = out / "model.safetensors"
     stamp, payload = weights.stat().st_mtime_ns, weights.read_bytes()
-    assert panels.default_model(tmp_path / "default", quiet=True) == out  # finished: loaded, not retrained
+    assert discovery.default_model(tmp_path / "default", quiet=True) == out  # finished: loaded, not retrained
     assert weights.stat().st_mtime_ns == stamp and weights.read_bytes() == payload
 
 
@@ -415,7 +414,7 @@ def test_cli_demo_static_and_errors(trained_runs, tmp_path, monkeypatch):
     assert code == 2 and "port must be an integer in 0..65535 (0 = any free port), got 70000" in err
     # no --models: the built-in model is trained (here 2 steps) into runs/demo-default, then used
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(panels, "DEFAULT_STEPS", 2)
+    monkeypatch.setattr(discovery, "DEFAULT_STEPS", 2)
     code, text, _ = run("demo", "--static", "default.html", "--quiet")
     assert code == 0 and (tmp_path / "runs" / "demo-default" / "model.safetensors").is_file()
     assert set(page_figures((tmp_path / "default.html").read_text())) == {"demo-default"}

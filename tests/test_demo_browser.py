@@ -20,7 +20,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from poslens.demos.app import make_app
-from poslens.demos.panels import ModelStore, default_model, discover_models
+from poslens.demos.discovery import default_model, discover_models
+from poslens.demos.panels import ModelStore
 from poslens.demos.static import write_static_page
 
 pytestmark = pytest.mark.browser

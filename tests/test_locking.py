@@ -178,9 +178,8 @@ def test_a_planted_lock_that_is_not_a_regular_file_is_refused_and_its_target_unt
     for plant in (lambda path: os.mkfifo(path), lambda path: path.mkdir()):
         (run / LOCK_FILE).unlink() if (run / LOCK_FILE).is_symlink() else None
         plant(run / LOCK_FILE)
-        with pytest.raises(ValueError, match="is not a regular file"):
-            with locked_directory(run):
-                pass
+        with pytest.raises(ValueError, match="is not a regular file"), locked_directory(run):
+            pass
         (run / LOCK_FILE).rmdir() if (run / LOCK_FILE).is_dir() else (run / LOCK_FILE).unlink()
         (run / LOCK_FILE).symlink_to(victim)
 

@@ -122,7 +122,7 @@ def test_with_positions_applies_to_every_forward_pass(tiny, tokens, addition):
     _, cache = model.run_with_cache(tokens, position_ids=edit.position_ids)
     assert torch.allclose(capture["blocks.1.hook_resid_post"], cache["blocks.1.hook_resid_post"], atol=1e-6)
     manual = tokens[:, : addition.prompt_len]
-    for step in range(3):
+    for _step in range(3):
         manual = torch.cat([manual, model(manual, position_ids=edit.position_ids[: manual.shape[1]])[:, -1:].argmax(
             -1)], dim=1)
     assert torch.equal(answer, manual[:, addition.prompt_len:])

@@ -240,7 +240,7 @@ def test_latex_through_styler_is_the_hand_rendered_booktabs_table(names, cells, 
     name (left), a float column (right, 4 significant digits, empty for NaN), every special character
     escaped once; the expected text is built here line by line."""
     rows = min(len(cells), len(numbers))
-    frame = pd.DataFrame({**{name: cells[:rows] for name in names}, "value ±": numbers[:rows]})
+    frame = pd.DataFrame({**dict.fromkeys(names, cells[:rows]), "value ±": numbers[:rows]})
 
     def escaped(text: str) -> str:
         return "".join(LATEX_SPECIALS.get(character, character) for character in text)

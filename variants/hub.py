@@ -98,11 +98,10 @@ def load_any(spec: Any, *, tokenizer: Any = None, device: str | None = None, dty
                          "itself")
     if n_devices is not None and (isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1):
         raise ValueError(f"n_devices must be an integer >= 1, got {n_devices}")
-    if isinstance(spec, TransformerLensModel) or _is_hf_model(spec):
-        if dtype is not None or hub_only:
-            given = ", ".join(f"{name}=" for name in ["dtype"] * (dtype is not None) + list(hub_only))
-            raise ValueError(f"{given} applies to a model loaded from a folder or the hub; place and cast a model "
-                             "object yourself (transformers: from_pretrained(..., device_map=...))")
+    if (isinstance(spec, TransformerLensModel) or _is_hf_model(spec)) and (dtype is not None or hub_only):
+        given = ", ".join(f"{name}=" for name in ["dtype"] * (dtype is not None) + list(hub_only))
+        raise ValueError(f"{given} applies to a model loaded from a folder or the hub; place and cast a model "
+                         "object yourself (transformers: from_pretrained(..., device_map=...))")
     if isinstance(spec, TransformerLensModel):
         if tokenizer is not None or device is not None:
             raise ValueError("a TransformerLens model object is used as it is: do not pass tokenizer= or device=")
