@@ -27,13 +27,14 @@ STATE = {"prompt": PROMPT, "corrupted": CORRUPTED}
 
 def slow_down(model, rows: list[int]) -> None:
     """Make every forward pass of `model` (and of its deep copies) sleep `ROW_S` per sequence of its batch,
-    counting the sequences in `rows`."""
+    counting the sequences in `rows`. The final LayerNorm is where every pass ends, also the batched
+    patching engine's, which starts each cell's pass at its own layer."""
 
     def cost(_module, inputs):
         rows.append(inputs[0].shape[0])
         time.sleep(ROW_S * inputs[0].shape[0])
 
-    model.hook_dict["blocks.0.hook_resid_pre"].register_forward_pre_hook(cost)
+    model.hook_dict["ln_final.hook_normalized"].register_forward_pre_hook(cost)
 
 
 def test_a_cheap_callback_answers_while_a_patching_grid_runs_and_an_abandoned_grid_is_cancelled(
