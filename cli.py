@@ -286,8 +286,8 @@ def _demo(args: argparse.Namespace) -> None:
         check_port(args.port)
         check_hosts(args.allow_host)
     if args.model:
-        demo = load_lm_demo(args.model, tokenizer=_tokenizer(args), device=args.device,
-                            dtype=MODEL_DTYPES[args.dtype or "float32"], text=args.text,
+        demo = load_lm_demo(args.model, tokenizer=_tokenizer(args), dtype=MODEL_DTYPES[args.dtype or "float32"],
+                            text=args.text,
                             n_sequences=DEFAULT_SEQUENCES if args.sequences is None else args.sequences,
                             max_len=args.max_len, seed=args.seed, **_load_options(args))
         return serve_language_model(demo, port=args.port, allow_hosts=args.allow_host, quiet=args.quiet)
@@ -488,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_load_options(p)
     p.set_defaults(run=_patch)
 
     p = commands.add_parser("positions", help="task accuracy / next-token loss and position-probe readout when the "
@@ -510,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory: OUT/tables/ and OUT/figures/")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    _add_model_load_options(p)
     p.set_defaults(run=_positions)
 
     p = commands.add_parser("dynamics", help="train with log-spaced snapshots; loss, probes and attention entropy "

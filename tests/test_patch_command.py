@@ -27,7 +27,8 @@ def test_checkpoint_on_its_task_writes_every_format_and_a_heatmap(run, run_cli, 
     assert "exact patching, metric: normalised logit diff" in out
     names = sorted(path.name for path in (tmp_path / "out").iterdir())
     assert names == sorted(["patching.csv", "patching.md", "patching.tex", "patching.json",
-                            "patching.nope-causal.resid_pre.html", "patching.nope-causal.attn_out.html"])
+                            "patching.nope-causal.resid_pre.html", "patching.nope-causal.attn_out.html",
+                            "plotly.min.js"])  # the heatmaps share one copy of plotly.js
     table = read_table(tmp_path / "out" / "patching.csv")
     assert set(table["site"]) == {"resid_pre", "attn_out"} and table["fixed_by_construction"].any()
     expected = activation_patching(load(run), Addition(), positions=(4, 6), n_sequences=8)
