@@ -233,7 +233,16 @@ def _reproduce_measures(tables: dict[str, pd.DataFrame]) -> dict[str, Callable[[
 
 def missed_criterion(training: pd.DataFrame, criterion: float, expected_to_fail: tuple[str, ...] = ()) -> list[str]:
     """One line per run that ended below `criterion` exact match (from `reproduce`'s training
-    table), for the top of a report; runs of `expected_to_fail` variants say so."""
+    table), for the top of a report; runs of `expected_to_fail` variants say so.
+
+    Args:
+        training: rows with variant, seed, exact_match and learned.
+        criterion: the exact-match criterion, for the text.
+        expected_to_fail: variants a claim says cannot learn.
+
+    Returns:
+        One sentence per run below the criterion.
+    """
     missed = training[~training["learned"].astype(bool)].sort_values(["variant", "seed"])
     return [f"{row.variant} seed {row.seed} ended at {row.exact_match:.3f} held-out exact match, below the "
             f"{criterion:g} criterion" + (" (expected: the claim is that it cannot learn)"
@@ -252,7 +261,17 @@ def reproduce_claims(tables: dict[str, pd.DataFrame], *, plan: AnalysisPlan = RE
                      seeds=None) -> pd.DataFrame:
     """One row per claim of `plan` (`CLAIM_TABLE_COLUMNS`) from `reproduce`'s merged tables,
     on every seed or only on `seeds` (e.g. `plan.CONFIRM`, fresh seeds for claims changed
-    after data were seen)."""
+    after data were seen).
+
+    Args:
+        tables: the merged tables (training, invariance, symmetry, probe, correlation, geometry,
+            shift_probe).
+        plan: the analysis plan to execute.
+        seeds: the seeds to test on (default: every seed in the tables).
+
+    Returns:
+        The claims table (`CLAIM_TABLE_COLUMNS`), one row per claim of the plan, in its order.
+    """
     measures = _reproduce_measures(_filter_seeds(tables, seeds))
     return evaluate(plan, [(claim, measures[claim.key], "") for claim in plan.claims])
 
@@ -261,7 +280,15 @@ def rebound_claims(rebound: pd.DataFrame, *, plan: AnalysisPlan = DYNAMICS_PLAN)
     """JoMA's "sparse, then dense" from `poslens dynamics`: per run label and layer, does the
     entropy over the loss-bearing queries dip and then rise, each by more than the
     snapshot-to-snapshot noise (`measures.entropy.entropy_rebound`'s `rebound_excess`), over
-    seeds? Labels `...@constant-lr` are the control: a rebound there is not the cosine decay's."""
+    seeds? Labels `...@constant-lr` are the control: a rebound there is not the cosine decay's.
+
+    Args:
+        rebound: `entropy_rebound`'s table.
+        plan: the dynamics plan.
+
+    Returns:
+        The claims table, one row per (run label, layer).
+    """
     claim = plan.claim("rebound")
     rows = rebound[rebound["measure"] == "nats_loss"]
     jobs = [(claim, lambda group=group: Measured(group.set_index("seed")["rebound_excess"].sort_index()),
@@ -272,7 +299,15 @@ def rebound_claims(rebound: pd.DataFrame, *, plan: AnalysisPlan = DYNAMICS_PLAN)
 def evaluate(plan: AnalysisPlan, jobs: list[tuple[PlannedClaim, Callable[[], Measured | TestResult], str]]
              ) -> pd.DataFrame:
     """Run each job's measure and its planned test, then Holm and the verdicts over the study;
-    `jobs` are (claim, measure, label prefixed to the claim text) in table order."""
+    `jobs` are (claim, measure, label prefixed to the claim text) in table order.
+
+    Args:
+        plan: the plan the claims come from (level, and the seeds every claim needs).
+        jobs: (claim, a callable giving its `Measured` or `TestResult`, label) per row.
+
+    Returns:
+        The claims table (`CLAIM_TABLE_COLUMNS`).
+    """
     results, rows, primary = [], [], []
     family = sum(claim.primary and claim.test != "exact" for claim, _, _ in jobs)
     needed = minimal_seeds(plan, family)

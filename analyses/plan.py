@@ -119,13 +119,28 @@ def _role(claim: PlannedClaim) -> str:
 
 
 def split_seeds(seeds: list[int]) -> tuple[list[int], list[int]]:
-    """The selection half (the first ⌊n/2⌋ seeds, sorted) and the test half (the rest)."""
+    """Split seeds for a choose-then-test claim.
+
+    Args:
+        seeds: the seeds at hand.
+
+    Returns:
+        The selection half (the first ⌊n/2⌋ seeds, sorted) and the test half (the rest).
+    """
     seeds = sorted(seeds)
     return seeds[: len(seeds) // 2], seeds[len(seeds) // 2:]
 
 
 def smallest_p(test: str, n_seeds: int) -> float:
-    """The smallest p a planned test can give with `n_seeds` per variant (NaN for an exact check)."""
+    """The smallest p a planned test can give.
+
+    Args:
+        test: one of `TESTS`.
+        n_seeds: seeds per variant.
+
+    Returns:
+        The smallest p (0 for a t-test with at least 2 values, NaN for an exact check).
+    """
     if test == "exact":
         return math.nan
     if test == "fisher":
@@ -138,7 +153,16 @@ def smallest_p(test: str, n_seeds: int) -> float:
 def decidability(plan: AnalysisPlan, n_seeds: int, family_size: int | None = None) -> pd.DataFrame:
     """Per primary claim: the smallest p its test can give at `n_seeds` per variant, Holm's
     worst-case threshold alpha / m (m = `family_size`, default the plan's primary claims) and
-    whether the first is below the second (`decidable`)."""
+    whether the first is below the second (`decidable`).
+
+    Args:
+        plan: the analysis plan.
+        n_seeds: seeds per variant.
+        family_size: m, when the study expands a claim into several rows (dynamics).
+
+    Returns:
+        One row per primary claim: key, test, smallest_p, threshold, decidable.
+    """
     if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
         raise ValueError(f"n_seeds must be an integer >= 1, got {n_seeds}")
     m = family_size or len(plan.primary)
@@ -149,7 +173,16 @@ def decidability(plan: AnalysisPlan, n_seeds: int, family_size: int | None = Non
 
 
 def minimal_seeds(plan: AnalysisPlan, family_size: int | None = None, limit: int = 100) -> int:
-    """The fewest seeds per variant at which every primary claim of `plan` is decidable."""
+    """The fewest seeds per variant at which every primary claim of `plan` is decidable.
+
+    Args:
+        plan: the analysis plan.
+        family_size: m, as in `decidability`.
+        limit: the most seeds searched.
+
+    Returns:
+        The seed count.
+    """
     return next(n for n in range(1, limit) if decidability(plan, n, family_size)["decidable"].all())
 
 

@@ -71,7 +71,16 @@ class TestResult:
 
 
 def finite_values(values: Sequence[float], name: str, minimum: int = 2) -> np.ndarray:
-    """`values` as a float array, or one readable line saying why they cannot be tested."""
+    """`values` as a float array, or one readable line saying why they cannot be tested.
+
+    Args:
+        values: one number per seed.
+        name: what they are, for the message.
+        minimum: the fewest values the test needs.
+
+    Returns:
+        The values as a 1-D float array.
+    """
     array = np.asarray(values, dtype=float).ravel()
     if len(array) < minimum:
         raise ValueError(f"{name}: {len(array)} value(s), the test needs at least {minimum} (one per seed)")
@@ -86,7 +95,15 @@ def _check_direction(direction: int) -> None:
 
 
 def t_interval(values: Sequence[float], confidence: float = 1 - ALPHA) -> tuple[float, float]:
-    """Two-sided studentised (t) interval for the mean of `values`."""
+    """Two-sided studentised (t) interval for the mean of `values`.
+
+    Args:
+        values: one number per seed (at least 2).
+        confidence: the interval's level.
+
+    Returns:
+        (low, high).
+    """
     x = finite_values(values, "values")
     half = stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
     return float(x.mean() - half), float(x.mean() + half)
@@ -105,7 +122,18 @@ def t_test(values: Sequence[float], direction: int, *, margin: float = 0.0, stat
     H1: direction · mean < `margin` (the effect in the claimed direction is smaller than the
     margin). `direction` 0 (a claim of no effect): `p` is `tost` within ±`margin`, `p_against`
     the two-sided t-test of any difference. Values with no spread get NaN p's (a t-test cannot
-    judge identical values)."""
+    judge identical values).
+
+    Args:
+        values: the per-seed statistic (at least 2 finite values).
+        direction: +1, −1 (the claimed side) or 0 (a claim of no effect).
+        margin: m, what "no effect" means (>= 0; > 0 for direction 0).
+        statistic: its name, for the table.
+        test: the test's name, for the table.
+
+    Returns:
+        A `TestResult` with `p`, `p_against`, the 95% t interval and the seed-to-seed sd.
+    """
     _check_direction(direction)
     if margin < 0 or (direction == 0 and margin <= 0):
         raise ValueError(f"margin must be >= 0 (> 0 for a claim of no effect), got {margin}")
@@ -125,8 +153,18 @@ def t_test(values: Sequence[float], direction: int, *, margin: float = 0.0, stat
 
 
 def paired(a: pd.Series, b: pd.Series, direction: int, *, margin: float = 0.0, statistic: str = "a − b") -> TestResult:
-    """`t_test` of the per-seed differences a − b of two arms trained with the same seeds
-    (`a` and `b` indexed by seed; only the seeds in both count)."""
+    """`t_test` of the per-seed differences a − b of two arms trained with the same seeds.
+
+    Args:
+        a: arm a's values, indexed by seed.
+        b: arm b's values, indexed by seed (only seeds in both count).
+        direction: the claimed side of a − b (+1, −1; 0 for no effect).
+        margin: m, as in `t_test`.
+        statistic: its name, for the table.
+
+    Returns:
+        The `TestResult`, its test named with the unpaired test's floor.
+    """
     difference = paired_differences(a, b)
     return t_test(difference.to_numpy(), direction, margin=margin, statistic=statistic,
                   test=paired_test_name(len(difference)))
@@ -147,7 +185,16 @@ def paired_test_name(n: int) -> str:
 
 
 def tost(values: Sequence[float], low: float, high: float) -> float:
-    """Two one-sided t-tests: p of H1: low < mean < high (the larger of the two one-sided p's)."""
+    """Two one-sided t-tests (TOST) of equivalence.
+
+    Args:
+        values: one number per seed.
+        low: the lower equivalence bound.
+        high: the upper equivalence bound (> low).
+
+    Returns:
+        The p of H1: low < mean < high, the larger of the two one-sided p's.
+    """
     if not low < high:
         raise ValueError(f"an equivalence interval needs low < high, got [{low}, {high}]")
     x = finite_values(values, "values")
@@ -157,7 +204,14 @@ def tost(values: Sequence[float], low: float, high: float) -> float:
 def holm(p_values: Sequence[float]) -> np.ndarray:
     """Holm's step-down adjusted p-values (NaN entries, tests not run, are left out of the
     family and stay NaN): the k-th smallest of m is multiplied by m − k + 1, then made
-    monotone and capped at 1."""
+    monotone and capped at 1.
+
+    Args:
+        p_values: raw p-values of one family (NaN: not tested).
+
+    Returns:
+        The adjusted p-values, in the same order.
+    """
     p = np.asarray(p_values, dtype=float)
     adjusted = np.full_like(p, np.nan)
     present = np.flatnonzero(~np.isnan(p))
@@ -173,7 +227,18 @@ def seeds_for_power(effect: float, sd: float, alpha: float, power: float = POWER
     """Seeds a one-sided one-sample (or paired) t-test at level `alpha` needs to reject with
     probability `power` when the true mean is `effect` (> 0 on the claimed side) and the
     seed-to-seed sd is `sd`; NaN when the effect is not on the claimed side or has no spread
-    to judge, `limit` if even that many would not do."""
+    to judge, `limit` if even that many would not do.
+
+    Args:
+        effect: the mean on the claimed side (direction × observed mean).
+        sd: the seed-to-seed standard deviation.
+        alpha: the one-sided level (Holm's worst case: alpha / m).
+        power: the wanted power.
+        limit: the most seeds searched.
+
+    Returns:
+        The seeds, as a float (NaN when undefined).
+    """
     if not (effect > 0 and sd > 0 and math.isfinite(effect) and math.isfinite(sd)):
         return math.nan
     for n in range(2, limit):
@@ -218,7 +283,16 @@ def verdicts(results: Sequence[TestResult | None], primary: Sequence[bool],
              alpha: float = ALPHA) -> tuple[list[str], np.ndarray, np.ndarray]:
     """The verdict of every claim of one study by `RULE`, with Holm's adjusted p of the claimed
     side and of the test against it (NaN outside the family). `results[i]` None: the claim
-    could not be tested (inconclusive); `primary[i]` False: a secondary row (`SECONDARY`)."""
+    could not be tested (inconclusive); `primary[i]` False: a secondary row (`SECONDARY`).
+
+    Args:
+        results: one test result (or None) per claim of the study.
+        primary: whether each claim is in the Holm family.
+        alpha: the family-wise level.
+
+    Returns:
+        (verdicts, Holm-adjusted p of the claimed side, Holm-adjusted p against the claim).
+    """
     in_family = [bool(keep) and result is not None and result.holds is None
                  for result, keep in zip(results, primary)]
     p = [result.p if keep else math.nan for result, keep in zip(results, in_family)]

@@ -4,7 +4,7 @@
     python benchmarks/kill_points.py reproduce    # every point of `poslens reproduce --preset tiny` (hours)
     python benchmarks/kill_points.py dynamics     # every point of a tiny `poslens dynamics` (minutes)
     python benchmarks/kill_points.py induction    # every point of a tiny `poslens induction` (minutes)
-        [--every K] [--export] [--workdir DIR] [--extra-args ...]
+        [--every K] [--export] [--workdir DIR] [STUDY OPTIONS, e.g. --executor local --workers 1]
 
 `variants.storage` counts the durable write points of a process (a complete temporary file
 before its rename; a rename) and SIGKILLs the process at the N-th when `POSLENS_KILL_AT=N`.
@@ -28,7 +28,7 @@ writes only the export, exactly as the uninterrupted job does after its last uni
 
 Children are forked from this process, so a job's imports are paid once; torch runs one
 thread, as in the test suite. Points are counted per process: a job that spreads its writes
-over worker processes must be run with one (pass `--extra-args`). `tests/test_crash_consistency.py`
+over worker processes is killed at the driver's points only (its export, with `--executor local`). `tests/test_crash_consistency.py`
 runs the training sweep in full, every export point of dynamics and induction, and a stated
 selection of the reproduce points; `benchmarks/results/kill-points.md` records the full sweeps.
 """
@@ -275,8 +275,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("runs/kill-points"))
     parser.add_argument("--every", type=int, default=1, help="try every K-th point (default: all)")
     parser.add_argument("--export", action="store_true", help="a study's export points only, from its finished runs")
-    parser.add_argument("--extra-args", nargs="*", default=[], help="more arguments of the study's command")
-    args = parser.parse_args(argv)
+    parser.add_argument("--extra-args", nargs="*", default=[], help="more arguments of the study's command (any "
+                        "option this script does not know goes there too, e.g. --executor local --workers 1)")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.job == "train":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.extra_args = [*args.extra_args, *unknown]
     if args.export and args.job == "train":
         parser.error("--export is for a study (reproduce, dynamics, induction), not train")
     torch.set_num_threads(1)

@@ -131,7 +131,14 @@ def bag_of_prefix_features(token_ids: Int[ArrayLike, "sequence position"]) -> Fl
     function of the prefix's *proportions* of token types (scaling every count leaves it
     unchanged), not of the raw counts, whose sum would be the position itself. Proportions
     still reveal position wherever a type of known count sits in the prefix (the `+` of
-    `ddd+ddd=` is 1/(t + 1) of it), which is exactly what such a layer could read."""
+    `ddd+ddd=` is 1/(t + 1) of it), which is exactly what such a layer could read.
+
+    Args:
+        token_ids: `[sequence, position]` token ids.
+
+    Returns:
+        `[sequence, position, 2 × types]`: the one-hot token, then the prefix shares.
+    """
     token_ids = _integers(token_ids, "token_ids")
     if token_ids.ndim != 2 or token_ids.numel() == 0:
         raise ValueError(f"token_ids must be a non-empty [sequence, position] array, got shape {tuple(token_ids.shape)}")
@@ -146,7 +153,18 @@ def bag_of_prefix_predictions(token_ids: Int[ArrayLike, "sequence position"],
                               test_idx: Int[ArrayLike, " n_test"], *, C: float = 1.0) -> Int[Tensor, " n_test_tokens"]:
     """The label a `PositionProbe` fed only `bag_of_prefix_features` predicts for every test
     token (sequences split by `train_idx`/`test_idx`, flattened sequence-major): the bar a
-    representation must beat to carry position beyond content."""
+    representation must beat to carry position beyond content.
+
+    Args:
+        token_ids: `[sequence, position]` token ids.
+        labels: `[sequence, position]` integer labels (e.g. positions).
+        train_idx: the training sequences.
+        test_idx: the test sequences.
+        C: inverse L2 strength of the probe.
+
+    Returns:
+        The predicted label of every test token.
+    """
     features, labels = bag_of_prefix_features(token_ids), _integers(labels, "labels")
     if labels.shape != features.shape[:2]:
         raise ValueError(f"token_ids {tuple(features.shape[:2])} and labels {tuple(labels.shape)} differ in shape")

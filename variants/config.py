@@ -142,7 +142,14 @@ class VariantConfig(TransformerLensConfig):
 
 def shown(value: Any) -> str:
     """`value` as an error message shows it to a person: text quoted (so '3' and 3 differ), any
-    other value by its `str` (a numpy scalar as 3.0, not as its repr)."""
+    other value by its `str` (a numpy scalar as 3.0, not as its repr).
+
+    Args:
+        value: the value a message names.
+
+    Returns:
+        Its text for a person.
+    """
     return repr(value) if isinstance(value, str) else str(value)
 
 

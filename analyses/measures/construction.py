@@ -106,7 +106,15 @@ def swap_is_token_swap(cfg: VariantConfig, site: str) -> bool:
     """Whether exchanging two positions' vectors at `site` is exactly running the prompt with
     those two tokens exchanged: at the stream entering block 0 when no positional embedding is
     added to it (NoPE, or rotary, which adds position inside attention only). The answer then
-    follows the swap by construction, whatever the weights."""
+    follows the swap by construction, whatever the weights.
+
+    Args:
+        cfg: the model's config.
+        site: a residual hook name (`embed` or `blocks.L.hook_<kind>`).
+
+    Returns:
+        Whether the swap there is a token swap.
+    """
     kind, layer = parse_site(site)
     return kind == "resid_pre" and layer == 0 and cfg.positional_embedding_type in ("none", "rotary")
 

@@ -225,7 +225,14 @@ def dip_and_rise(values) -> dict[str, float]:
     min(dip, rise) − noise: > 0 when entropy fell and rose again, each by more than the noise.
     For a flat curve its expectation is below 0 (the smaller of two zero-mean differences,
     minus the noise); for a curve that only falls, `rise` <= 0 up to noise. NaN with fewer
-    than 4 snapshots."""
+    than 4 snapshots.
+
+    Args:
+        values: one curve's values in step order.
+
+    Returns:
+        dip, rise, noise and rebound_excess.
+    """
     values = np.asarray(values, dtype=float)
     if len(values) < 4:
         return dict.fromkeys(("dip", "rise", "noise", "rebound_excess"), math.nan)
