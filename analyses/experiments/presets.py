@@ -54,7 +54,8 @@ PRESETS = {
 DEFAULT_PRESET = "standard"
 """What `poslens reproduce` runs with no options."""
 DEFAULT_SEEDS = PRESETS[DEFAULT_PRESET].seeds
-"""Seeds per variant of the default main job."""
+"""Seeds per variant of the default `poslens reproduce`: every primary claim of `analyses.plan.REPRODUCE_PLAN`
+is decidable there under Holm's correction (`tests/test_plan.py`)."""
 
 REPRODUCE_VARIANTS = ("nope-causal", "nope-causal+cut0", "nope-causal+cut0,1", "learned-causal", "nope-bidirectional")
 
@@ -91,6 +92,3 @@ SHIFTED = "@shifted"
 """The suffix of a variant's name in the tables when it was trained and measured on the shifted format."""
 LEARNED_CRITERION = 0.99
 """Held-out exact match at the end of training at or above which a run counts as having learned the task."""
-DEFAULT_SEEDS = 5
-"""Seeds per variant of the default `poslens reproduce`: every primary claim of `analyses.plan.REPRODUCE_PLAN`
-is decidable there under Holm's correction (`tests/test_plan.py`)."""
