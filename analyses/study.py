@@ -36,6 +36,7 @@ from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
+import torch
 from torch import Tensor
 
 from poslens.analyses.figures import write_figure
@@ -118,7 +119,7 @@ def run_study(out_dir: str | Path, study: Study, *, quiet: bool = False, **sweep
         directory = out_dir / "tables"
         merged = _commit(tables, directory, study.formats)
         if tensors:
-            save_tensors(directory / TENSORS, tensors)
+            _commit_tensors(tensors, directory / TENSORS)
         grouped = split_tensors(load_tensors(directory / TENSORS)) if tensors else {}
         committed = Committed({**merged, **_commit(study.derive(merged), directory, study.formats)},
                               {unit.name: grouped[unit.name] for unit in study.units if unit.name in grouped})
@@ -173,6 +174,20 @@ def _commit(tables: dict[str, pd.DataFrame], directory: Path, formats: tuple[str
     for name, table in tables.items():
         export_tables(table, directory, name, formats=formats, overwrite=True)
     return {name: read_table(directory / f"{name}.json") for name in tables}
+
+
+def _commit_tensors(tensors: dict[str, Tensor], path: Path) -> None:
+    """Save `tensors` at `path` unless it already holds exactly them (a rerun then leaves the file
+    alone, so its timestamp still says when the runs' measures last changed)."""
+    if path.is_file():
+        try:
+            old = load_tensors(path)
+        except ValueError:  # not a readable safetensors file: replaced below
+            old = {}
+        if list(old) == sorted(tensors) and all(old[name].dtype == tensor.dtype and old[name].shape == tensor.shape
+                                                and torch.equal(old[name], tensor) for name, tensor in tensors.items()):
+            return
+    save_tensors(path, tensors)
 
 
 def check_runs(variants: Sequence[str], seeds: Sequence[int]) -> tuple[list[str], list[int]]:

@@ -57,8 +57,10 @@ def test_a_study_commits_merged_tables_and_draws_from_what_it_committed(tmp_path
     assert "Rows" in (out / "report.html").read_text() and not (out / ".poslens.lock").exists()
 
     before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path.suffix != ".html"}
+    stamp = (out / "tables" / TENSORS).stat().st_mtime_ns
     run_study(out, toy_study(seen), executor="serial", quiet=True)  # the output rule: a rerun rewrites the same
     assert {path: path.read_bytes() for path in before} == before
+    assert (out / "tables" / TENSORS).stat().st_mtime_ns == stamp  # unchanged tensors are not rewritten
 
 
 def test_merge_order_does_not_depend_on_how_a_unit_ordered_its_results():
