@@ -231,7 +231,9 @@ def write_dynamics(out_dir: str | Path, *, variants: Sequence[str], task: str, s
         task: `addition` or `markov`.
         seeds: training seeds, distinct.
         checkpoints: log-spaced snapshots besides step 0.
-        steps, n_layers, d_model: override the task's default sizes (None: the default).
+        steps: optimiser steps (None: the task's default).
+        n_layers: blocks (None: the task's default).
+        d_model: width (None: the task's default).
         n_sequences: held-out sequences measured (None: `DYNAMICS_SEQUENCES[task]`).
         constant_lr_control: also train every run under a constant learning rate.
         device: where units run.
