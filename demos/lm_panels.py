@@ -121,6 +121,7 @@ def load_lm_demo(spec: Any, *, tokenizer: Any = None, device: str | None = None,
         n_sequences: sequences the probe is fitted on.
         max_len: tokens per sequence.
         seed: draws the random tokens.
+        **load_options: further `variants.load_any` options (`device_map`, `trust_remote_code`, ...).
 
     Returns:
         The `LMDemoModel`.

@@ -60,7 +60,14 @@ EMBED_HOOK = "hook_embed"
 
 
 def patchable_sites(model: TransformerLensModel) -> list[str]:
-    """The `PATCH_SITES` whose hook every block of `model` has (GPT-NeoX's parallel residual has no `resid_mid`)."""
+    """The `PATCH_SITES` whose hook every block of `model` has (GPT-NeoX's parallel residual has no `resid_mid`).
+
+    Args:
+        model: any TransformerLens model (ours or a bridge).
+
+    Returns:
+        The site names, in `PATCH_SITES` order.
+    """
     return [site for site in PATCH_SITES
             if all(get_act_name(site, layer) in model.hook_dict for layer in range(model.cfg.n_layers))]
 

@@ -55,7 +55,14 @@ class PositionEdit:
 
 
 def unchanged(n_pos: int) -> PositionEdit:
-    """The identity: ids 0..n_pos-1 (the baseline every edit is compared with)."""
+    """The identity: ids 0..n_pos-1 (the baseline every edit is compared with).
+
+    Args:
+        n_pos: the sequence length.
+
+    Returns:
+        The `PositionEdit` named `none`.
+    """
     return PositionEdit("none", "none", torch.arange(_length(n_pos)))
 
 
