@@ -25,7 +25,8 @@ import kill_points  # noqa: E402
 pytestmark = pytest.mark.slow  # every test kills and resumes real runs
 
 REPRODUCE_POINTS = {  # why each point, and the label of the first write point it names
-    "the very first write: a temporary run.json, no run.json yet": r"write .*/runs/nope-causal-seed0/run\.json",
+    "the very first write: a temporary run.json, no run.json yet (the costliest units, the shifted format's, "
+    "start first)": r"write .*/runs/nope-causal@shifted-seed0/run\.json",
     "a run's final state committed, its model files not yet written": r"rename .*/runs/nope-causal\+cut0-seed0/"
                                                                       r"train_state\.safetensors",
     "a table's .csv written, its .md, .tex and .json not yet": r"rename .*/tables/probe\.csv",
