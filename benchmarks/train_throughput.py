@@ -229,8 +229,9 @@ class Trainer:
         self.model = model.train()
         self.optimizer = make_optimizer(model, settings)
         if before:  # the per-tensor AdamW loop poslens used
-            self.optimizer = torch.optim.AdamW(self.optimizer.param_groups, lr=settings.lr, betas=settings.betas,
-                                               foreach=False)
+            groups = [{"params": group["params"], "weight_decay": group["weight_decay"]}  # not the fused flag
+                      for group in self.optimizer.param_groups]
+            self.optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, foreach=False)
         self.forward = model
         self.settings, self.prompt_len, self.device = settings, prompt_len, device
         self.step_index = 0
