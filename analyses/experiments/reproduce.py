@@ -54,6 +54,7 @@ from poslens.analyses.measures.positions import position_interventions
 from poslens.analyses.measures.probe_sweep import sweep_probes
 from poslens.analyses.measures.shift import shift_probe
 from poslens.analyses.measures.symmetry import symmetry_twins
+from poslens.analyses.measures.use import amnesic_probing, subspace_swap
 from poslens.analyses.plan import REPRODUCE_PLAN
 from poslens.analyses.report import Section
 from poslens.analyses.runs import cached_results
@@ -66,11 +67,11 @@ from poslens.tasks import Addition
 from poslens.variants import HookedTransformer, TrainResult, build, load, preset, train
 from poslens.variants.config import check_integer
 
-ANALYSIS_VERSION = 3
+ANALYSIS_VERSION = 4
 """Bumped whenever a per-run measure changes, so runs measured before are measured again."""
 RUN_TABLES = ("training", "curves", "invariance", "probe", "probe_by_position", "correlation", "geometry",
               "variance", "cosine", "residual_cuts", "activation_patching", "position_swap", "swap_readout",
-              "symmetry", "shift_probe", "position_task", "position_readout")
+              "symmetry", "shift_probe", "position_task", "position_readout", "amnesic", "subspace_swap")
 
 
 def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = DEFAULT_PRESET, seeds: int | None = None,
@@ -173,6 +174,8 @@ def measure_trained(result: TrainResult, label: str, seed: int, settings: Reprod
         "position_swap": position_swap(model, task, n_sequences=settings.n_patch_sequences * 2, seed=seed),
         "swap_readout": swap_readout(model, task, n_sequences=settings.n_probe_sequences, seed=seed),
         **position_interventions(model, task, n_sequences=settings.n_probe_sequences, seed=seed),
+        "amnesic": amnesic_probing(model, task, n_sequences=min(settings.n_probe_sequences, 256), seed=seed),
+        "subspace_swap": subspace_swap(model, task, n_sequences=min(settings.n_patch_sequences, 128), seed=seed),
     }
     return found | {name: table.assign(**labels) for name, table in tables.items()}
 
@@ -243,6 +246,9 @@ HOWTO = {
     "positions told": "the tokens stay where they are, only the position ids the encoding reads change (shifted by "
                       "k, two swapped, one repeated): exact match, answers unchanged, answers that follow the told "
                       "order; a probe fitted on unedited runs reads the told or the real position (docs/positions.md).",
+    "use": "amnesic: Δ answer log-probability and KL from the intact answers when the position probe's subspace "
+           "(or a random one of the same rank: placebo) is removed at a site, trained and untrained weights; "
+           "subspace swap: how often the answer follows when only the probe subspace of two digits trades places.",
 }
 
 
@@ -331,4 +337,9 @@ def _sections(committed: Committed, figures: dict[str, go.Figure]) -> list[Secti
                 table=mean_sd_text(tables["position_task"], ["variant", "edit", "fixed_by_construction"],
                                    ["exact_match", "keeps_answer", "follows_told"]),
                 details={"position-id readout, every run": tables["position_readout"]}),
+        Section("Evidence of use: removing and swapping the position subspace", howto=HOWTO["use"],
+                table=mean_sd_text(tables["amnesic"][tables["amnesic"]["condition"] != "intact"],
+                                   ["variant", "weights", "site", "condition"], ["delta_answer_logprob", "answer_kl"]),
+                details={"amnesic probing, every run": tables["amnesic"],
+                         "probe-subspace swap, every run": tables["subspace_swap"]}),
     ]
