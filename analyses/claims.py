@@ -363,7 +363,7 @@ def _test(claim: PlannedClaim, measure: Callable[[], Measured | TestResult], nee
                         test=measured.test)
         if not result.sd > 0:
             notes.append("every seed gives the same value: a t-test cannot judge identical values")
-    row = {"statistic": result.statistic if result.holds is None else f"{claim.statistic}: {result.statistic}",
+    row = {"statistic": result.statistic if result.holds is None else claim.statistic,
            "value": result.value, "n": _count(result.n, "run" if result.holds is not None else "seed"),
            "test": result.test, "p": result.p, "p_against": result.p_against, "ci_low": result.ci_low,
            "ci_high": result.ci_high, "seeds_for_80pct_power": math.nan, "note": "; ".join(notes)}
