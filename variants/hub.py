@@ -112,7 +112,7 @@ def load_any(spec: Any, *, tokenizer: Any = None, device: str | None = None, dty
         raise ValueError(f"cannot load a model from a {type(spec).__name__}; allowed: a poslens run directory, a "
                          "Hugging Face hub id or save_pretrained folder, a transformers.PreTrainedModel, or a "
                          "TransformerLens model")
-    options = {"device": device, "dtype": dtype, "device_map": device_map, "n_devices": n_devices,
+    options: dict[str, Any] = {"device": device, "dtype": dtype, "device_map": device_map, "n_devices": n_devices,
                "trust_remote_code": trust_remote_code}
     path = Path(spec).expanduser()
     if path.is_dir():
