@@ -333,7 +333,8 @@ def preset(name: str, *, task: Any = None, **overrides: Any) -> VariantConfig:
         if not block.isdigit():
             raise ValueError(f"bad residual cut {item!r} in variant {name!r}; expected 'L' or 'L:attn' / 'L:mlp'")
         cuts[int(block)] = sublayer or "both"
-    fields: dict[str, Any] = {"positional_embedding_type": positional, "attention_dir": direction, "residual_cuts": cuts}
+    fields: dict[str, Any] = {"positional_embedding_type": positional, "attention_dir": direction,
+                              "residual_cuts": cuts}
     clash = sorted(set(fields) & set(overrides))
     if clash:
         raise ValueError(f"{clash} are set by the variant name {name!r}; do not override them")

@@ -115,7 +115,7 @@ def load_any(spec: Any, *, tokenizer: Any = None, device: str | None = None, dty
                          "Hugging Face hub id or save_pretrained folder, a transformers.PreTrainedModel, or a "
                          "TransformerLens model")
     options: dict[str, Any] = {"device": device, "dtype": dtype, "device_map": device_map, "n_devices": n_devices,
-               "trust_remote_code": trust_remote_code}
+                               "trust_remote_code": trust_remote_code}
     path = Path(spec).expanduser()
     if path.is_dir():
         return _load_folder(path, tokenizer, allow_pickle=allow_pickle, **options)
