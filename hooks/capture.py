@@ -13,15 +13,15 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens.model_protocol import TransformerLensModel
 
+from poslens.variants.protocol import HookedModel
 from poslens.variants.tokens import check_token_batch
 
 EMBED = "embed"
 BATCH_TOKENS = 8192  # tokens per forward pass when no batch size is given
 
 
-def residual_sites(model: TransformerLensModel) -> list[str]:
+def residual_sites(model: HookedModel) -> list[str]:
     """All residual-stream sites the model has, in order: `embed` (the stream entering block 0),
     then each block's `resid_mid` (where it exists) and `resid_post`, as TransformerLens hook names.
 
@@ -40,7 +40,7 @@ def residual_sites(model: TransformerLensModel) -> list[str]:
                       (f"blocks.{block}.hook_resid_mid", f"blocks.{block}.hook_resid_post") if site in hooks]
 
 
-def missing_resid_mid(model: TransformerLensModel) -> list[int]:
+def missing_resid_mid(model: HookedModel) -> list[int]:
     """The blocks without a `hook_resid_mid` (parallel attention and MLP).
 
     Args:
@@ -80,7 +80,7 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def capture_residuals(model: TransformerLensModel, tokens: Int[Tensor, "example pos"], sites: list[str] | None = None,
+def capture_residuals(model: HookedModel, tokens: Int[Tensor, "example pos"], sites: list[str] | None = None,
                       batch_size: int | None = None, *, dtype: torch.dtype | None = None, quiet: bool = True) -> Capture:
     """The residual stream at `sites` (default: all of `residual_sites`) for every example.
 
@@ -143,7 +143,7 @@ def capture_residuals(model: TransformerLensModel, tokens: Int[Tensor, "example 
 
 
 @torch.no_grad()
-def capture_patterns(model: TransformerLensModel, tokens: Int[Tensor, "batch pos"]
+def capture_patterns(model: HookedModel, tokens: Int[Tensor, "batch pos"]
                      ) -> tuple[Float[Tensor, "batch pos d_vocab"], Float[Tensor, "layer batch head query key"]]:
     """Logits and every layer's attention pattern (`blocks.{l}.attn.hook_pattern`), caching nothing else.
 

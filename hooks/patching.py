@@ -41,11 +41,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens.model_protocol import TransformerLensModel
 from transformer_lens.tools.analysis.attribution_patching import cache_activation_and_gradient
 from transformer_lens.utilities import get_act_name
 
 from poslens.variants.model import HookedTransformer
+from poslens.variants.protocol import HookedModel
 
 Metric = Callable[[Float[Tensor, "batch pos vocab"]], Tensor]
 
@@ -59,7 +59,7 @@ READOUT_HOOKS = ("unembed.hook_in", "ln_final.hook_normalized")
 EMBED_HOOK = "hook_embed"
 
 
-def patchable_sites(model: TransformerLensModel) -> list[str]:
+def patchable_sites(model: HookedModel) -> list[str]:
     """The `PATCH_SITES` whose hook every block of `model` has (GPT-NeoX's parallel residual has no `resid_mid`).
 
     Args:
@@ -72,7 +72,7 @@ def patchable_sites(model: TransformerLensModel) -> list[str]:
             if all(get_act_name(site, layer) in model.hook_dict for layer in range(model.cfg.n_layers))]
 
 
-def check_sites(model: TransformerLensModel, sites: Sequence[str]) -> list[str]:
+def check_sites(model: HookedModel, sites: Sequence[str]) -> list[str]:
     """`sites` as a list if `model` can patch each of them, else a one-line `ValueError` naming the allowed ones.
 
     Args:
@@ -94,12 +94,12 @@ def check_sites(model: TransformerLensModel, sites: Sequence[str]) -> list[str]:
     return list(sites)
 
 
-def grid_shape(model: TransformerLensModel, site: str, n_pos: int) -> tuple[int, int]:
+def grid_shape(model: HookedModel, site: str, n_pos: int) -> tuple[int, int]:
     """`(n_layers, n_pos)` for a position site, `(n_layers, n_heads)` for `z`."""
     return model.cfg.n_layers, (model.cfg.n_heads if site in HEAD_SITES else n_pos)
 
 
-def chunk_cells(model: TransformerLensModel, n_prompts: int, n_pos: int, *, last_position_only: bool = False,
+def chunk_cells(model: HookedModel, n_prompts: int, n_pos: int, *, last_position_only: bool = False,
                 memory_mb: float = DEFAULT_MEMORY_MB) -> int:
     """How many cells one pass carries so that its estimated working memory stays within `memory_mb`.
 
@@ -125,14 +125,15 @@ def chunk_cells(model: TransformerLensModel, n_prompts: int, n_pos: int, *, last
     return max(1, int(memory_mb * 2**20 // (n_prompts * row_bytes)) - 1)
 
 
-def _autocast(model: TransformerLensModel, dtype: torch.dtype | None):
+def _autocast(model: HookedModel, dtype: torch.dtype | None):
     """Autocast to `dtype` on the model's device, or nothing for float32 / None."""
     if dtype in (None, torch.float32):
         return nullcontext()
+    assert model.cfg.device is not None  # TransformerLensConfig.__post_init__ sets it
     return torch.autocast(device_type=torch.device(model.cfg.device).type, dtype=dtype)
 
 
-def _readout_hook(model: TransformerLensModel) -> str:
+def _readout_hook(model: HookedModel) -> str:
     for name in READOUT_HOOKS:
         if name in model.hook_dict:
             return name
@@ -178,7 +179,7 @@ def _chunk_hooks(site: str, cells: list[tuple[int, int]], clean: dict[str, Tenso
 
 
 @torch.no_grad()
-def patch_grids(model: TransformerLensModel, clean_tokens: Int[Tensor, "batch pos"],
+def patch_grids(model: HookedModel, clean_tokens: Int[Tensor, "batch pos"],
                 corrupted_tokens: Int[Tensor, "batch pos"], metric: Metric, sites: Sequence[str] = ("resid_pre",), *,
                 last_position_only: bool = False, memory_mb: float = DEFAULT_MEMORY_MB,
                 dtype: torch.dtype | None = None, quiet: bool = True) -> dict[str, Float[Tensor, "layer index"]]:
@@ -221,7 +222,7 @@ def patch_grids(model: TransformerLensModel, clean_tokens: Int[Tensor, "batch po
     for site in sites:
         shape = grid_shape(model, site, n_pos)
         cells = [(layer, index) for layer in range(shape[0]) for index in range(shape[1])]
-        values = []
+        values: list[float] = []
         with tqdm(total=len(cells), desc=f"patching {site}", disable=quiet) as bar:
             for start in range(0, len(cells), per_pass):
                 chunk = cells[start:start + per_pass]
@@ -238,7 +239,7 @@ def patch_grids(model: TransformerLensModel, clean_tokens: Int[Tensor, "batch po
     return grids
 
 
-def _prompt_groups(model: TransformerLensModel, n_prompts: int) -> list[slice]:
+def _prompt_groups(model: HookedModel, n_prompts: int) -> list[slice]:
     """The prompts one pass carries: all of them on poslens's model, one at a time on any other model (a
     Hugging Face model may build a `[batch, ...]` attention mask up front, which a grown batch does not match
     unless batch is 1)."""
@@ -247,7 +248,7 @@ def _prompt_groups(model: TransformerLensModel, n_prompts: int) -> list[slice]:
     return [slice(prompt, prompt + 1) for prompt in range(n_prompts)]
 
 
-def attribution_grids(model: TransformerLensModel, clean_tokens: Int[Tensor, "batch pos"],
+def attribution_grids(model: HookedModel, clean_tokens: Int[Tensor, "batch pos"],
                       corrupted_tokens: Int[Tensor, "batch pos"], metric: Metric, sites: Sequence[str] = ("resid_pre",)
                       ) -> dict[str, Float[Tensor, "layer index"]]:
     """Attribution patching (the gradient approximation of `patch_grids`): every cell's metric estimated
@@ -295,7 +296,7 @@ def attribution_grids(model: TransformerLensModel, clean_tokens: Int[Tensor, "ba
     return grids
 
 
-def _skip_gradients(model: TransformerLensModel) -> dict[str, str]:
+def _skip_gradients(model: HookedModel) -> dict[str, str]:
     """For each block whose `hook_resid_mid` is its second LayerNorm's input (a bridge's alias to
     `ln2.hook_in`): that hook → the block's `hook_resid_post`.
 

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens.model_protocol import TransformerLensModel
 
 from poslens.variants.model import HookedTransformer, check_position_ids
+from poslens.variants.protocol import HookedModel
 
 EDIT_KINDS = ("none", "shift", "swap", "repeat", "permute")
 
@@ -130,7 +130,7 @@ def permuted(order: Int[Tensor, " pos"] | list[int]) -> PositionEdit:
     return PositionEdit("permute " + ",".join(map(str, ids.tolist())), "permute", ids)
 
 
-def position_support(model: TransformerLensModel) -> str | None:
+def position_support(model: HookedModel) -> str | None:
     """None if `model` can be run with explicit position ids, else the reason it cannot (one sentence).
 
     Args:
@@ -158,8 +158,8 @@ def position_support(model: TransformerLensModel) -> str | None:
 
 
 @contextmanager
-def with_positions(model: TransformerLensModel, position_ids: Int[Tensor, "*batch pos"] | PositionEdit
-                   ) -> Iterator[TransformerLensModel]:
+def with_positions(model: HookedModel, position_ids: Int[Tensor, "*batch pos"] | PositionEdit
+                   ) -> Iterator[HookedModel]:
     """Every forward pass of `model` inside the block runs with `position_ids` (cut to its input length).
 
     Implemented as a forward pre-hook on the model that adds `position_ids=` to its call: a hook

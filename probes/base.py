@@ -51,7 +51,7 @@ class SiteProbe(BaseEstimator):
     """Base class: stores `mean_` and `scale_` (`[site, 1, d_model]`) and checks later inputs against them."""
 
     dtype: torch.dtype
-    _fitted = ("mean_", "scale_")  # the fitted tensors, extended by each probe
+    _fitted: tuple[str, ...] = ("mean_", "scale_")  # the fitted tensors, extended by each probe
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the fitted probe to `path` (one safetensors file, settings as JSON in its metadata).

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -72,7 +73,7 @@ class PositionProbe(ClassifierMixin, SiteProbe):
         if len(observed) < 2:
             raise ValueError(f"y must contain at least 2 distinct classes, got only {observed.tolist()}")
         n_sites, n_tokens, d_model = X.shape
-        on = {"device": X.device}
+        on: dict[str, Any] = {"device": X.device}
         self.classes_ = torch.arange(n_classes, **on)
         self.weight_ = torch.zeros(n_sites, d_model, n_classes, dtype=self.dtype, **on)
         self.bias_ = torch.full((n_sites, n_classes), float("-inf"), dtype=self.dtype, **on)

@@ -8,6 +8,8 @@ random order, so each training seed (or any other seed) can get its own unbiased
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from jaxtyping import Int
 from torch import Tensor
@@ -15,6 +17,11 @@ from torch import Tensor
 
 class HeldOutSample:
     """Mixin for a task with `n_test` and `test_set()`: adds `sample_test`."""
+
+    n_test: int  # the task's own field
+    if TYPE_CHECKING:  # the task's own method, declared for the type checker
+
+        def test_set(self) -> Int[Tensor, "n_test seq"]: ...
 
     def sample_test(self, n: int, seed: int) -> Int[Tensor, "n seq"]:
         """`n` held-out sequences drawn uniformly without replacement, in random order; a pure

@@ -168,6 +168,8 @@ def test_log_spaced_steps():
         snapshot_schedule([0, 25], 24)
     with pytest.raises(ValueError, match=r"snapshot step -1 is out of range"):
         snapshot_schedule([-1, 3], 24)
+    with pytest.raises(ValueError, match=r"snapshots must be an integer in 0..24 or a list of steps, got True"):
+        snapshot_schedule(True, 24)
     assert snapshot_schedule([8, 0, 8, 3], 24) == [0, 3, 8]
 
 

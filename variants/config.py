@@ -48,7 +48,7 @@ class VariantConfig(TransformerLensConfig):
     n_heads: int = -1
     d_mlp: int | None = None
     d_vocab: int = -1
-    device: str | None = "cpu"
+    device: str = "cpu"
     positional_embedding_type: str = "none"
     act_fn: str = "gelu"
     attention_dir: str = "causal"
@@ -333,9 +333,10 @@ def preset(name: str, *, task: Any = None, **overrides: Any) -> VariantConfig:
         if not block.isdigit():
             raise ValueError(f"bad residual cut {item!r} in variant {name!r}; expected 'L' or 'L:attn' / 'L:mlp'")
         cuts[int(block)] = sublayer or "both"
-    fields = {"positional_embedding_type": positional, "attention_dir": direction, "residual_cuts": cuts}
+    fields: dict[str, Any] = {"positional_embedding_type": positional, "attention_dir": direction,
+                              "residual_cuts": cuts}
     clash = sorted(set(fields) & set(overrides))
     if clash:
         raise ValueError(f"{clash} are set by the variant name {name!r}; do not override them")
-    data = {} if task is None else {"alphabet": task.alphabet, "n_ctx": task.seq_len}
+    data: dict[str, Any] = {} if task is None else {"alphabet": task.alphabet, "n_ctx": task.seq_len}
     return VariantConfig(**fields, **{**data, **overrides})

@@ -37,7 +37,7 @@ import copy
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from jaxtyping import Int
@@ -47,6 +47,7 @@ from transformer_lens.model_protocol import TransformerLensModel
 
 from poslens.variants.checkpoint import load
 from poslens.variants.model import HookedTransformer, build
+from poslens.variants.protocol import HookedModel
 from poslens.variants.storage import read_json
 from poslens.variants.tokens import tokenize
 
@@ -66,7 +67,7 @@ MAX_MESSAGE = 300  # characters of a library's error message kept in ours (the b
 
 def load_any(spec: Any, *, tokenizer: Any = None, device: str | None = None, dtype: torch.dtype | None = None,
              device_map: str | dict | None = None, n_devices: int | None = None, trust_remote_code: bool = False,
-             allow_pickle: bool = False) -> TransformerLensModel:
+             allow_pickle: bool = False) -> HookedModel:
     """The model `spec` names, as a TransformerLens model in eval mode (see the module docstring).
 
     Args:
@@ -105,15 +106,16 @@ def load_any(spec: Any, *, tokenizer: Any = None, device: str | None = None, dty
     if isinstance(spec, TransformerLensModel):
         if tokenizer is not None or device is not None:
             raise ValueError("a TransformerLens model object is used as it is: do not pass tokenizer= or device=")
-        return spec
+        # The run-time check sees only TransformerLensModel's four members; TransformerLens's models have the rest.
+        return cast(HookedModel, spec)
     if _is_hf_model(spec):
         return _bridge_from_hf_model(spec, tokenizer, device)
     if not isinstance(spec, (str, os.PathLike)):
         raise ValueError(f"cannot load a model from a {type(spec).__name__}; allowed: a poslens run directory, a "
                          "Hugging Face hub id or save_pretrained folder, a transformers.PreTrainedModel, or a "
                          "TransformerLens model")
-    options = {"device": device, "dtype": dtype, "device_map": device_map, "n_devices": n_devices,
-               "trust_remote_code": trust_remote_code}
+    options: dict[str, Any] = {"device": device, "dtype": dtype, "device_map": device_map, "n_devices": n_devices,
+                               "trust_remote_code": trust_remote_code}
     path = Path(spec).expanduser()
     if path.is_dir():
         return _load_folder(path, tokenizer, allow_pickle=allow_pickle, **options)
@@ -140,7 +142,7 @@ def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False) 
         raise ValueError(f"could not load a tokenizer from {spec}: {_first_line(error)}") from error
 
 
-def fresh_twin(model: TransformerLensModel, *, seed: int = 0) -> TransformerLensModel:
+def fresh_twin(model: HookedModel, *, seed: int = 0) -> HookedModel:
     """The same architecture with freshly initialised weights: what architecture alone gives.
 
     A poslens model is rebuilt from its config (its own `cfg.seed`); a bridged Hugging Face model
@@ -202,7 +204,7 @@ def _is_hf_model(spec: Any) -> bool:
     return isinstance(spec, PreTrainedModel)
 
 
-def _load_folder(path: Path, tokenizer: Any, *, allow_pickle: bool, **options: Any) -> TransformerLensModel:
+def _load_folder(path: Path, tokenizer: Any, *, allow_pickle: bool, **options: Any) -> HookedModel:
     """A poslens run directory (`config.json` with a poslens `config`) or a `save_pretrained` folder,
     checked before any of its files is loaded (see the module docstring)."""
     record = read_json(path / "config.json") if (path / "config.json").is_file() else None
@@ -270,7 +272,7 @@ def _first_line(error: BaseException) -> str:
 
 def _boot(name: str, *, tokenizer: Any, device: str | None, hf_model: Any = None, dtype: torch.dtype | None = None,
           device_map: str | dict | None = None, n_devices: int | None = None,
-          trust_remote_code: bool = False) -> TransformerLensModel:
+          trust_remote_code: bool = False) -> HookedModel:
     from transformer_lens.model_bridge import TransformerBridge
 
     kept = None if tokenizer is None else _kept_tokenizer(tokenizer)
@@ -292,7 +294,7 @@ def _boot(name: str, *, tokenizer: Any, device: str | None, hf_model: Any = None
     return bridge.eval()
 
 
-def _bridge_from_hf_model(model: Any, tokenizer: Any, device: str | None) -> TransformerLensModel:
+def _bridge_from_hf_model(model: Any, tokenizer: Any, device: str | None) -> HookedModel:
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
     if tokenizer is not None:

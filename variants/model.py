@@ -16,6 +16,8 @@ and `ActivationCache.get_full_resid_decomposition` run on it as on a `Transforme
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import cast
 
 import einops
 import torch
@@ -23,12 +25,13 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens import ActivationCache, FactoredMatrix, HookedRootModule
+from transformer_lens.config import TransformerLensConfig
 from transformer_lens.hook_points import HookPoint
 
 from poslens.variants.config import VariantConfig, check_memory
 from poslens.variants.tokens import check_token_batch, detokenize, tokenize
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
 class LayerNorm(nn.Module):
@@ -60,6 +63,17 @@ class LayerNorm(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention; causal or bidirectional, optionally rotary."""
+
+    # Hook points and buffers made by `setattr` / `register_buffer` (the rotary ones only for rotary models).
+    hook_q: HookPoint
+    hook_k: HookPoint
+    hook_v: HookPoint
+    hook_attn_scores: HookPoint
+    hook_pattern: HookPoint
+    hook_z: HookPoint
+    mask: Tensor
+    rotary_cos: Tensor
+    rotary_sin: Tensor
 
     def __init__(self, cfg: VariantConfig):
         super().__init__()
@@ -143,6 +157,7 @@ def sinusoidal_table(cfg: VariantConfig, positions: Int[Tensor, "*shape"] | None
 class MLP(nn.Module):
     def __init__(self, cfg: VariantConfig):
         super().__init__()
+        assert cfg.d_mlp is not None  # TransformerLensConfig.__post_init__ sets it (4 · d_model when not given)
         self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp, dtype=cfg.dtype))
         self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp, dtype=cfg.dtype))
         self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model, dtype=cfg.dtype))
@@ -157,6 +172,12 @@ class MLP(nn.Module):
 
 class TransformerBlock(nn.Module):
     """Pre-LN block. A cut residual connection means the sublayer's output *is* the stream."""
+
+    hook_resid_pre: HookPoint  # the hook points are made by `setattr`
+    hook_attn_out: HookPoint
+    hook_resid_mid: HookPoint
+    hook_mlp_out: HookPoint
+    hook_resid_post: HookPoint
 
     def __init__(self, cfg: VariantConfig, block: int):
         super().__init__()
@@ -238,6 +259,7 @@ class HookedTransformer(HookedRootModule):
             if param.ndim < 2:
                 continue
             std = self.cfg.init_std
+            assert std is not None  # VariantConfig.__post_init__ sets it
             if name.endswith(("W_O", "W_out")):
                 std /= math.sqrt(2 * self.cfg.n_layers)
             with torch.no_grad():
@@ -297,13 +319,13 @@ class HookedTransformer(HookedRootModule):
     def to_str_tokens(self, input: str | list[str] | Int[Tensor, "... pos"]) -> list[str] | list[list[str]]:
         """Each token as its string: a string or `[pos]` / `[1, pos]` tokens give a list, a list of
         strings or `[batch, pos]` tokens (batch > 1) one list per sequence."""
-        if isinstance(input, list):
-            return [self.to_str_tokens(item) for item in input]
+        if isinstance(input, list):  # a string each, so a list of strings each
+            return cast(list[list[str]], [self.to_str_tokens(item) for item in input])
         tokens = self.to_tokens(input)[0] if isinstance(input, str) else input
         if tokens.ndim == 2 and len(tokens) == 1:
             tokens = tokens[0]
-        if tokens.ndim == 2:
-            return [self.to_str_tokens(row) for row in tokens]
+        if tokens.ndim == 2:  # a [pos] row each, so a list of strings each
+            return cast(list[list[str]], [self.to_str_tokens(row) for row in tokens])
         return list(self.to_string(tokens))
 
     def to_single_token(self, string: str) -> int:
@@ -417,15 +439,15 @@ class HookedTransformer(HookedRootModule):
         if not 0 <= layer <= self.cfg.n_layers or (mlp_input and layer == self.cfg.n_layers):
             raise ValueError(f"layer must be in 0..{self.cfg.n_layers - int(mlp_input)}, got {layer!r}")
         total = torch.zeros(self.cfg.d_model, dtype=self.cfg.dtype, device=self.W_U.device)
-        for block in self.blocks[:layer]:
+        for block in cast(list[TransformerBlock], self.blocks[:layer]):
             total = total + block.attn.b_O + (block.mlp.b_out if include_mlp_biases else 0)
-        return (total + self.blocks[layer].attn.b_O) if mlp_input else total
+        return (total + cast(TransformerBlock, self.blocks[layer]).attn.b_O) if mlp_input else total
 
     def _stack(self, sublayer: str, name: str) -> Tensor:
         return torch.stack([getattr(getattr(block, sublayer), name) for block in self.blocks])
 
 
-def check_position_ids(position_ids: Tensor, tokens: Int[Tensor, "batch pos"], cfg: VariantConfig
+def check_position_ids(position_ids: Tensor, tokens: Int[Tensor, "batch pos"], cfg: TransformerLensConfig
                        ) -> Int[Tensor, "*batch pos"]:
     """`position_ids` on the tokens' device if they are valid for `tokens` and `cfg`, else a clear error.
 

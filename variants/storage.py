@@ -166,7 +166,7 @@ def remove_temporaries(directory: str | os.PathLike) -> list[str]:
         The names of the removed temporaries, sorted.
     """
     directory = Path(directory)
-    removed = []
+    removed: list[str] = []
     if directory.is_symlink() or not directory.is_dir():
         return removed
     for path in sorted(directory.iterdir()):

@@ -113,5 +113,7 @@ def uses_threads(function: Callable) -> Callable:
     extra = inspect.Parameter("threads", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="int | None")
     parameters = list(signature.parameters.values())
     at = next((i for i, p in enumerate(parameters) if p.kind == inspect.Parameter.VAR_KEYWORD), len(parameters))
-    pinned.__signature__ = signature.replace(parameters=[*parameters[:at], extra, *parameters[at:]])
+    widened = signature.replace(parameters=[*parameters[:at], extra, *parameters[at:]])
+    # inspect.signature reads __signature__, which typeshed's type of a functools.wraps wrapper does not declare.
+    pinned.__signature__ = widened  # type: ignore[attr-defined]
     return pinned

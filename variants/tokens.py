@@ -4,7 +4,7 @@ the check every token batch passes before any model (ours or a bridged Hugging F
 from __future__ import annotations
 
 import reprlib
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -49,7 +49,7 @@ def tokenize(text: str | list[str], alphabet: str) -> Tensor:
 def detokenize(tokens: Tensor, alphabet: str) -> str | list[str]:
     """Inverse of `tokenize`: `[pos]` → str, `[batch, pos]` → list of str."""
     if tokens.ndim == 2:
-        return [detokenize(row, alphabet) for row in tokens]
+        return cast(list[str], [detokenize(row, alphabet) for row in tokens])  # [pos] rows give strings
     if tokens.ndim != 1:
         raise ValueError(f"expected tokens shaped [pos] or [batch, pos], got shape {tuple(tokens.shape)}")
     bad = tokens[(tokens < 0) | (tokens >= len(alphabet))]

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,7 @@ class Task(Protocol):
     """What training reads of a task (`poslens.tasks` holds ready ones). A task is a frozen
     dataclass, so `run.json` can record it (`name` plus its fields) and resume can check it."""
 
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # a dataclass (what `dataclasses.asdict` takes)
     name: str
     alphabet: str
     seq_len: int
@@ -406,6 +407,8 @@ def snapshot_schedule(snapshots: int | Sequence[int], total: int) -> list[int]:
             raise ValueError(f"snapshots must be an integer in 0..{total} (distinct log-spaced steps of the {total} "
                              f"training steps), got {snapshots}")
         return log_spaced_steps(total, snapshots)
+    if isinstance(snapshots, bool):
+        raise ValueError(f"snapshots must be an integer in 0..{total} or a list of steps, got {snapshots}")
     steps = list(snapshots)
     bad = [step for step in steps
            if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= total]
