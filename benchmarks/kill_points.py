@@ -53,7 +53,7 @@ import torch
 
 from poslens.cli import main as cli_main
 from poslens.tasks import Addition
-from poslens.variants import preset, train
+from poslens.variants import train, variant_config
 from poslens.variants.storage import KILL_AT_ENV, WRITE_LOG_ENV, read_json, read_tensors
 
 WALL_CLOCK = ("this_session_s", "elapsed_s")
@@ -139,7 +139,7 @@ def sweep(job: Callable[[], int], out: Path, reference: Path, points: Sequence[i
 def train_job(out: Path) -> Callable[[], int]:
     """A tiny addition training with snapshots, evaluations and checkpoints that do not line up."""
     task = Addition(n_test=64)
-    cfg = preset("nope-causal", task=task, n_layers=2, d_model=32, d_head=8, d_mlp=64)
+    cfg = variant_config("nope-causal", task=task, n_layers=2, d_model=32, d_head=8, d_mlp=64)
 
     def job() -> int:
         train(cfg, task, out_dir=out, resume=True, quiet=True, snapshots=TRAIN_SNAPSHOTS, **TRAIN_SETTINGS)
