@@ -436,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_load_options(p)
     p.add_argument("--out", required=True, help="tidy table: .csv, .md, .tex or .json; OUT_STEM.by_position and "
                                                 "OUT_STEM.models tables are written beside it")
-    p.add_argument("--sites", nargs="+", help="residual sites (default: embed and every resid_mid / resid_post)")
+    p.add_argument("--sites", nargs="+", help="residual sites as hook names, e.g. blocks.0.hook_resid_post (default: embed and "
+                                                "every resid_mid / resid_post)")
     p.add_argument("--layers", nargs="+", type=int, help="instead of --sites: embed and the sites of these blocks")
     p.add_argument("--targets", nargs="+", default=["position"], choices=list(TARGETS),
                    help="what to probe (role needs a task with role labels; default position)")
@@ -472,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts of unequal token length: refuse them (equal, default) or compare positions "
                         "counted from the end, cutting longer prompts' earliest tokens after BOS (end)")
     p.add_argument("--sites", nargs="+", choices=list(SITES),
-                   help="default: every site for checkpoints, resid_pre for --model")
+                   help="activation names, each patched in every block (default: all for checkpoints, resid_pre "
+                        "for --model)")
     p.add_argument("--method", default="exact", choices=list(METHODS),
                    help="exact activation patching, or its gradient estimate (attribution; one backward pass)")
     p.add_argument("--corruption", default="swap", choices=["swap", "permute"], help="checkpoints without --pairs")
@@ -558,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8050, help="port on 127.0.0.1 (default 8050; 0 = any free port)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="repeatable: also answer requests addressed to NAME (a reverse proxy's host name; "
-                        "'.example.org' for its subdomains); default: loopback names only (see docs/demos.md)")
+                        "'.example.org' for its subdomains); default: loopback names only (see docs/guide/demos.md)")
     p.add_argument("--static", metavar="OUT.html", help="write one self-contained HTML page instead of serving")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --static file")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
