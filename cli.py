@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from poslens.analyses.executors import EXECUTORS, UnitsFailed, check_executor
 from poslens.analyses.experiments.dynamics import write_dynamics
 from poslens.analyses.experiments.induction import write_induction
 from poslens.analyses.experiments.patch import ALIGN_RULES, pairs_table, read_pairs, task_table, write_patching
@@ -23,17 +24,16 @@ from poslens.analyses.figures.probes import probe_accuracy_figure, probe_positio
 from poslens.analyses.measures.discovery import describe, layer_sites, model_info, site_note
 from poslens.analyses.measures.invariance import invariance_table
 from poslens.analyses.measures.patching import METHODS, SITES
-from poslens.analyses.measures.probe_sweep import CONTROLS, TARGETS, sidecar_paths, sweep_probes
+from poslens.analyses.measures.probe_sweep import CONTROLS, TARGETS, run_probe_sweep, sidecar_paths
 from poslens.analyses.measures.sequences import random_sequences, read_text, text_sequences
 from poslens.analyses.report import compact
 from poslens.analyses.runs import load_models_by_variant, load_task
-from poslens.analyses.sweep import EXECUTORS, UnitsFailed, check_executor
 from poslens.analyses.tables import EXPORT_SUFFIXES, check_writable, render_table, side_by_side
 from poslens.demos.discovery import DEFAULT_MODEL_DIR, default_model, demo_models, discover_models
 from poslens.demos.lm_panels import DEFAULT_SEQUENCES, MAX_PROMPT_TOKENS, load_lm_demo
 from poslens.demos.static import write_static_page
 from poslens.tasks import TASKS, make_task
-from poslens.variants import HookedTransformer, TrainSettings, load_any, preset, train
+from poslens.variants import HookedTransformer, TrainSettings, load_any, train, variant_config
 from poslens.variants.checkpoint import restamp
 from poslens.variants.config import DTYPES, MAX_SEED, check_device, check_integer, check_number
 from poslens.variants.hub import load_tokenizer, model_name
@@ -50,7 +50,7 @@ DEFAULT_MODEL_SEQUENCES = 200  # sequences of text / random tokens when --sequen
 def _train(args: argparse.Namespace) -> None:
     task = make_task(args.task)
     sizes = {key: value for key, value in (("n_layers", args.layers), ("d_model", args.d_model)) if value is not None}
-    cfg = preset(args.variant, task=task, seed=args.seed, device=args.device, **sizes)
+    cfg = variant_config(args.variant, task=task, seed=args.seed, device=args.device, **sizes)
     settings = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                 "precision": args.precision}
     result = train(cfg, task, out_dir=args.out, resume=args.resume, quiet=args.quiet,
@@ -91,7 +91,7 @@ def _probe(args: argparse.Namespace) -> None:
         n_sequences = 1000 if args.sequences is None else args.sequences
     first = next(iter(models.values()))[0]
     sites = args.sites or (layer_sites(first, args.layers) if args.layers else None)
-    result = sweep_probes(models, data, n_sequences=n_sequences, sites=sites, controls=args.control,
+    result = run_probe_sweep(models, data, n_sequences=n_sequences, sites=sites, controls=args.control,
                           targets=args.targets, activation_dtype=torch.float16 if args.float16 else None,
                           quiet=args.quiet)
     paths = result.export(args.out, overwrite=args.overwrite)
@@ -236,7 +236,7 @@ def _dynamics(args: argparse.Namespace) -> None:
                             seeds=range(args.seed, args.seed + args.seeds), checkpoints=args.checkpoints,
                             steps=args.steps, n_layers=args.layers, d_model=args.d_model, n_sequences=args.sequences,
                             constant_lr_control=args.constant_lr_control, device=args.device, quiet=args.quiet,
-                            force=args.force, **_sweep_options(args))
+                            force=args.force, **_executor_options(args))
     print(render_table(compact(tables["claims"][["claim", "value", "n", "p", "p_adjusted", "verdict"]]), "md"), end="")
     n_steps = tables["metrics"]["step"].nunique()
     print(f"wrote {args.out}/summary.md, {args.out}/tables/ and {args.out}/figures/ "
@@ -247,20 +247,20 @@ def _induction(args: argparse.Namespace) -> None:
     tables = write_induction(args.out, variants=args.variant or [MARKOV_VARIANT],
                              seeds=range(args.seed, args.seed + args.seeds), n_sequences=args.sequences,
                              steps=args.steps, device=args.device, quiet=args.quiet, force=args.force,
-                             **_sweep_options(args))
+                             **_executor_options(args))
     print(render_table(tables["roles"], "md"), end="")
     print(f"wrote {args.out}/summary.md, {args.out}/tables/ and {args.out}/figures/")
 
 
-def _sweep_options(args: argparse.Namespace) -> dict:
-    """The `analyses.sweep.run_units` settings of a study subcommand."""
+def _executor_options(args: argparse.Namespace) -> dict:
+    """The `analyses.executors.run_units` settings of a study subcommand."""
     return {"executor": args.executor, "workers": args.workers, "threads": args.threads,
             "ray_address": args.ray_address, "gpus_per_unit": args.gpus_per_unit}
 
 
 def _reproduce(args: argparse.Namespace) -> None:
     tables = reproduce(args.out, preset_name=args.preset, seeds=args.seeds, force=args.force, device=args.device,
-                       quiet=args.quiet, **_sweep_options(args))
+                       quiet=args.quiet, **_executor_options(args))
     print(render_table(compact(tables["claims"][["claim", "value", "n", "p", "p_adjusted", "verdict"]]), "md"), end="")
     print(f"wrote {args.out}/report.html, {args.out}/summary.md, {args.out}/tables/ and {args.out}/figures/")
 
@@ -339,7 +339,7 @@ def check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--seed + --seeds - 1 must be at most {MAX_SEED}, got {args.seed + args.seeds - 1}")
 
 
-def _add_sweep_options(p: argparse.ArgumentParser) -> None:
+def _add_executor_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", default="local", choices=EXECUTORS,
                    help="where the (variant, seed) units run: serial, local worker processes (default), or ray")
     p.add_argument("--workers", type=int, help="worker processes (local; default: usable cores // --threads) or CPUs "
@@ -370,7 +370,7 @@ def _add_study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--force", action="store_true", help="measure every run again (a rerun without it resumes; "
                    "the trained runs are kept)")
-    _add_sweep_options(p)
+    _add_executor_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute tables and figures (trained runs are kept)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_sweep_options(p)
+    _add_executor_options(p)
     p.set_defaults(run=_reproduce)
 
     p = commands.add_parser("train", help="train a variant on a task (resumable)")
@@ -436,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_load_options(p)
     p.add_argument("--out", required=True, help="tidy table: .csv, .md, .tex or .json; OUT_STEM.by_position and "
                                                 "OUT_STEM.models tables are written beside it")
-    p.add_argument("--sites", nargs="+", help="residual sites (default: embed and every resid_mid / resid_post)")
+    p.add_argument("--sites", nargs="+", help="residual sites as hook names, e.g. blocks.0.hook_resid_post (default: embed and "
+                                                "every resid_mid / resid_post)")
     p.add_argument("--layers", nargs="+", type=int, help="instead of --sites: embed and the sites of these blocks")
     p.add_argument("--targets", nargs="+", default=["position"], choices=list(TARGETS),
                    help="what to probe (role needs a task with role labels; default position)")
@@ -472,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts of unequal token length: refuse them (equal, default) or compare positions "
                         "counted from the end, cutting longer prompts' earliest tokens after BOS (end)")
     p.add_argument("--sites", nargs="+", choices=list(SITES),
-                   help="default: every site for checkpoints, resid_pre for --model")
+                   help="activation names, each patched in every block (default: all for checkpoints, resid_pre "
+                        "for --model)")
     p.add_argument("--method", default="exact", choices=list(METHODS),
                    help="exact activation patching, or its gradient estimate (attribution; one backward pass)")
     p.add_argument("--corruption", default="swap", choices=["swap", "permute"], help="checkpoints without --pairs")
@@ -558,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8050, help="port on 127.0.0.1 (default 8050; 0 = any free port)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="repeatable: also answer requests addressed to NAME (a reverse proxy's host name; "
-                        "'.example.org' for its subdomains); default: loopback names only (see docs/demos.md)")
+                        "'.example.org' for its subdomains); default: loopback names only (see docs/guide/demos.md)")
     p.add_argument("--static", metavar="OUT.html", help="write one self-contained HTML page instead of serving")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --static file")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (those this torch offers)")
@@ -608,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check_device(args.device)
             check_options(args)
             if hasattr(args, "executor"):  # a study: its executor settings, before any folder is touched
-                check_executor(**_sweep_options(args))
+                check_executor(**_executor_options(args))
             with torch_threads(_threads(args)):
                 args.run(args)
         except (ValueError, OSError, DirectoryLocked, FloatingPointError, UnitsFailed) as error:

@@ -13,8 +13,9 @@
   figures drawn from tables, and the one way to write one), `runs` (reading trained runs back).
 
 The common names are importable from here, loaded on first use (so that importing one module does
-not import every experiment): `from poslens.analyses import probe_sweep, activation_patching,
-reproduce, export_table`. `__all__` lists them; each lives in the module `EXPORTS` names.
+not import every experiment): `from poslens.analyses import probe_table, activation_patching,
+reproduce, export_table`. `__all__` lists them; each lives in the module `EXPORTS` names. Old names
+kept for a release after a rename (`RENAMED`) still resolve, with a `DeprecationWarning`.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 EXPORTS = {
-    **dict.fromkeys(["ProbeSweep", "probe_sweep", "sweep_probes"], "poslens.analyses.measures.probe_sweep"),
+    **dict.fromkeys(["ProbeSweep", "probe_table", "run_probe_sweep"], "poslens.analyses.measures.probe_sweep"),
     **dict.fromkeys(["activation_patching", "corrupt", "patch_table", "prompt_patch_table", "restoration_metric"],
                     "poslens.analyses.measures.patching"),
     **dict.fromkeys(["invariance_table", "permutation_test"], "poslens.analyses.measures.invariance"),
     **dict.fromkeys(["block_diagonality", "block_scores", "full_correlation"], "poslens.analyses.measures.correlation"),
     "position_geometry": "poslens.analyses.measures.geometry",
-    **dict.fromkeys(["position_swap", "residual_cut_effects", "swap_readout"], "poslens.analyses.measures.interventions"),
+    **dict.fromkeys(["position_swap", "swap_readout"], "poslens.analyses.measures.swaps"),
+    "residual_cut_effects": "poslens.analyses.measures.cut_effects",
     **dict.fromkeys(["attention_entropy", "decodable_steps", "entropy_rebound"], "poslens.analyses.measures.entropy"),
     **dict.fromkeys(["InductionReport", "induction_analysis"], "poslens.analyses.measures.induction"),
     **dict.fromkeys(["describe", "positional_encodings"], "poslens.analyses.measures.discovery"),
@@ -43,24 +45,32 @@ EXPORTS = {
     "write_figure": "poslens.analyses.figures",
     "probe_accuracy_figure": "poslens.analyses.figures.probes",
     "patching_heatmap": "poslens.analyses.figures.patching",
-    **dict.fromkeys(["Unit", "run_units"], "poslens.analyses.sweep"),
+    **dict.fromkeys(["Unit", "run_units"], "poslens.analyses.executors"),
     **dict.fromkeys(["cached_results", "load_models_by_variant", "load_task"], "poslens.analyses.runs"),
 }
 __all__ = sorted(EXPORTS)
+RENAMED = {"probe_sweep": "probe_table", "sweep_probes": "run_probe_sweep"}  # old name → new, for one release
 
 
-def lazy_exports(package: str, exports: Mapping[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+def lazy_exports(package: str, exports: Mapping[str, str], renamed: Mapping[str, str] | None = None,
+                 ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """A package's `__getattr__` and `__dir__` (PEP 562) that import each exported name from its
     module on first use: the package imports nothing until a name is asked for.
 
     Args:
         package: the package's `__name__`, for the error on an unknown name.
         exports: exported name → the module that defines it.
+        renamed: old name → exported name, kept for a release: resolved with a `DeprecationWarning`.
 
     Returns:
         `(__getattr__, __dir__)` to assign in the package's `__init__.py`.
     """
     def getattr_(name: str) -> Any:
+        if renamed and name in renamed:
+            from poslens.variants.deprecation import warn_renamed  # only now: the package stays light
+
+            warn_renamed(f"{package}.{name}", f"{package}.{renamed[name]}")
+            name = renamed[name]
         if name not in exports:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         return getattr(importlib.import_module(exports[name]), name)
@@ -71,4 +81,4 @@ def lazy_exports(package: str, exports: Mapping[str, str]) -> tuple[Callable[[st
     return getattr_, dir_
 
 
-__getattr__, __dir__ = lazy_exports(__name__, EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, EXPORTS, RENAMED)

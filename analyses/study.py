@@ -1,14 +1,14 @@
 """The one skeleton of every multi-run study (`reproduce`, `dynamics`, `induction`).
 
 An experiment declares a `Study`: its units (each trains one run and measures it, an
-`analyses.sweep.Unit` whose function caches its tables and tensors in the run's folder with
+`analyses.executors.Unit` whose function caches its tables and tensors in the run's folder with
 `analyses.runs.cached_results`) and what it makes of their results: the tables it derives from
 the merged ones (`derive`: claims, summaries), its `figures` and its report `sections`.
 `run_study` does everything else, the same way for every study:
 
 1. holds the output folder's lock (`variants.locking`: one writer; a killed writer's temporaries
    removed);
-2. runs the units with the chosen executor (`analyses.sweep.run_units`); a unit whose measures
+2. runs the units with the chosen executor (`analyses.executors.run_units`); a unit whose measures
    are already stamped in its run folder reads them back and neither trains nor measures;
 3. merges each table over the units in their declared order and commits it to
    `tables/NAME.{formats}`, and every unit's tensors to `tables/tensors.safetensors` (as
@@ -39,9 +39,9 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
+from poslens.analyses.executors import Unit, run_units
 from poslens.analyses.figures import write_figure
 from poslens.analyses.report import Section, write_report
-from poslens.analyses.sweep import Unit, run_units
 from poslens.analyses.tables import EXPORT_SUFFIXES, export_tables, read_table
 from poslens.variants.config import check_integer
 from poslens.variants.locking import locked_directory
@@ -90,7 +90,7 @@ class Study:
     alerts: Callable[[Committed], list[str]] = lambda committed: []
 
 
-def run_study(out_dir: str | Path, study: Study, *, quiet: bool = False, **sweep: Any) -> dict[str, pd.DataFrame]:
+def run_study(out_dir: str | Path, study: Study, *, quiet: bool = False, **executor_options: Any) -> dict[str, pd.DataFrame]:
     """Run (or resume) `study` into `out_dir` and write its merged outputs.
 
     Args:
@@ -98,21 +98,21 @@ def run_study(out_dir: str | Path, study: Study, *, quiet: bool = False, **sweep
             `report.html` and `summary.md` (written here, under the folder's lock).
         study: the experiment's declaration.
         quiet: no progress bar.
-        **sweep: the executor settings of `analyses.sweep.run_units` (executor, workers,
+        **executor_options: the executor settings of `analyses.executors.run_units` (executor, workers,
             threads, ray_address, gpus_per_unit).
 
     Returns:
         Every committed table by name, as read back from `out_dir/tables/`.
 
     Raises:
-        analyses.sweep.UnitsFailed: some units failed (each named with its error); the others'
+        analyses.executors.UnitsFailed: some units failed (each named with its error); the others'
             results are kept in their run folders and nothing merged is written.
     """
     if ".json" not in study.formats:
         raise ValueError(f"a study's tables must include .json (the committed form), got {study.formats}")
     out_dir = Path(out_dir)
     with locked_directory(out_dir, clean=(".", "tables", "figures")):
-        done = run_units(study.units, desc=study.name, quiet=quiet, **sweep)
+        done = run_units(study.units, desc=study.name, quiet=quiet, **executor_options)
         done.raise_failures()
         results = [done.results[unit.name] for unit in study.units]
         tables, tensors = merge_results([unit.name for unit in study.units], results)

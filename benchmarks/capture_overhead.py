@@ -18,7 +18,7 @@ import torch
 
 from poslens.hooks import capture_residuals, residual_sites
 from poslens.tasks import Addition
-from poslens.variants import build, preset
+from poslens.variants import build, variant_config
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
 
     task = Addition(n_test=args.sequences)
-    model = build(preset(args.variant, task=task, n_layers=args.layers, d_model=args.d_model, device=args.device)).eval()
+    model = build(variant_config(args.variant, task=task, n_layers=args.layers, d_model=args.d_model, device=args.device)).eval()
     tokens = task.test_set()
 
     def sync() -> None:

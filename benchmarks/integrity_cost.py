@@ -21,7 +21,7 @@ import pandas as pd
 
 from poslens.analyses.runs import cached_results
 from poslens.tasks import Addition
-from poslens.variants import load, locking, preset, train
+from poslens.variants import load, locking, train, variant_config
 from poslens.variants.locking import locked_directory
 from poslens.variants.storage import check_real_folders
 
@@ -60,7 +60,7 @@ def main() -> None:
     (root / "locked").mkdir()
     run_dir = root / "run"
     task = Addition()
-    cfg = preset("nope-causal", task=task, n_layers=2, d_model=32, d_head=8, d_mlp=64)
+    cfg = variant_config("nope-causal", task=task, n_layers=2, d_model=32, d_head=8, d_mlp=64)
     train(cfg, task, out_dir=run_dir, steps=max(4, args.snapshots), batch_size=8, warmup_steps=1, quiet=True,
           snapshots=args.snapshots)
     stamp = {"version": 1}

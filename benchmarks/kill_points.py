@@ -29,8 +29,8 @@ writes only the export, exactly as the uninterrupted job does after its last uni
 Children are forked from this process, so a job's imports are paid once; torch runs one
 thread, as in the test suite. Points are counted per process: a job that spreads its writes
 over worker processes is killed at the driver's points only (its export, with `--executor local`). `tests/test_crash_consistency.py`
-runs the training sweep in full, every export point of dynamics and induction, and a stated
-selection of the reproduce points; `benchmarks/results/kill-points.md` records the full sweeps.
+kills the training run at every point, every export point of dynamics and induction, and a stated
+selection of the reproduce points; `benchmarks/results/kill-points.md` records the full runs over every point.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ import torch
 
 from poslens.cli import main as cli_main
 from poslens.tasks import Addition
-from poslens.variants import preset, train
+from poslens.variants import train, variant_config
 from poslens.variants.storage import KILL_AT_ENV, WRITE_LOG_ENV, read_json, read_tensors
 
 WALL_CLOCK = ("this_session_s", "elapsed_s")
@@ -100,7 +100,7 @@ def write_points(job: Callable[[], int], log: Path) -> list[str]:
 
 
 @dataclass
-class Sweep:
+class KillRun:
     """Kill points tried and what went wrong at each (empty: every resumed run was identical)."""
 
     points: int = 0
@@ -108,12 +108,12 @@ class Sweep:
     seconds: float = 0.0
 
 
-def sweep(job: Callable[[], int], out: Path, reference: Path, points: Sequence[int],
-          compare: Callable[[Path, Path], list[str]], labels: Sequence[str], quiet: bool = False,
-          start: Callable[[Path], None] | None = None) -> Sweep:
+def kill_each_point(job: Callable[[], int], out: Path, reference: Path, points: Sequence[int],
+                    compare: Callable[[Path, Path], list[str]], labels: Sequence[str], quiet: bool = False,
+                    start: Callable[[Path], None] | None = None) -> KillRun:
     """For each point N: kill `job` (which writes `out`) at N, resume it, compare `out` with
     `reference`. `out` starts empty, or as `start(out)` leaves it."""
-    result, started = Sweep(), time.perf_counter()
+    result, started = KillRun(), time.perf_counter()
     for n in points:
         shutil.rmtree(out, ignore_errors=True)
         if start is not None:
@@ -139,7 +139,7 @@ def sweep(job: Callable[[], int], out: Path, reference: Path, points: Sequence[i
 def train_job(out: Path) -> Callable[[], int]:
     """A tiny addition training with snapshots, evaluations and checkpoints that do not line up."""
     task = Addition(n_test=64)
-    cfg = preset("nope-causal", task=task, n_layers=2, d_model=32, d_head=8, d_mlp=64)
+    cfg = variant_config("nope-causal", task=task, n_layers=2, d_model=32, d_head=8, d_mlp=64)
 
     def job() -> int:
         train(cfg, task, out_dir=out, resume=True, quiet=True, snapshots=TRAIN_SNAPSHOTS, **TRAIN_SETTINGS)
@@ -187,7 +187,7 @@ def reproduce_job(out: Path, extra_args: Sequence[str] = ()) -> Callable[[], int
 
 
 def finished_runs(reference: Path) -> Callable[[Path], None]:
-    """A `sweep` start: `out` holding the reference's finished `runs/`, nothing merged yet."""
+    """A `kill_each_point` start: `out` holding the reference's finished `runs/`, nothing merged yet."""
     return lambda out: shutil.copytree(reference / "runs", out / "runs", symlinks=True)
 
 
@@ -249,7 +249,7 @@ def masked(text: str, suffix: str) -> str:
                        for cells in lines])
 
 
-# the sweeps ---------------------------------------------------------------------------------------------------------
+# the kill runs --------------------------------------------------------------------------------------------------------
 
 def warm_up(workdir: Path) -> None:
     """Pay torch's one-time lazy initialisation (its optimiser imports dynamo on the first step)
@@ -298,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         labels = export_points(job, out, start, workdir / "write-points.log")
         print(f"{args.job}: {len(labels)} of them in the export", flush=True)
     compare = compare_runs if args.job == "train" else compare_study
-    result = sweep(job, out, reference, range(1, len(labels) + 1, args.every), compare, labels, start=start)
+    result = kill_each_point(job, out, reference, range(1, len(labels) + 1, args.every), compare, labels, start=start)
     print(f"{args.job}: {result.points} of {len(labels)} kill points tried, {len(result.failures)} not identical "
           f"after resume, {result.seconds:.0f} s (python {sys.version.split()[0]}, torch {torch.__version__}, "
           f"load average {os.getloadavg()[0]:.1f})")

@@ -32,13 +32,13 @@ import torch
 from poslens.analyses.experiments.presets import PRESETS, REPRODUCE_VARIANTS
 from poslens.analyses.experiments.reproduce import SHIFTED_VARIANTS, measure_trained
 from poslens.tasks import Addition
-from poslens.variants import preset, train
+from poslens.variants import train, variant_config
 
 
 def unit_cost(preset_name: str, variant: str, steps: int, device: str, folder: Path) -> tuple[float, float]:
     """Seconds per training step and seconds for the measures, at `preset_name`'s sizes."""
     settings, task = PRESETS[preset_name], Addition()
-    cfg = preset(variant, task=task, seed=0, device=device, **settings.model)
+    cfg = variant_config(variant, task=task, seed=0, device=device, **settings.model)
     started = time.perf_counter()
     result = train(cfg, task, out_dir=folder / preset_name, quiet=True, seed=0,
                    **{**settings.training, "steps": steps})
@@ -57,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     presets = args.presets.split(",")
     if unknown := [name for name in presets if name not in PRESETS]:
-        parser.error(f"unknown preset(s) {unknown}; allowed: {sorted(PRESETS)}")
+        parser.error(f"unknown variant_config(s) {unknown}; allowed: {sorted(PRESETS)}")
     torch.set_num_threads(args.threads)
     print(f"$ python {shlex.join(sys.argv)}")
     print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs ({platform.machine()}), "

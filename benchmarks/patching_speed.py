@@ -35,7 +35,7 @@ from transformer_lens import patching
 from poslens.analyses.measures.patching import SITES, corrupt, next_token_restoration, restoration_metric
 from poslens.hooks.patching import attribution_grids, patch_grids
 from poslens.tasks import Addition
-from poslens.variants import build, load_any, preset
+from poslens.variants import build, load_any, variant_config
 
 sys.path.insert(0, str(Path(__file__).parent))  # the benchmarks folder is not a package
 from probe_scale import peak_gb  # noqa: E402
@@ -51,7 +51,7 @@ TL_GRIDS = {"resid_pre": patching.get_act_patch_resid_pre, "resid_mid": patching
 def quick_case(n_sequences: int, variant: str = "learned-causal"):
     """poslens's quick-size model on swapped addition prompts: (name, model, clean, corrupted, metric, sites)."""
     task = Addition()
-    model = build(preset(variant, task=task, n_layers=4, d_model=64, d_head=16)).eval()
+    model = build(variant_config(variant, task=task, n_layers=4, d_model=64, d_head=16)).eval()
     clean = task.sample_test(4 * n_sequences, 0)
     corrupted = corrupt(task, clean, "swap", positions=(0, 2))
     changed = clean[:, task.prompt_len] != corrupted[:, task.prompt_len]

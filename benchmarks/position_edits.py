@@ -23,7 +23,7 @@ from poslens.analyses.experiments.presets import PRESETS
 from poslens.analyses.measures.positions import default_edits, position_interventions
 from poslens.analyses.tables import export_tables, mean_sd_text, render_table
 from poslens.tasks import Addition
-from poslens.variants import preset, train
+from poslens.variants import train, variant_config
 
 VARIANTS = ("learned-causal", "sinusoidal-causal", "rotary-causal")
 READ_SITES = ("embed", "blocks.0.hook_resid_post", "blocks.3.hook_resid_post")
@@ -42,7 +42,7 @@ def main() -> None:
     for seed in range(args.seeds):
         for variant in args.variant or VARIANTS:
             started = time.perf_counter()
-            cfg = preset(variant, task=task, seed=seed, **settings.model)
+            cfg = variant_config(variant, task=task, seed=seed, **settings.model)
             result = train(cfg, task, out_dir=Path(args.runs) / f"{variant}-seed{seed}", resume=True, quiet=True,
                            seed=seed, steps=args.steps, batch_size=settings.batch_size)
             model = result.model.eval()

@@ -9,7 +9,7 @@ whose BOS is GPT-2's `<|endoftext|>` (id 50256), and bridges it with `poslens.va
 
 1. capture overhead: plain forward passes vs `hooks.capture_residuals` at all 25 residual sites,
    over the same batches of random-token sequences, interleaved, medians of `--repeats`;
-2. the sweep: `sweep_probes` with every control (random-init twin, token identity, control task,
+2. the sweep: `run_probe_sweep` with every control (random-init twin, token identity, control task,
    chance) on `--sequences` random-token sequences of `--max-len` tokens: wall time and peak RSS;
 3. scikit-learn at this scale: `LogisticRegression` (lbfgs, its defaults but max_iter) on the
    first `--sklearn-sites` sites' activations, one site after another, against `PositionProbe` on
@@ -33,7 +33,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from poslens.analyses.measures.probe_sweep import sweep_probes
+from poslens.analyses.measures.probe_sweep import run_probe_sweep
 from poslens.analyses.measures.sequences import random_sequences
 from poslens.hooks import capture_residuals, residual_sites
 from poslens.probes import split_by_sequence, split_tokens
@@ -105,10 +105,10 @@ def main() -> None:
 
     # 2. the sweep --------------------------------------------------------------------------------------------------
     began = time.perf_counter()
-    result = sweep_probes({"gpt2-random": [model]}, tokens, batch_size=args.batch_size,
+    result = run_probe_sweep({"gpt2-random": [model]}, tokens, batch_size=args.batch_size,
                           activation_dtype=torch.float16 if args.float16 else None, quiet=True)
     sweep_seconds = time.perf_counter() - began
-    print(f"sweep_probes, every control ({'float16' if args.float16 else 'float32'} activations): "
+    print(f"run_probe_sweep, every control ({'float16' if args.float16 else 'float32'} activations): "
           f"{sweep_seconds:.0f} s; peak RSS {peak_gb():.2f} GB; {len(result.table)} rows, "
           f"{len(result.by_position)} by-position rows")
     accuracy = result.table.query("probe == 'position' and metric == 'accuracy'").pivot(

@@ -19,7 +19,7 @@ float32 and of the bfloat16 square-matmul peak (both measured in the same run) i
 analytic matmul FLOP rate over that peak.
 
 The twin:
-1. builds `build(preset(variant, ...))` and `PlainTransformer` below: the same pre-LN decoder
+1. builds `build(variant_config(variant, ...))` and `PlainTransformer` below: the same pre-LN decoder
    (embedding, optional learned/sinusoidal/rotary positions, per-head Q/K/V/O, GELU MLP, final LN,
    unembedding, causal or bidirectional mask, residual cuts) written as idiomatic PyTorch with no
    hook points (nn.Linear, nn.LayerNorm, matmul attention with an explicit mask and softmax). Our
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from poslens.tasks import Addition
-from poslens.variants import build, preset
+from poslens.variants import build, variant_config
 from poslens.variants.config import VariantConfig
 from poslens.variants.model import HookedTransformer
 from poslens.variants.training import TrainSettings, answer_loss, make_optimizer
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(0)
     task = Addition()
-    cfg = preset(args.variant, task=task, n_layers=args.layers, d_model=args.d_model, device=device)
+    cfg = variant_config(args.variant, task=task, n_layers=args.layers, d_model=args.d_model, device=device)
     float32 = TrainSettings(batch_size=args.batch_size, steps=10**9, warmup_steps=0)
     bfloat16 = dataclasses.replace(float32, precision="bfloat16")
     n_batches = max(args.steps, args.warmup, 1)

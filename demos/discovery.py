@@ -9,7 +9,7 @@ from pathlib import Path
 
 from poslens.analyses.runs import load_task
 from poslens.tasks import Addition
-from poslens.variants import preset, train
+from poslens.variants import train, variant_config
 
 # The built-in model: NoPE-causal (the variant the demo is about) at the default (quick preset) size,
 # trained once into DEFAULT_MODEL_DIR (resumable); 1500 steps reached 100% held-out exact match at
@@ -90,6 +90,6 @@ def demo_models(paths: Mapping[str, str | Path]) -> tuple[dict[str, Path], dict[
 def default_model(out_dir: str | Path = DEFAULT_MODEL_DIR, *, device: str = "cpu", quiet: bool = False) -> Path:
     """The built-in demo model's folder, trained there first if needed (an interrupted run resumes)."""
     task = Addition()
-    train(preset(DEFAULT_VARIANT, task=task, device=device), task, out_dir=out_dir, resume=True, quiet=quiet,
+    train(variant_config(DEFAULT_VARIANT, task=task, device=device), task, out_dir=out_dir, resume=True, quiet=quiet,
           steps=DEFAULT_STEPS)
     return Path(out_dir)

@@ -36,7 +36,7 @@ from torch import Tensor
 from transformer_lens.model_protocol import TransformerLensModel
 from transformer_lens.utilities import get_act_name
 
-from poslens.analyses.measures.interventions import residual_cut_effects
+from poslens.analyses.measures.cut_effects import residual_cut_effects
 from poslens.analyses.measures.patching import corrupt, patch_cell_hook, patch_table
 from poslens.analyses.measures.positions import edit_fixed, pe_kinds
 from poslens.analyses.runs import load_task
@@ -68,7 +68,7 @@ class DemoModel:
 
     @cached_property
     def cut_effects(self) -> pd.DataFrame:
-        """`analyses.measures.interventions.residual_cut_effects` on a seeded sample of `n_sequences` held-out sums."""
+        """`analyses.measures.cut_effects.residual_cut_effects` on a seeded sample of `n_sequences` held-out sums."""
         return residual_cut_effects(self.model, self.task, n_sequences=self.n_sequences)
 
     def prepare(self) -> DemoModel:

@@ -9,7 +9,7 @@ from poslens.hooks.capture import (
            missing_resid_mid,
            residual_sites,
 )
-from poslens.hooks.interventions import cut_residual, mean_ablation, zero_ablation
+from poslens.hooks.cuts import cut_residual, mean_ablation, zero_ablation
 from poslens.hooks.patching import PATCH_SITES, attribution_grids, patch_grids, patchable_sites
 from poslens.hooks.positions import (
     PositionEdit,

@@ -1,6 +1,6 @@
 """Position interventions: run a model with the positions it is *told* changed and its tokens kept.
 
-A vector swap (`analyses.measures.interventions.position_swap`) moves content and position
+A vector swap (`analyses.measures.swaps.position_swap`) moves content and position
 together. Here only the position ids change: each token keeps its embedding and its place in
 the sequence (so the causal mask and everything per-token stay as they were), but the positional
 encoding reads the id it is given. For a learned or sinusoidal encoding that is the vector

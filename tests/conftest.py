@@ -10,7 +10,7 @@ import torch
 
 from poslens.cli import main
 from poslens.tasks import Addition
-from poslens.variants import preset, train
+from poslens.variants import train, variant_config
 
 # Tiny models gain nothing from intra-op threads, and on a busy machine spinning threads slow them down 10-100×.
 torch.set_num_threads(1)
@@ -29,7 +29,7 @@ def tiny():
     """`tiny(name, **overrides)`: a 2-block config of that variant for the addition task."""
 
     def make(name: str, **overrides):
-        return preset(name, task=Addition(), **{**TINY_SIZES, "n_layers": 2, **overrides})
+        return variant_config(name, task=Addition(), **{**TINY_SIZES, "n_layers": 2, **overrides})
 
     return make
 

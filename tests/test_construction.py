@@ -10,7 +10,7 @@ from poslens.analyses.measures.construction import (
     swap_fixed,
     swap_readout_fixed,
 )
-from poslens.analyses.measures.interventions import exchange
+from poslens.analyses.measures.swaps import exchange
 from poslens.hooks import hook_name, residual_sites
 from poslens.variants import build
 

@@ -9,7 +9,7 @@ from poslens.analyses.measures.symmetry import SYMMETRY_COLUMNS, symmetry_twins
 from poslens.hooks import hook_name
 from poslens.probes import bag_of_prefix_features, bag_of_prefix_predictions, split_by_sequence
 from poslens.tasks import Addition
-from poslens.variants import build, preset
+from poslens.variants import build, variant_config
 
 
 def test_bag_of_prefix_features_are_the_token_and_its_prefix_shares():
@@ -42,7 +42,7 @@ def test_shift_probe_finds_no_shift_in_a_nope_embedding_and_finds_it_after_causa
     operand token (chance). Known effect: one causal attention layer averages over the prefix,
     fillers included."""
     task = Addition(max_shift=4)
-    model = build(preset("nope-causal", task=task, n_layers=2, seed=0, **tiny_sizes)).eval()
+    model = build(variant_config("nope-causal", task=task, n_layers=2, seed=0, **tiny_sizes)).eval()
     table = shift_probe(model, task, n_sequences=200, seed=0)
     assert list(table.columns) == list(SHIFT_COLUMNS)
     wide = table.pivot(index="site", columns="baseline", values="value")

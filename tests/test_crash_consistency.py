@@ -5,7 +5,7 @@ Training is killed at every one of its write points, and tiny `dynamics` and `in
 at every write point of their export (the merged tables, tensors, figures and report), each
 compared with the uninterrupted run figures and report included. `poslens reproduce --preset
 tiny` has about 430 (about 15 s each to kill and resume), so the suite covers the four stated
-below and `python benchmarks/kill_points.py reproduce` sweeps them all
+below and `python benchmarks/kill_points.py reproduce` kills at every one
 (`benchmarks/results/kill-points.md`).
 """
 
@@ -47,7 +47,7 @@ def test_training_killed_at_every_write_point_resumes_bitwise_identical(warm, tm
     kinds = {label.split()[0] for label in labels}
     assert len(labels) >= 40 and kinds == {"write", "rename"}
     assert sum(label.endswith("/train_state.safetensors") for label in labels) == 2 * 3  # 3 commits
-    result = kill_points.sweep(job, out, reference, range(1, len(labels) + 1), kill_points.compare_runs, labels,
+    result = kill_points.kill_each_point(job, out, reference, range(1, len(labels) + 1), kill_points.compare_runs, labels,
                                quiet=True)
     assert result.points == len(labels) and result.failures == {}
 
@@ -60,7 +60,7 @@ def test_reproduce_killed_at_stated_points_resumes_identical(warm, tmp_path):
     points = [next(n for n, label in enumerate(labels, 1) if re.fullmatch(pattern, label))
               for pattern in REPRODUCE_POINTS.values()]
     assert points[0] == 1
-    result = kill_points.sweep(job, out, reference, points, kill_points.compare_study, labels, quiet=True)
+    result = kill_points.kill_each_point(job, out, reference, points, kill_points.compare_study, labels, quiet=True)
     assert result.points == len(REPRODUCE_POINTS) and result.failures == {}
     assert kill_points.compare_study(reference, reference) == []
 
@@ -76,7 +76,7 @@ def test_a_study_killed_at_every_export_write_point_resumes_identical(warm, tmp_
     assert {"tables/claims.json" if study == "dynamics" else "tables/roles.json", "report.html",
             "summary.md"} <= written and not any(name.startswith("runs/") for name in written)
     assert labels[-1].endswith("summary.md")
-    result = kill_points.sweep(job, out, reference, range(1, len(labels) + 1), kill_points.compare_study, labels,
+    result = kill_points.kill_each_point(job, out, reference, range(1, len(labels) + 1), kill_points.compare_study, labels,
                                quiet=True, start=start)
     assert result.points == len(labels) and result.failures == {}
     # complete but unmarked outputs (the uninterrupted run's own folder): a rerun neither refuses nor re-measures

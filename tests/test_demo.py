@@ -37,7 +37,7 @@ from poslens.demos.panels import (
 from poslens.demos.static import static_figures, write_static_page
 from poslens.hooks import capture_residuals, residual_sites
 from poslens.tasks import Addition, MarkovICL
-from poslens.variants import build, preset
+from poslens.variants import build, variant_config
 from poslens.variants.storage import read_json, write_json
 
 
@@ -139,7 +139,7 @@ def test_default_model_trains_once_then_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(discovery, "DEFAULT_STEPS", 2)
     out = discovery.default_model(tmp_path / "default", quiet=True)
     assert read_json(out / "run.json")["step"] == 2 and read_json(out / "run.json")["finished"]
-    assert read_json(out / "config.json")["config"] == preset(discovery.DEFAULT_VARIANT, task=Addition()).to_json()
+    assert read_json(out / "config.json")["config"] == variant_config(discovery.DEFAULT_VARIANT, task=Addition()).to_json()
     weights = out / "model.safetensors"
     stamp, payload = weights.stat().st_mtime_ns, weights.read_bytes()
     assert discovery.default_model(tmp_path / "default", quiet=True) == out  # finished: loaded, not retrained

@@ -85,7 +85,7 @@ def test_the_site_builds_strictly(tmp_path):
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-4000:]
     api = (tmp_path / "site" / "api" / "analyses" / "index.html").read_text(encoding="utf-8")
-    assert 'id="poslens.analyses.measures.probe_sweep.probe_sweep"' in api  # the reference is generated
+    assert 'id="poslens.analyses.measures.probe_sweep.probe_table"' in api  # the reference is generated
     assert (tmp_path / "site" / "guide" / "patching" / "index.html").is_file()
 
 

@@ -23,7 +23,7 @@ from poslens.analyses.measures.induction import (
     uniform_pattern,
 )
 from poslens.tasks import MarkovICL
-from poslens.variants import TrainSettings, build, preset
+from poslens.variants import TrainSettings, build, variant_config
 
 
 def one_hot_pattern(targets: list[int], n_heads: int = 1, batch: int = 1) -> torch.Tensor:
@@ -145,7 +145,7 @@ def test_detect_head_scores_hand_set_heads_as_notes_say(tiny_sizes):
     """With every head's pattern replaced by a perfect one, ours score 1; TransformerLens's "mul"
     score gives (T−1)/T for the previous-token head and 1/2 for the induction head."""
     half_len = 10
-    model = build(preset("nope-causal", alphabet="0123456789", n_ctx=24, n_layers=1, **tiny_sizes))
+    model = build(variant_config("nope-causal", alphabet="0123456789", n_ctx=24, n_layers=1, **tiny_sizes))
     text = "0123456789" * 2  # distinct tokens: TL's duplicate-token pattern marks only induction targets
     for targets, ours, tl_name, tl_expected in (
         (previous_token_targets(2 * half_len), previous_token_score, "previous_token_head", 19 / 20),
@@ -167,7 +167,7 @@ def small_task() -> MarkovICL:
 
 
 def test_induction_analysis_returns_documented_tables(tiny_sizes, small_task):
-    model = build(preset("rotary-causal", alphabet=small_task.alphabet, n_ctx=30, n_layers=2, **tiny_sizes)).train()
+    model = build(variant_config("rotary-causal", alphabet=small_task.alphabet, n_ctx=30, n_layers=2, **tiny_sizes)).train()
     report = induction_analysis(model, small_task, n_sequences=40, n_tl_sequences=5, chunk_size=16, max_offset=4)
     assert model.training  # left as it was found
     figures = induction_figures(report.tables)
@@ -205,7 +205,7 @@ def test_induction_analysis_returns_documented_tables(tiny_sizes, small_task):
 
 
 def test_induction_analysis_rejects_bad_input(tiny_sizes, small_task):
-    model = build(preset("rotary-causal", alphabet=small_task.alphabet, n_ctx=30, n_layers=2, **tiny_sizes))
+    model = build(variant_config("rotary-causal", alphabet=small_task.alphabet, n_ctx=30, n_layers=2, **tiny_sizes))
     with pytest.raises(ValueError, match="n_sequences must be a positive integer, got 0"):
         induction_analysis(model, small_task, n_sequences=0)
     with pytest.raises(ValueError, match="does not fit the task"):
@@ -215,7 +215,7 @@ def test_induction_analysis_rejects_bad_input(tiny_sizes, small_task):
 def test_the_recommended_model_and_settings_are_valid():
     task = MarkovICL(**MARKOV_TASK)
     assert task.prompt_len == task.n_parents and (task.vocab, task.length, task.alpha) == (3, 100, 0.1)
-    cfg = preset(MARKOV_VARIANT, task=task, **MARKOV_MODEL)
+    cfg = variant_config(MARKOV_VARIANT, task=task, **MARKOV_MODEL)
     assert cfg.n_layers == 2 and cfg.n_ctx >= task.length - 1
     assert TrainSettings(**MARKOV_TRAINING).steps >= 1
     assert repeated_random_tokens(3, 5, 2, seed=0).shape == (2, 10)

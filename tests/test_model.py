@@ -5,13 +5,13 @@ import torch
 from transformer_lens import ActivationCache, head_detector, patching
 
 from poslens.tasks import Addition, MarkovICL
-from poslens.variants import PRESET_NAMES, VariantConfig, build, preset
+from poslens.variants import VARIANT_NAMES, VariantConfig, build, variant_config
 
 BLOCK_HOOKS = ["hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post",
                "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z"]
 
 
-@pytest.mark.parametrize("name", PRESET_NAMES)
+@pytest.mark.parametrize("name", VARIANT_NAMES)
 def test_every_variant_has_transformer_lens_hook_names(tiny, name):
     model = build(tiny(name))
     logits, cache = model.run_with_cache("123+456=")
@@ -106,20 +106,20 @@ DATA = {"alphabet": Addition().alphabet, "n_ctx": Addition().seq_len}
 
 def test_config_takes_its_data_from_the_caller_or_a_task():
     with pytest.raises(ValueError, match=r"needs its data's alphabet and n_ctx: pass alphabet=\.\.\. and n_ctx=\.\.\., "
-                                         r"or preset\(name, task=task\)"):
-        preset("nope-causal")
+                                         r"or variant_config\(name, task=task\)"):
+        variant_config("nope-causal")
     markov = MarkovICL()
-    cfg = preset("nope-causal", task=markov)
+    cfg = variant_config("nope-causal", task=markov)
     assert (cfg.alphabet, cfg.n_ctx, cfg.d_vocab) == (markov.alphabet, markov.seq_len, markov.vocab)
-    assert preset("nope-causal", task=markov, n_ctx=200).n_ctx == 200  # explicit fields win over the task's
+    assert variant_config("nope-causal", task=markov, n_ctx=200).n_ctx == 200  # explicit fields win over the task's
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: preset("alibi-causal", **DATA), r"unknown variant 'alibi-causal'; allowed: \['nope-causal'"),
-    (lambda: preset("nope-causal+cut4", **DATA), r"residual cut block 4 is out of range; allowed: 0..3"),
-    (lambda: preset("nope-causal+cut0:ffn", **DATA), r"unknown residual cut sublayer 'ffn'; allowed: \['attn', 'mlp', 'both'\]"),
-    (lambda: preset("nope-causal+cutx", **DATA), r"bad residual cut 'x'"),
-    (lambda: preset("nope-causal", **DATA, attention_dir="causal"), "set by the variant name"),
+    (lambda: variant_config("alibi-causal", **DATA), r"unknown variant 'alibi-causal'; allowed: \['nope-causal'"),
+    (lambda: variant_config("nope-causal+cut4", **DATA), r"residual cut block 4 is out of range; allowed: 0..3"),
+    (lambda: variant_config("nope-causal+cut0:ffn", **DATA), r"unknown residual cut sublayer 'ffn'; allowed: \['attn', 'mlp', 'both'\]"),
+    (lambda: variant_config("nope-causal+cutx", **DATA), r"bad residual cut 'x'"),
+    (lambda: variant_config("nope-causal", **DATA, attention_dir="causal"), "set by the variant name"),
     (lambda: VariantConfig(**DATA, d_model=60, d_head=16), r"d_model \(60\) must be divisible by d_head \(16\)"),
     (lambda: VariantConfig(**DATA, n_heads=3), r"must equal n_heads \(3\) × d_head"),
     (lambda: VariantConfig(**DATA, attention_dir="left"), r"unknown attention_dir 'left'; allowed: \['causal', 'bidirectional'\]"),
@@ -152,8 +152,8 @@ def test_bad_model_input_is_named(tiny):
 
 def test_preset_names_round_trip():
     for name in ["nope-causal", "learned-bidirectional+cut0", "rotary-causal+cut0,1", "nope-causal+cut0:attn,2:mlp"]:
-        assert preset(name, **DATA).name == name
-    cfg = preset("sinusoidal-causal+cut1:mlp", **DATA, n_layers=3, dtype=torch.float64)
+        assert variant_config(name, **DATA).name == name
+    cfg = variant_config("sinusoidal-causal+cut1:mlp", **DATA, n_layers=3, dtype=torch.float64)
     assert VariantConfig.from_json(cfg.to_json()) == cfg
 
 
@@ -191,7 +191,7 @@ def _weighted_models(tiny, trained_runs):
 def test_models_satisfy_transformer_lens_model_with_weights(tiny):
     from transformer_lens.model_protocol import TransformerLensModelWithWeights
 
-    for name in PRESET_NAMES:
+    for name in VARIANT_NAMES:
         model = build(tiny(name))
         assert isinstance(model, TransformerLensModelWithWeights)
         assert hasattr(model, "W_pos") == name.startswith(("learned", "sinusoidal"))

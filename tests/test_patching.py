@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from poslens.analyses.figures.patching import patching_heatmap
-from poslens.analyses.measures.interventions import position_swap, residual_cut_effects, swap_readout
+from poslens.analyses.measures.cut_effects import residual_cut_effects
 from poslens.analyses.measures.patching import (
     KL_RESTORED,
     LOGIT_DIFF,
@@ -18,6 +18,7 @@ from poslens.analyses.measures.patching import (
     patching_sample,
     prompt_patch_table,
 )
+from poslens.analyses.measures.swaps import position_swap, swap_readout
 from poslens.hooks import capture_residuals, residual_sites
 from poslens.probes import PositionProbe, flatten_tokens, split_by_sequence
 from poslens.tasks import Addition

@@ -17,7 +17,7 @@ from poslens.hooks.patching import (
     patchable_sites,
 )
 from poslens.tasks import Addition
-from poslens.variants import build, load_any, preset
+from poslens.variants import build, load_any, variant_config
 
 # TransformerLens's per-cell grids, one forward pass per cell.
 REFERENCE = {
@@ -173,7 +173,7 @@ def test_analyses_tables_use_the_engine(addition, tiny):
     """`analyses.measures.patching.patch_table` (what reproduce and the demos call) gives the engine's grid."""
     from poslens.analyses.measures.patching import corrupt, patch_table, restoration_metric
 
-    model = build(preset("learned-causal", task=Addition(), d_model=32, d_head=8, d_mlp=64, n_layers=2)).eval()
+    model = build(variant_config("learned-causal", task=Addition(), d_model=32, d_head=8, d_mlp=64, n_layers=2)).eval()
     clean = addition.sample_test(16, 0)
     corrupted = corrupt(addition, clean, "swap", positions=(4, 6))
     keep = clean[:, addition.prompt_len] != corrupted[:, addition.prompt_len]

@@ -8,9 +8,9 @@ import torch
 
 from poslens.analyses.measures.probe_sweep import (
     PROBE_POSITION_COLUMNS,
-    probe_sweep,
+    probe_table,
+    run_probe_sweep,
     sidecar_paths,
-    sweep_probes,
 )
 from poslens.analyses.tables import (
     PROBE_COLUMNS,
@@ -30,7 +30,7 @@ def sweep(trained_runs, addition):
     models = {"nope-bidirectional": [load(trained_runs[("nope-bidirectional", 2)])],
               "nope-causal": [load(trained_runs[("nope-causal", 2)])],
               "learned-causal": [load(trained_runs[("learned-causal", 2)])]}
-    return probe_sweep(models, addition, n_sequences=240, quiet=True)
+    return probe_table(models, addition, n_sequences=240, quiet=True)
 
 
 def value(table, variant, site, probe="position", metric="accuracy", baseline="trained"):
@@ -85,7 +85,7 @@ def test_nope_bidirectional_cannot_beat_token_identity(sweep, trained_runs, addi
 
 def test_seeds_are_rows_and_export_round_trips(tiny, tmp_path, addition):
     models = {"nope-causal": [build(tiny("nope-causal", seed=seed)) for seed in (0, 1)]}
-    table = probe_sweep(models, addition, n_sequences=40, controls=("chance",), sites=["embed"], quiet=True)
+    table = probe_table(models, addition, n_sequences=40, controls=("chance",), sites=["embed"], quiet=True)
     assert sorted(table["seed"].unique()) == [0, 1]
     for suffix in (".csv", ".json"):
         pd.testing.assert_frame_equal(read_table(export_table(table, tmp_path / f"t{suffix}")), table)
@@ -94,13 +94,13 @@ def test_seeds_are_rows_and_export_round_trips(tiny, tmp_path, addition):
 def test_sweep_rejects_bad_input(tiny, addition):
     model = build(tiny("nope-causal"))
     with pytest.raises(ValueError, match=r"unknown controls \['shuffle'\]; allowed"):
-        probe_sweep({"x": [model]}, addition, controls=("shuffle",))
+        probe_table({"x": [model]}, addition, controls=("shuffle",))
     with pytest.raises(ValueError, match="at least one model"):
-        probe_sweep({"x": []}, addition)
+        probe_table({"x": []}, addition)
     with pytest.raises(ValueError, match="need at least 4 sequences"):
-        probe_sweep({"x": [model]}, addition, n_sequences=2)
+        probe_table({"x": [model]}, addition, n_sequences=2)
     with pytest.raises(ValueError, match="sites must be distinct and among"):
-        probe_sweep({"x": [model]}, addition, n_sequences=8, sites=["blocks.9.hook_resid_post"])
+        probe_table({"x": [model]}, addition, n_sequences=8, sites=["blocks.9.hook_resid_post"])
 
 
 def test_side_by_side_puts_each_variant_beside_its_untrained_twin(sweep):
@@ -131,7 +131,7 @@ class RoleAddition(Addition):
 def full(trained_runs):
     models = {"learned-causal": [load(trained_runs[("learned-causal", 2)])],
               "nope-bidirectional": [load(trained_runs[("nope-bidirectional", 2)])]}
-    return sweep_probes(models, RoleAddition(), n_sequences=160, targets=("position", "role"), quiet=True)
+    return run_probe_sweep(models, RoleAddition(), n_sequences=160, targets=("position", "role"), quiet=True)
 
 
 def test_by_position_rows_average_to_the_per_site_values(full):
@@ -190,14 +190,14 @@ def test_role_probes_and_their_controls(full):
 def test_no_role_labels_falls_back_to_position(tiny):
     tokens = torch.randint(12, (40, 12), generator=torch.Generator().manual_seed(0))
     with pytest.warns(UserWarning, match="have no role labels"):
-        result = sweep_probes({"nope": [build(tiny("nope-bidirectional"))]}, tokens, targets=("position", "role"),
+        result = run_probe_sweep({"nope": [build(tiny("nope-bidirectional"))]}, tokens, targets=("position", "role"),
                               controls=("chance",), quiet=True)
     assert set(result.table["probe"]) == {"position", "position_ridge"}
     # random tokens carry no position, and a NoPE bidirectional model cannot add any
     accuracy = result.table.query("baseline == 'trained' and probe == 'position' and metric == 'accuracy'")["value"]
     assert accuracy.max() < 1 / 12 + 0.08
     with pytest.raises(ValueError, match=r"unknown targets \['digit'\]; allowed: \['position', 'role'\]"):
-        sweep_probes({"nope": [build(tiny("nope-causal"))]}, tokens, targets=("digit",))
+        run_probe_sweep({"nope": [build(tiny("nope-causal"))]}, tokens, targets=("digit",))
 
 
 def test_models_table_and_export_of_all_three(full, tmp_path):

@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from poslens.analyses import sweep
-from poslens.analyses.sweep import Unit, check_executor, run_units
+from poslens.analyses import executors
+from poslens.analyses.executors import Unit, check_executor, run_units
 from poslens.variants.processes import Stopped, die_with_parent, stop_on_signals
 
 
@@ -41,11 +41,11 @@ def test_workers_die_with_a_driver_killed_by_sigkill(tmp_path):
     driver = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(tmp_path)!r})
-        from poslens.analyses import sweep
+        from poslens.analyses import executors
         from naps import nap
-        sweep.usable_cores = lambda: 2  # two workers even on one core: this is about their lives, not speed
-        sweep.run_units([sweep.Unit(f"u{{i}}", nap, {{"log": {str(log)!r}}}) for i in range(2)], executor="local",
-                        workers=2, quiet=True)
+        executors.usable_cores = lambda: 2  # two workers even on one core: this is about their lives, not speed
+        executors.run_units([executors.Unit(f"u{{i}}", nap, {{"log": {str(log)!r}}}) for i in range(2)], executor="local",
+                            workers=2, quiet=True)
     """)
     process = subprocess.Popen([sys.executable, "-P", "-c", driver], start_new_session=True)
     try:
@@ -83,13 +83,13 @@ def test_executor_settings_are_refused_before_any_work(monkeypatch):
     started = time.monotonic()
     with pytest.raises(ValueError, match=r"no Ray cluster answers at 127.0.0.1:1 \(Connection refused\)"):
         check_executor("ray", None, 1, "127.0.0.1:1", 0.0)
-    assert time.monotonic() - started < sweep.CONNECT_TIMEOUT_S + 1
+    assert time.monotonic() - started < executors.CONNECT_TIMEOUT_S + 1
     with pytest.raises(ValueError, match=r"ray_address must be 'auto', 'local', HOST:PORT or ray://HOST:PORT"):
         check_executor("ray", None, 1, "nowhere", 0.0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"gpus_per_unit 0.25 asks for a GPU, and this machine has none"):
         check_executor("ray", None, 1, None, 0.25)
-    cores = sweep.usable_cores()
+    cores = executors.usable_cores()
     with pytest.raises(ValueError, match=rf"threads must be an integer from 1 to {cores} \(the cores this process may "
                                          r"use\), got 999"):
         check_executor("local", None, 999, None, 0.0)
@@ -102,10 +102,10 @@ def test_a_ray_cluster_without_the_resources_is_refused_before_any_task():
     try:
         with pytest.raises(ValueError, match=r"threads 2 needs a node with 2 CPUs, and the largest node of the Ray "
                                              r"instance started here has 1"):
-            sweep._ray_resources(ray, None, 2, 0.0)
+            executors._ray_resources(ray, None, 2, 0.0)
         with pytest.raises(ValueError, match=r"gpus_per_unit 0.5 needs a GPU, and no node of the Ray cluster at "
                                              r"HEAD:6379 has one \(largest: 0 GPUs\)"):
-            sweep._ray_resources(ray, "HEAD:6379", 1, 0.5)
+            executors._ray_resources(ray, "HEAD:6379", 1, 0.5)
         result = run_units([Unit("u", dict, {"a": 3})], executor="ray", threads=1, quiet=True)
         assert result.results == {"u": {"a": 3}}
     finally:

@@ -11,7 +11,7 @@ from transformer_lens import patching
 from transformer_lens.model_protocol import TransformerLensModel
 
 from poslens.analyses.measures.discovery import MODEL_COLUMNS, layer_sites, model_info, positional_encodings
-from poslens.analyses.measures.probe_sweep import PROBE_POSITION_COLUMNS, sweep_probes
+from poslens.analyses.measures.probe_sweep import PROBE_POSITION_COLUMNS, run_probe_sweep
 from poslens.analyses.measures.sequences import random_sequences, text_sequences
 from poslens.analyses.tables import PROBE_COLUMNS, read_table, validate_probe_table
 from poslens.hooks import capture_residuals, residual_sites
@@ -90,7 +90,7 @@ def test_capture_probe_sweep_and_patching_run_on_a_bridge(kind, bridge):
     assert half.activations.dtype == torch.float16
     torch.testing.assert_close(half.activations.float(), capture.activations, atol=2e-3, rtol=2e-3)
 
-    result = sweep_probes({kind: [model]}, tokens, quiet=True)
+    result = run_probe_sweep({kind: [model]}, tokens, quiet=True)
     assert list(validate_probe_table(result.table).columns) == list(PROBE_COLUMNS)
     n_sites = len(residual_sites(model))
     assert set(result.table["site"]) == set(residual_sites(model))

@@ -9,11 +9,11 @@ from poslens.analyses.claims import CLAIM_TABLE_COLUMNS
 from poslens.analyses.experiments.presets import REPRODUCE_VARIANTS, SHIFTED, SHIFTED_VARIANTS
 from poslens.analyses.measures.correlation import BLOCK_SCORE_COLUMNS
 from poslens.analyses.measures.geometry import COSINE_COLUMNS, SCORE_COLUMNS, VARIANCE_COLUMNS
-from poslens.analyses.measures.interventions import SWAP_COLUMNS, SWAP_READOUT_COLUMNS
 from poslens.analyses.measures.patching import ACTIVATION_PATCHING_COLUMNS
 from poslens.analyses.measures.positions import READOUT_COLUMNS, TASK_COLUMNS
 from poslens.analyses.measures.probe_sweep import PROBE_POSITION_COLUMNS
 from poslens.analyses.measures.shift import SHIFT_COLUMNS
+from poslens.analyses.measures.swaps import SWAP_COLUMNS, SWAP_READOUT_COLUMNS
 from poslens.analyses.measures.symmetry import SYMMETRY_COLUMNS
 from poslens.analyses.plan import REPRODUCE_PLAN
 from poslens.analyses.tables import PROBE_COLUMNS, read_table, validate_probe_table

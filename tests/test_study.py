@@ -11,9 +11,9 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
+from poslens.analyses.executors import Unit
 from poslens.analyses.report import Section
 from poslens.analyses.study import TENSORS, Committed, Study, check_runs, merge_results, run_study
-from poslens.analyses.sweep import Unit
 from poslens.analyses.tables import read_table
 from poslens.variants.storage import load_tensors
 

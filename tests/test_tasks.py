@@ -5,7 +5,7 @@ import torch
 
 from poslens.analyses.runs import load_task
 from poslens.tasks import Addition, MarkovICL, from_record, make_task
-from poslens.variants import evaluate, preset, train
+from poslens.variants import evaluate, train, variant_config
 from poslens.variants.storage import read_json, write_json
 from poslens.variants.tokens import detokenize, tokenize
 
@@ -145,7 +145,7 @@ def test_markov_role_labels():
 
 def test_a_shifted_task_trains_with_its_fixed_shape(tmp_path):
     task = Addition(max_shift=2, n_test=100)
-    cfg = preset("nope-causal", task=task, n_layers=1, d_model=16, d_head=8)
+    cfg = variant_config("nope-causal", task=task, n_layers=1, d_model=16, d_head=8)
     result = train(cfg, task, out_dir=tmp_path / "run", steps=3, batch_size=16, eval_every=3, quiet=True)
     assert result.model.cfg.n_ctx == task.seq_len and set(evaluate(result.model, task)) >= {"exact_match"}
     assert load_task(tmp_path / "run") == task

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from poslens.analyses.measures.invariance import invariance_table
-from poslens.analyses.measures.probe_sweep import sweep_probes
+from poslens.analyses.measures.probe_sweep import run_probe_sweep
 from poslens.tasks import Addition
 from poslens.variants import train
 from poslens.variants.threads import DEFAULT_THREADS, check_threads, resolve_threads, torch_threads, usable_cores
@@ -35,7 +35,7 @@ def test_a_thread_count_beyond_the_usable_cores_is_refused_naming_them():
 
 
 def test_every_entry_point_takes_threads():
-    for function in (train, sweep_probes, invariance_table):
+    for function in (train, run_probe_sweep, invariance_table):
         assert inspect.signature(function).parameters["threads"].default is None, function.__name__
 
 

@@ -2,7 +2,9 @@
 
 Positional encoding, attention direction and removed residual connections are ordinary,
 validated fields, so a NoPE bidirectional model with its block-0 residual cut is just
-`preset("nope-bidirectional+cut0")`, and its checkpoint says so in `config.json`.
+`variant_config("nope-bidirectional+cut0")`, and its checkpoint says so in `config.json`.
+(A "preset" in poslens is an experiment's size, `analyses.experiments.presets`; the old name
+`preset` of `variant_config` is kept for a release, with a `DeprecationWarning`.)
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from typing import Any
 import torch
 from transformer_lens.config import TransformerLensConfig
 
+from poslens.variants.deprecation import renamed_attributes
+
 POSITIONAL_EMBEDDINGS = {"none": "nope", "standard": "learned", "sinusoidal": "sinusoidal", "rotary": "rotary"}
 ATTENTION_DIRS = ("causal", "bidirectional")
 SUBLAYERS = ("attn", "mlp", "both")
 ACT_FNS = ("relu", "gelu", "silu")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-PRESET_NAMES = tuple(f"{pe}-{direction}" for pe in POSITIONAL_EMBEDDINGS.values() for direction in ATTENTION_DIRS)
+VARIANT_NAMES = tuple(f"{pe}-{direction}" for pe in POSITIONAL_EMBEDDINGS.values() for direction in ATTENTION_DIRS)
 MAX_SEED = 2**32 - 1  # a batch's seed is seed * 2**32 + step, and torch's generators take at most 2**64 - 1
 
 
@@ -38,7 +42,7 @@ class VariantConfig(TransformerLensConfig):
     `resid_mid` is `attn_out` alone and/or its `resid_post` is `mlp_out` alone. `alphabet`:
     the token characters (token id = index); `d_vocab` follows from it. `n_ctx` and `alphabet`
     describe the data, not the architecture, so they have no default: give them, or take them
-    from a task with `preset(name, task=task)`. `seed` fixes the initial weights.
+    from a task with `variant_config(name, task=task)`. `seed` fixes the initial weights.
     """
 
     d_model: int = 64
@@ -61,7 +65,7 @@ class VariantConfig(TransformerLensConfig):
     def __post_init__(self) -> None:
         if not self.alphabet or not self.n_ctx:
             raise ValueError("a VariantConfig needs its data's alphabet and n_ctx: pass alphabet=... and n_ctx=..., "
-                             f"or preset(name, task=task); got alphabet={self.alphabet!r}, n_ctx={self.n_ctx!r}")
+                             f"or variant_config(name, task=task); got alphabet={self.alphabet!r}, n_ctx={self.n_ctx!r}")
         for name in ("d_model", "d_head", "n_layers", "n_ctx"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -108,7 +112,7 @@ class VariantConfig(TransformerLensConfig):
 
     @property
     def name(self) -> str:
-        """The preset-style name of this variant, e.g. `nope-causal+cut0,1:attn`."""
+        """The name of this variant as `variant_config` reads it, e.g. `nope-causal+cut0,1:attn`."""
         base = f"{POSITIONAL_EMBEDDINGS[self.positional_embedding_type]}-{self.attention_dir}"
         if not self.residual_cuts:
             return base
@@ -301,10 +305,10 @@ def _normalise_cuts(cuts: dict, n_layers: int) -> dict[int, str]:
     return dict(sorted(normalised.items()))
 
 
-_PRESET_PATTERN = re.compile(r"^(?P<base>[a-z]+-[a-z]+)(?:\+cut(?P<cuts>.+))?$")
+_VARIANT_PATTERN = re.compile(r"^(?P<base>[a-z]+-[a-z]+)(?:\+cut(?P<cuts>.+))?$")
 
 
-def preset(name: str, *, task: Any = None, **overrides: Any) -> VariantConfig:
+def variant_config(name: str, *, task: Any = None, **overrides: Any) -> VariantConfig:
     """A `VariantConfig` from a name like `nope-causal`, `learned-bidirectional+cut0,1:attn`.
 
     Base names are `{nope,learned,sinusoidal,rotary}-{causal,bidirectional}`; the optional
@@ -321,9 +325,9 @@ def preset(name: str, *, task: Any = None, **overrides: Any) -> VariantConfig:
     Returns:
         The validated `VariantConfig`.
     """
-    match = _PRESET_PATTERN.match(name)
-    if match is None or match["base"] not in PRESET_NAMES:
-        raise ValueError(f"unknown variant {name!r}; allowed: {list(PRESET_NAMES)}, optionally with '+cut0', "
+    match = _VARIANT_PATTERN.match(name)
+    if match is None or match["base"] not in VARIANT_NAMES:
+        raise ValueError(f"unknown variant {name!r}; allowed: {list(VARIANT_NAMES)}, optionally with '+cut0', "
                          "'+cut0,1' or '+cut0:attn'")
     pe_name, direction = match["base"].split("-")
     positional = {short: long for long, short in POSITIONAL_EMBEDDINGS.items()}[pe_name]
@@ -340,3 +344,6 @@ def preset(name: str, *, task: Any = None, **overrides: Any) -> VariantConfig:
         raise ValueError(f"{clash} are set by the variant name {name!r}; do not override them")
     data: dict[str, Any] = {} if task is None else {"alphabet": task.alphabet, "n_ctx": task.seq_len}
     return VariantConfig(**fields, **{**data, **overrides})
+
+
+__getattr__ = renamed_attributes(__name__, {"preset": "variant_config", "PRESET_NAMES": "VARIANT_NAMES"})

@@ -479,7 +479,7 @@ def build(cfg: VariantConfig) -> HookedTransformer:
     weights cannot fit the free memory is refused first (`config.check_memory`).
 
     Args:
-        cfg: the variant's configuration (`preset` makes one from a name).
+        cfg: the variant's configuration (`variant_config` makes one from a name).
 
     Returns:
         A `HookedTransformer` with `cfg.seed`'s initial weights, on `cfg.device`.

@@ -2,7 +2,7 @@
 
 `stop_on_signals` turns SIGTERM (a batch scheduler, `timeout`, systemd), SIGHUP (a closed
 terminal) and SIGINT (Ctrl-C) into `Stopped`, a `KeyboardInterrupt`, so every `finally` runs:
-locks are released (`variants.locking`), a study's workers are terminated (`analyses.sweep`), and
+locks are released (`variants.locking`), a study's workers are terminated (`analyses.executors`), and
 the `poslens` command prints one line and exits with 128 + the signal's number.
 `die_with_parent` makes a worker process die with its parent, even when the parent is killed
 with SIGKILL: on Linux with the kernel's parent-death signal (`prctl(PR_SET_PDEATHSIG)`),

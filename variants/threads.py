@@ -81,7 +81,7 @@ def torch_threads(threads: int | None = None) -> Iterator[int]:
     Returns:
         A context manager yielding the thread count in force.
 
-    Example: `with torch_threads(2): probe_sweep(...)`.
+    Example: `with torch_threads(2): probe_table(...)`.
     """
     count = resolve_threads(threads)
     previous = torch.get_num_threads()

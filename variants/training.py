@@ -499,7 +499,7 @@ def train(
     `torch_threads` block's). The weights depend on it: same settings, seed and threads, same bits.
 
     Args:
-        cfg: the model's configuration (`preset`).
+        cfg: the model's configuration (`variant_config`).
         task: the task to train on.
         out_dir: the run directory, locked while training.
         resume: continue the run in `out_dir` instead of refusing it.

@@ -5,7 +5,7 @@ measures, on the task's first `n_sequences` held-out sequences: task loss and ac
 (`variants.evaluate`); position-probe accuracy at every residual site with the token-identity
 and chance bars (`measures.probe_sweep`; the step-0 snapshot *is* the random-init model); and
 attention entropy per layer and head (`measures.entropy`). `write_dynamics` is the whole job,
-for several variants and seeds at once (each run a unit of `analyses.sweep`): train with
+for several variants and seeds at once (each run a unit of `analyses.executors`): train with
 snapshots (resumably), measure, write tables, figures and a summary.
 
 Tables: `metrics` (figures.dynamics.METRIC_COLUMNS), `probes`, `entropy`, `rebound` and
@@ -28,6 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from poslens.analyses.claims import rebound_claims
+from poslens.analyses.executors import Unit
 from poslens.analyses.experiments.presets import (
     CONSTANT_LR,
     DYNAMICS_SEQUENCES,
@@ -58,13 +59,12 @@ from poslens.analyses.measures.entropy import (
     uniform_entropy_reference,
 )
 from poslens.analyses.measures.induction import induction_analysis
-from poslens.analyses.measures.probe_sweep import probe_sweep
+from poslens.analyses.measures.probe_sweep import probe_table
 from poslens.analyses.report import Section
 from poslens.analyses.runs import cached_results, load_task
 from poslens.analyses.study import Committed, Study, check_runs, run_study
-from poslens.analyses.sweep import Unit
 from poslens.tasks import make_task
-from poslens.variants import TrainSettings, VariantConfig, evaluate, load, preset, train
+from poslens.variants import TrainSettings, VariantConfig, evaluate, load, train, variant_config
 from poslens.variants.config import check_integer
 from poslens.variants.training import Task, list_snapshots, snapshot_schedule
 
@@ -132,7 +132,7 @@ def training_dynamics(run_dir: str | Path, *, n_sequences: int = 1000, device: s
         model = load(path, device=device)
         common = {"variant": model.cfg.name, "seed": model.cfg.seed, "step": step}
         metrics.append({**common, **evaluate(model, task, tokens)})
-        table = probe_sweep({model.cfg.name: [model]}, task, n_sequences=n_sequences,
+        table = probe_table({model.cfg.name: [model]}, task, n_sequences=n_sequences,
                             controls=("token_identity", "chance"), quiet=True)
         probes.append(table.assign(step=step))
         heads, pattern = attention_summary(model, tokens[:, :-1], loss_queries=loss_queries(task))
@@ -164,7 +164,7 @@ def _run_config(variant: str, task: Task, *, steps: int | None, n_layers: int | 
         model, settings = dict(MARKOV_MODEL), dict(MARKOV_TRAINING)
         if d_model is not None:  # the head count then follows from d_head
             model.pop("n_heads", None)
-    cfg = preset(variant, task=task, **{**model, **sizes, "seed": seed, "device": device})
+    cfg = variant_config(variant, task=task, **{**model, **sizes, "seed": seed, "device": device})
     return cfg, {**settings, **({} if steps is None else {"steps": steps}), "seed": seed}
 
 
@@ -212,7 +212,7 @@ def write_dynamics(out_dir: str | Path, *, variants: Sequence[str], task: str, s
                    checkpoints: int = 12, steps: int | None = None, n_layers: int | None = None,
                    d_model: int | None = None, n_sequences: int | None = None, constant_lr_control: bool = False,
                    device: str = "cpu", quiet: bool = False, force: bool = False,
-                   **sweep: Any) -> dict[str, pd.DataFrame]:
+                   **executor_options: Any) -> dict[str, pd.DataFrame]:
     """`poslens dynamics`: one `dynamics_run` per (variant, seed), each a unit of the study
     (`analyses.study.run_study`), into `out_dir/runs/<variant>-seed<k>/`.
 
@@ -227,7 +227,7 @@ def write_dynamics(out_dir: str | Path, *, variants: Sequence[str], task: str, s
 
     Args:
         out_dir: the study's folder.
-        variants: variant names (`variants.preset`), distinct.
+        variants: variant names (`variants.variant_config`), distinct.
         task: `addition` or `markov`.
         seeds: training seeds, distinct.
         checkpoints: log-spaced snapshots besides step 0.
@@ -239,7 +239,7 @@ def write_dynamics(out_dir: str | Path, *, variants: Sequence[str], task: str, s
         device: where units run.
         quiet: no progress bar.
         force: measure every run again.
-        **sweep: `analyses.sweep.run_units` settings.
+        **executor_options: `analyses.executors.run_units` settings.
 
     Returns:
         Every committed table by name.
@@ -276,7 +276,7 @@ def write_dynamics(out_dir: str | Path, *, variants: Sequence[str], task: str, s
     study = Study("dynamics", f"poslens dynamics: {', '.join(variants)} on {task}", meta, units, derive=_derive,
                   figures=partial(_figures, labels=labels, first_seed=seeds[0]), sections=_sections,
                   formats=TABLE_FORMATS)
-    return run_study(out_dir, study, quiet=quiet, **sweep)
+    return run_study(out_dir, study, quiet=quiet, **executor_options)
 
 
 def _derive(merged: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:

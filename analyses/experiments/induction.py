@@ -1,6 +1,6 @@
 """`poslens induction`: train on n-gram Markov in-context learning and find the induction circuit.
 
-Each (variant, seed) is a unit of `analyses.sweep`: it trains on `MarkovICL(**MARKOV_TASK)` with
+Each (variant, seed) is a unit of `analyses.executors`: it trains on `MarkovICL(**MARKOV_TASK)` with
 the presets' `MARKOV_MODEL` / `MARKOV_TRAINING` into `out_dir/runs/<variant>-seed<k>/` and runs
 `analyses.measures.induction.induction_analysis` on the final model (Chen et al.'s copier and
 classifier roles, head scores, the loss against the Bayes-optimal predictors). The merged
@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 
+from poslens.analyses.executors import Unit
 from poslens.analyses.experiments.presets import MARKOV_MODEL, MARKOV_TASK, MARKOV_TRAINING
 from poslens.analyses.figures import file_name
 from poslens.analyses.figures.induction import induction_figures
@@ -24,10 +25,9 @@ from poslens.analyses.measures.induction import TABLE_COLUMNS, induction_analysi
 from poslens.analyses.report import Section
 from poslens.analyses.runs import cached_results
 from poslens.analyses.study import Committed, Study, check_runs, run_study
-from poslens.analyses.sweep import Unit
 from poslens.analyses.tables import seed_summary
 from poslens.tasks import MarkovICL
-from poslens.variants import TrainSettings, preset, train
+from poslens.variants import TrainSettings, train, variant_config
 from poslens.variants.config import check_integer
 
 ANALYSIS_VERSION = 1
@@ -41,7 +41,7 @@ def induction_run(run_dir: str, variant: str, seed: int, n_sequences: int, steps
     `run_dir`, then its induction analysis (tables with `variant` and `seed`), cached in
     `run_dir/measures/`."""
     task = MarkovICL(**MARKOV_TASK)
-    cfg = preset(variant, task=task, seed=seed, device=device, **MARKOV_MODEL)
+    cfg = variant_config(variant, task=task, seed=seed, device=device, **MARKOV_MODEL)
     settings = {**MARKOV_TRAINING, **({} if steps is None else {"steps": steps}), "seed": seed}
     trained = train(cfg, task, out_dir=run_dir, resume=True, quiet=True, **settings)
 
@@ -55,7 +55,7 @@ def induction_run(run_dir: str, variant: str, seed: int, n_sequences: int, steps
 
 def write_induction(out_dir: str | Path, *, variants: Sequence[str], seeds: Sequence[int] = (0,),
                     n_sequences: int = 1000, steps: int | None = None, device: str = "cpu", quiet: bool = False,
-                    force: bool = False, **sweep: Any) -> dict[str, pd.DataFrame]:
+                    force: bool = False, **executor_options: Any) -> dict[str, pd.DataFrame]:
     """The whole `poslens induction` job: one `induction_run` per (variant, seed), each a unit of
     the study (`analyses.study.run_study`), then `out_dir/tables/*.{csv,md,json}` (the induction
     tables merged, plus `roles`: each run's copier heads, best parent-matching head and loss gap
@@ -66,14 +66,14 @@ def write_induction(out_dir: str | Path, *, variants: Sequence[str], seeds: Sequ
 
     Args:
         out_dir: the study's folder.
-        variants: variant names (`variants.preset`), distinct.
+        variants: variant names (`variants.variant_config`), distinct.
         seeds: training seeds, distinct.
         n_sequences: held-out sequences the analysis reads.
         steps: training steps (None: `MARKOV_TRAINING`'s).
         device: where units run.
         quiet: no progress bar.
         force: measure every run again.
-        **sweep: `analyses.sweep.run_units` settings.
+        **executor_options: `analyses.executors.run_units` settings.
 
     Returns:
         Every committed table by name.
@@ -82,7 +82,7 @@ def write_induction(out_dir: str | Path, *, variants: Sequence[str], seeds: Sequ
     check_integer("n_sequences", n_sequences, minimum=1)
     task = MarkovICL(**MARKOV_TASK)
     for variant in variants:  # bad settings are refused here, before any unit starts
-        preset(variant, task=task, **MARKOV_MODEL)
+        variant_config(variant, task=task, **MARKOV_MODEL)
         TrainSettings(**{**MARKOV_TRAINING, **({} if steps is None else {"steps": steps})})
     out_dir = Path(out_dir)
     units = [Unit(f"{variant}-seed{seed}", induction_run,
@@ -95,7 +95,7 @@ def write_induction(out_dir: str | Path, *, variants: Sequence[str], seeds: Sequ
                   derive=partial(_roles, runs=runs, n_parents=task.n_parents),
                   figures=partial(_figures, variants=variants, first_seed=seeds[0]), sections=_sections,
                   formats=TABLE_FORMATS)
-    return run_study(out_dir, study, quiet=quiet, **sweep)
+    return run_study(out_dir, study, quiet=quiet, **executor_options)
 
 
 def _of_run(tables: dict[str, pd.DataFrame], variant: str, seed: int) -> dict[str, pd.DataFrame]:

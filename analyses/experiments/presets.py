@@ -27,7 +27,7 @@ class ReproducePreset:
 
     @property
     def model(self) -> dict[str, int]:
-        """The `preset(...)` size overrides."""
+        """The `variant_config(...)` size overrides."""
         return {"n_layers": self.n_layers, "d_model": self.d_model, "d_head": self.d_head}
 
     @property
@@ -71,7 +71,7 @@ to derive offsets from the causal mask alone; learned absolute positions must le
 offset at every position separately."""
 
 MARKOV_MODEL: dict[str, Any] = {"n_layers": 2, "d_model": 64, "n_heads": 4, "d_head": 16, "d_mlp": 256}
-"""`preset(variant, task=task, **MARKOV_MODEL)`: Chen et al.'s two layers, with 4 heads per layer
+"""`variant_config(variant, task=task, **MARKOV_MODEL)`: Chen et al.'s two layers, with 4 heads per layer
 (room for one copier per parent of the default 2-parent task, and spares)."""
 
 MARKOV_TASK: dict[str, Any] = {"targets": "all", "n_test": 200}

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from poslens.analyses.claims import missed_criterion, reproduce_claims
+from poslens.analyses.executors import Unit
 from poslens.analyses.experiments.presets import (
     DEFAULT_PRESET,
     LEARNED_CRITERION,
@@ -46,13 +47,14 @@ from poslens.analyses.figures.reproduce import (
     swap_readout_figure,
 )
 from poslens.analyses.measures.correlation import block_means, block_scores, full_correlation
+from poslens.analyses.measures.cut_effects import residual_cut_effects
 from poslens.analyses.measures.geometry import position_geometry
-from poslens.analyses.measures.interventions import position_swap, residual_cut_effects, swap_readout
 from poslens.analyses.measures.invariance import permutation_test
 from poslens.analyses.measures.patching import activation_patching
 from poslens.analyses.measures.positions import position_interventions
-from poslens.analyses.measures.probe_sweep import sweep_probes
+from poslens.analyses.measures.probe_sweep import run_probe_sweep as sweep_probes
 from poslens.analyses.measures.shift import shift_probe
+from poslens.analyses.measures.swaps import position_swap, swap_readout
 from poslens.analyses.measures.symmetry import symmetry_twins
 from poslens.analyses.measures.use import amnesic_probing, subspace_swap
 from poslens.analyses.plan import REPRODUCE_PLAN
@@ -60,11 +62,11 @@ from poslens.analyses.report import Section
 from poslens.analyses.runs import cached_results
 from poslens.analyses.stats import ALPHA, RULE
 from poslens.analyses.study import Committed, Study, run_study
-from poslens.analyses.sweep import Unit
 from poslens.analyses.tables import mean_sd_text, seed_summary, side_by_side, site_layer
 from poslens.hooks import capture_residuals
 from poslens.tasks import Addition
-from poslens.variants import HookedTransformer, TrainResult, build, load, preset, train
+from poslens.variants import HookedTransformer, TrainResult, build, load, train
+from poslens.variants import variant_config as preset
 from poslens.variants.config import check_integer
 
 ANALYSIS_VERSION = 4

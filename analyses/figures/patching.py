@@ -1,4 +1,4 @@
-"""Figures of activation patching and residual cuts (`analyses.measures.patching`, `.interventions`)."""
+"""Figures of activation patching and residual cuts (`analyses.measures.patching`, `.cut_effects`)."""
 
 from __future__ import annotations
 

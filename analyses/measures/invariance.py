@@ -18,7 +18,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from poslens.tasks import make_task
-from poslens.variants import HookedTransformer, build, load, preset
+from poslens.variants import HookedTransformer, build, load, variant_config
 from poslens.variants.threads import uses_threads
 from poslens.variants.training import Task
 
@@ -88,7 +88,7 @@ def invariance_table(variants: list[str] = (), checkpoints: list[str | Path] = (
     task = task or make_task("addition")
     prompts = task.sample_test(min(n_sequences, task.n_test), seed)[:, : task.prompt_len]
     sizes = {} if n_layers is None else {"n_layers": n_layers}
-    models = [build(preset(name, task=task, dtype=dtype, **sizes)) for name in variants]
+    models = [build(variant_config(name, task=task, dtype=dtype, **sizes)) for name in variants]
     models += [load(path, dtype=dtype) for path in checkpoints]
     if not models:
         raise ValueError("give at least one variant or checkpoint")

@@ -17,10 +17,10 @@ format it equals the position). Beside each accuracy the tables carry:
   random but consistently per token type; selectivity = accuracy − control accuracy;
 - `chance`: the majority-class rate, and the random-guess MAD (T² − 1) / (3T).
 
-`sweep_probes` returns a `ProbeSweep` of three tidy tables:
+`run_probe_sweep` returns a `ProbeSweep` of three tidy tables (`probe_table` returns the first alone):
 
 - `table`: one row per (variant, seed, site, probe, metric, baseline), the schema
-  `analyses.tables.PROBE_COLUMNS` (what `probe_sweep` returns);
+  `analyses.tables.PROBE_COLUMNS` (what `probe_table` returns);
 - `by_position`: the same measurements on the test tokens of each position,
   `PROBE_POSITION_COLUMNS` = (variant, seed, site, layer, probe, position, metric, value,
   baseline), one row per (variant, seed, site, probe, position, metric, baseline); metrics
@@ -64,6 +64,7 @@ from poslens.probes import (
     split_by_sequence,
     token_identity_predictions,
 )
+from poslens.variants.deprecation import renamed_attributes
 from poslens.variants.hub import fresh_twin
 from poslens.variants.threads import uses_threads
 from poslens.variants.training import Task
@@ -78,7 +79,7 @@ SIDECARS = ("by_position", "models")
 
 @dataclass
 class ProbeSweep:
-    """The three tables of a sweep (see the module docstring)."""
+    """The three tables of a probe sweep (`run_probe_sweep`; see the module docstring)."""
 
     table: pd.DataFrame
     by_position: pd.DataFrame
@@ -101,11 +102,11 @@ def sidecar_paths(path: str | Path) -> dict[str, Path]:
 
 
 @uses_threads
-def sweep_probes(models_by_variant: Mapping[str, Sequence[TransformerLensModel]], data: Task | Tensor, *,
-                 n_sequences: int | None = None, targets: Sequence[str] = ("position",),
-                 sites: Sequence[str] | None = None, test_fraction: float = 0.25, seed: int = 0, C: float = 1.0,
-                 controls: Sequence[str] = CONTROLS, activation_dtype: torch.dtype | None = None,
-                 batch_size: int | None = None, quiet: bool = False) -> ProbeSweep:
+def run_probe_sweep(models_by_variant: Mapping[str, Sequence[TransformerLensModel]], data: Task | Tensor, *,
+                    n_sequences: int | None = None, targets: Sequence[str] = ("position",),
+                    sites: Sequence[str] | None = None, test_fraction: float = 0.25, seed: int = 0, C: float = 1.0,
+                    controls: Sequence[str] = CONTROLS, activation_dtype: torch.dtype | None = None,
+                    batch_size: int | None = None, quiet: bool = False) -> ProbeSweep:
     """Probe every model on `data`: a task (its held-out sequences, and its role labels if it has
     them) or a `[sequence, position]` token tensor (e.g. `sequences.text_sequences`).
 
@@ -137,7 +138,7 @@ def sweep_probes(models_by_variant: Mapping[str, Sequence[TransformerLensModel]]
     _check_choices("controls", controls, CONTROLS)
     _check_choices("targets", targets, TARGETS)
     if not models_by_variant or not all(models_by_variant.values()):
-        raise ValueError("probe_sweep needs at least one model for every variant")
+        raise ValueError("a probe sweep needs at least one model for every variant")
     tokens, labels = _labels(data, n_sequences, targets, seed)
     if len(tokens) < 4:
         raise ValueError(f"need at least 4 sequences to split by sequence, got {len(tokens)}")
@@ -168,22 +169,25 @@ def sweep_probes(models_by_variant: Mapping[str, Sequence[TransformerLensModel]]
                       pd.concat(infos, ignore_index=True))
 
 
-def probe_sweep(models_by_variant: Mapping[str, Sequence[TransformerLensModel]], task: Task, *,
+def probe_table(models_by_variant: Mapping[str, Sequence[TransformerLensModel]], task: Task, *,
                 n_sequences: int = 1000, **options) -> pd.DataFrame:
     """The tidy probe table (schema `analyses.tables.PROBE_COLUMNS`) for every model, on an
-    unbiased sample of `n_sequences` of the task's held-out sequences: `sweep_probes(...).table`
+    unbiased sample of `n_sequences` of the task's held-out sequences: `run_probe_sweep(...).table`
     (same options).
 
     Args:
         models_by_variant: variant name → its models (one per seed).
         task: the task whose held-out sequences are probed.
         n_sequences: how many held-out sequences to sample.
-        **options (Any): any other option of `sweep_probes`.
+        **options (Any): any other option of `run_probe_sweep`.
 
     Returns:
         The tidy probe table.
     """
-    return sweep_probes(models_by_variant, task, n_sequences=n_sequences, **options).table
+    return run_probe_sweep(models_by_variant, task, n_sequences=n_sequences, **options).table
+
+
+__getattr__ = renamed_attributes(__name__, {"probe_sweep": "probe_table", "sweep_probes": "run_probe_sweep"})
 
 
 def probe_model(model: TransformerLensModel, tokens: Int[Tensor, "seq pos"], labels: Mapping[str, Tensor],

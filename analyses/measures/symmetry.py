@@ -16,7 +16,7 @@ import torch
 
 from poslens.analyses.measures.invariance import INVARIANCE_COLUMNS, permutation_test
 from poslens.tasks import Addition
-from poslens.variants import build, preset
+from poslens.variants import build, variant_config
 
 ENCODINGS = ("nope", "learned", "sinusoidal", "rotary")
 ATTENTION = ("causal", "bidirectional")
@@ -29,7 +29,7 @@ def symmetry_twins(task: Addition, *, sizes: dict[str, int], seed: int = 0, dept
 
     Args:
         task: the task whose held-out prompts are permuted (a seeded sample).
-        sizes: `preset` size overrides (d_model, d_head, ...); `n_layers` is set per depth.
+        sizes: `variant_config` size overrides (d_model, d_head, ...); `n_layers` is set per depth.
         seed: seeds the weights, the prompt sample and the permutations.
         depths: the numbers of layers to build.
         n_sequences: prompts tested.
@@ -40,7 +40,7 @@ def symmetry_twins(task: Addition, *, sizes: dict[str, int], seed: int = 0, dept
     """
     prompts = task.sample_test(n_sequences, seed=seed)[:, : task.prompt_len]
     sizes = {key: value for key, value in sizes.items() if key != "n_layers"}
-    rows = [permutation_test(build(preset(f"{encoding}-{attention}", task=task, seed=seed, dtype=torch.float64,
+    rows = [permutation_test(build(variant_config(f"{encoding}-{attention}", task=task, seed=seed, dtype=torch.float64,
                                           n_layers=depth, **sizes)), prompts, n_perms=n_perms, seed=seed)
             .assign(encoding=encoding, attention=attention, weights="random")
             for encoding in ENCODINGS for attention in ATTENTION for depth in depths]

@@ -1,4 +1,4 @@
-"""The sweep layer: serial, local processes and Ray give the same bits; a killed or failing study resumes."""
+"""The executors: serial, local processes and Ray give the same bits; a killed or failing study resumes."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
-from poslens.analyses import sweep
+from poslens.analyses import executors
+from poslens.analyses.executors import Unit, UnitsFailed, check_parallelism, run_units, usable_cores
 from poslens.analyses.experiments.reproduce import REPRODUCE_VARIANTS, SHIFTED, SHIFTED_VARIANTS, reproduce
-from poslens.analyses.sweep import Unit, UnitsFailed, check_parallelism, run_units, usable_cores
 from poslens.analyses.tables import read_table
 
 UNITS = len(REPRODUCE_VARIANTS) + len(SHIFTED_VARIANTS)  # one seed of the tiny preset
@@ -49,7 +49,7 @@ def assert_same_study(left: Path, right: Path) -> None:
 def two_cores(monkeypatch):
     """Two local workers even where this process may use one core (they then share it): these tests
     are about what the workers compute, not about how fast."""
-    monkeypatch.setattr(sweep, "usable_cores", lambda: max(2, usable_cores()))
+    monkeypatch.setattr(executors, "usable_cores", lambda: max(2, usable_cores()))
 
 
 @pytest.fixture(scope="module")

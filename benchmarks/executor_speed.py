@@ -12,8 +12,8 @@ measurement, as on a shared machine; it is stopped when the script ends. `--seri
 stops the serial run once it has taken F times the parallel run's wall time: the ratio is then
 reported as "> F×" (measured, not extrapolated), with the serial run's training speed so far.
 
-    python benchmarks/sweep_speed.py --preset quick --seeds 3
-    python benchmarks/sweep_speed.py --preset quick --seeds 1 --busy 1 --serial-limit 2.5
+    python benchmarks/executor_speed.py --preset quick --seeds 3
+    python benchmarks/executor_speed.py --preset quick --seeds 1 --busy 1 --serial-limit 2.5
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from poslens.analyses.sweep import usable_cores
+from poslens.analyses.executors import usable_cores
 from poslens.variants.storage import read_json
 
 
