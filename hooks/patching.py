@@ -210,32 +210,65 @@ def patch_grids(model: TransformerLensModel, clean_tokens: Int[Tensor, "batch po
     clean_tokens, corrupted_tokens = clean_tokens.to(device), corrupted_tokens.to(device)
     n_pos = corrupted_tokens.shape[1]
     names = [get_act_name(site, layer) for site in sites for layer in range(model.cfg.n_layers)]
-    with _autocast(model, dtype):
-        _, cache = model.run_with_cache(clean_tokens, names_filter=names)
-    clean = {name: cache[name] for name in names}
     readout = [(_readout_hook(model), lambda activation, hook: activation[:, -1:])] if last_position_only else []
     groups = _prompt_groups(model, len(corrupted_tokens))
     per_pass = chunk_cells(model, groups[0].stop - groups[0].start, n_pos, last_position_only=last_position_only,
                            memory_mb=memory_mb)
     grids = {}
-    for site in sites:
-        shape = grid_shape(model, site, n_pos)
-        cells = [(layer, index) for layer in range(shape[0]) for index in range(shape[1])]
-        values = []
-        with tqdm(total=len(cells), desc=f"patching {site}", disable=quiet) as bar:
-            for start in range(0, len(cells), per_pass):
-                chunk = cells[start:start + per_pass]
-                per_group = []
-                for group in groups:
-                    hooks = _chunk_hooks(site, chunk, {name: act[group] for name, act in clean.items()},
-                                         group.stop - group.start)
-                    with _autocast(model, dtype), model.hooks(fwd_hooks=hooks + readout):
-                        logits = model(corrupted_tokens[group]).float()
-                    per_group.append(logits.split(group.stop - group.start)[1:])
-                values.extend(float(metric(torch.cat(blocks))) for blocks in zip(*per_group))
-                bar.update(len(chunk))
-        grids[site] = torch.tensor(values, dtype=torch.float32).reshape(shape)
+    # One autocast context for every pass: its cache casts each weight to `dtype` once per call, not once per pass.
+    with _autocast(model, dtype):
+        _, cache = model.run_with_cache(clean_tokens, names_filter=names)
+        clean = {name: cache[name] for name in names}
+        logits, cache = model.run_with_cache(corrupted_tokens, names_filter=names)
+        corrupted = {name: cache[name] for name in names}
+        corrupted_logits = (logits[:, -1:] if last_position_only else logits).float()
+        del cache, logits
+        for site in sites:
+            shape = grid_shape(model, site, n_pos)
+            cells = [(layer, index) for layer in range(shape[0]) for index in range(shape[1])]
+            # Per prompt group, the cells whose patch writes what is already there; their rows would be the
+            # corrupted run's own (in a causal model, every position before the first corrupted token).
+            active = [{cell for cell in cells if _changes(site, cell, clean, corrupted, group)} for group in groups]
+            to_run = [cell for cell in cells if any(cell in cells_of_group for cells_of_group in active)]
+            values = dict.fromkeys(cells, float(metric(corrupted_logits)))
+            with tqdm(total=len(cells), desc=f"patching {site}", disable=quiet) as bar:
+                bar.update(len(cells) - len(to_run))
+                for start in range(0, len(to_run), per_pass):
+                    chunk = to_run[start:start + per_pass]
+                    per_group = []
+                    for group, cells_of_group in zip(groups, active):
+                        per_group.append(_run_chunk(model, site, chunk, cells_of_group, clean, corrupted_tokens,
+                                                    corrupted_logits, group, readout))
+                    values.update((cell, float(metric(torch.cat(blocks)))) for cell, *blocks in
+                                  zip(chunk, *per_group))
+                    bar.update(len(chunk))
+            grids[site] = torch.tensor([values[cell] for cell in cells], dtype=torch.float32).reshape(shape)
     return grids
+
+
+def _changes(site: str, cell: tuple[int, int], clean: dict[str, Tensor], corrupted: dict[str, Tensor],
+             group: slice) -> bool:
+    """Whether patching `cell` of `site` changes the corrupted activation of the prompts in `group`."""
+    layer, index = cell
+    name = get_act_name(site, layer)
+    where = (group, slice(None), index) if site in HEAD_SITES else (group, index)
+    return not torch.equal(clean[name][where], corrupted[name][where])
+
+
+def _run_chunk(model: TransformerLensModel, site: str, chunk: list[tuple[int, int]], changing: set,
+               clean: dict[str, Tensor], corrupted_tokens: Int[Tensor, "batch pos"],
+               corrupted_logits: Float[Tensor, "batch read vocab"], group: slice, readout: list
+               ) -> list[Float[Tensor, "prompt read vocab"]]:
+    """The logits of `group`'s prompts for each cell of `chunk`: one pass over the cells in `changing`, the
+    corrupted run's logits for the others (their patch is a no-op)."""
+    run = [cell for cell in chunk if cell in changing]
+    logits_of = {}
+    if run:
+        hooks = _chunk_hooks(site, run, {name: act[group] for name, act in clean.items()}, group.stop - group.start)
+        with model.hooks(fwd_hooks=hooks + readout):
+            logits = model(corrupted_tokens[group]).float()
+        logits_of = dict(zip(run, logits.split(group.stop - group.start)[1:]))
+    return [logits_of.get(cell, corrupted_logits[group]) for cell in chunk]
 
 
 def _prompt_groups(model: TransformerLensModel, n_prompts: int) -> list[slice]:
