@@ -5,7 +5,12 @@ patch): a 12 × 16 `resid_pre` grid on GPT-2 small is 192 full passes. It cannot
 its interface (a hook per cell, a metric per pass), so this engine does the same patches differently,
 on any model TransformerLens can hook (poslens's `HookedTransformer`, a `TransformerBridge`):
 
-- the clean run is computed once, caching only the hooks of the sites asked for;
+- the clean and corrupted runs are computed once, caching only the hooks of the sites asked for;
+- a cell whose clean and corrupted activations are equal (for every prompt of a pass) is not run: its
+  patch writes what is already there, so its value is the corrupted run's metric. In a causal model
+  that is every position before the first corrupted token, in every block, and in block 0's
+  `resid_pre` every position whose token is unchanged: about half of a grid whose corruption is
+  mid-prompt (tests check that these cells skip their pass and still equal TransformerLens's);
 - the batch axis carries the cells. One pass starts with the corrupted prompts (`B` rows: the
   corrupted run itself), and at the stream entering block `l` (`blocks.l.hook_resid_pre`) the
   cells patched in block `l` join the batch as copies of that corrupted stream (`B` rows each);
@@ -17,7 +22,8 @@ on any model TransformerLens can hook (poslens's `HookedTransformer`, a `Transfo
   `memory_mb`; the corrupted rows are recomputed once per chunk;
 - with `last_position_only` (a metric that reads only the last position's logits) the unembedding
   runs on the last position alone (the readout hook slices the final normalised stream);
-- `dtype=torch.bfloat16` runs the passes under autocast (fast on CPUs with AMX and on GPUs);
+- `dtype=torch.bfloat16` runs the passes under one autocast context (fast on CPUs with AMX and on GPUs;
+  one context, so each weight is cast once per call, not once per pass);
   float32, the default, equals TransformerLens's per-cell loop to float rounding (tests: 1e-5).
 
 Growing the batch inside a pass needs a model whose blocks take whatever batch the stream has, with
