@@ -5,7 +5,12 @@ patch): a 12 × 16 `resid_pre` grid on GPT-2 small is 192 full passes. It cannot
 its interface (a hook per cell, a metric per pass), so this engine does the same patches differently,
 on any model TransformerLens can hook (poslens's `HookedTransformer`, a `TransformerBridge`):
 
-- the clean run is computed once, caching only the hooks of the sites asked for;
+- the clean and corrupted runs are computed once, caching only the hooks of the sites asked for;
+- a cell whose clean and corrupted activations are equal (for every prompt of a pass) is not run: its
+  patch writes what is already there, so its value is the corrupted run's metric. In a causal model
+  that is every position before the first corrupted token, in every block, and in block 0's
+  `resid_pre` every position whose token is unchanged: about half of a grid whose corruption is
+  mid-prompt (tests check that these cells skip their pass and still equal TransformerLens's);
 - the batch axis carries the cells. One pass starts with the corrupted prompts (`B` rows: the
   corrupted run itself), and at the stream entering block `l` (`blocks.l.hook_resid_pre`) the
   cells patched in block `l` join the batch as copies of that corrupted stream (`B` rows each);
@@ -17,7 +22,8 @@ on any model TransformerLens can hook (poslens's `HookedTransformer`, a `Transfo
   `memory_mb`; the corrupted rows are recomputed once per chunk;
 - with `last_position_only` (a metric that reads only the last position's logits) the unembedding
   runs on the last position alone (the readout hook slices the final normalised stream);
-- `dtype=torch.bfloat16` runs the passes under autocast (fast on CPUs with AMX and on GPUs);
+- `dtype=torch.bfloat16` runs the passes under one autocast context (fast on CPUs with AMX and on GPUs;
+  one context, so each weight is cast once per call, not once per pass);
   float32, the default, equals TransformerLens's per-cell loop to float rounding (tests: 1e-5).
 
 Growing the batch inside a pass needs a model whose blocks take whatever batch the stream has, with
@@ -211,32 +217,65 @@ def patch_grids(model: HookedModel, clean_tokens: Int[Tensor, "batch pos"],
     clean_tokens, corrupted_tokens = clean_tokens.to(device), corrupted_tokens.to(device)
     n_pos = corrupted_tokens.shape[1]
     names = [get_act_name(site, layer) for site in sites for layer in range(model.cfg.n_layers)]
-    with _autocast(model, dtype):
-        _, cache = model.run_with_cache(clean_tokens, names_filter=names)
-    clean = {name: cache[name] for name in names}
     readout = [(_readout_hook(model), lambda activation, hook: activation[:, -1:])] if last_position_only else []
     groups = _prompt_groups(model, len(corrupted_tokens))
     per_pass = chunk_cells(model, groups[0].stop - groups[0].start, n_pos, last_position_only=last_position_only,
                            memory_mb=memory_mb)
     grids = {}
-    for site in sites:
-        shape = grid_shape(model, site, n_pos)
-        cells = [(layer, index) for layer in range(shape[0]) for index in range(shape[1])]
-        values: list[float] = []
-        with tqdm(total=len(cells), desc=f"patching {site}", disable=quiet) as bar:
-            for start in range(0, len(cells), per_pass):
-                chunk = cells[start:start + per_pass]
-                per_group = []
-                for group in groups:
-                    hooks = _chunk_hooks(site, chunk, {name: act[group] for name, act in clean.items()},
-                                         group.stop - group.start)
-                    with _autocast(model, dtype), model.hooks(fwd_hooks=hooks + readout):
-                        logits = model(corrupted_tokens[group]).float()
-                    per_group.append(logits.split(group.stop - group.start)[1:])
-                values.extend(float(metric(torch.cat(blocks))) for blocks in zip(*per_group))
-                bar.update(len(chunk))
-        grids[site] = torch.tensor(values, dtype=torch.float32).reshape(shape)
+    # One autocast context for every pass: its cache casts each weight to `dtype` once per call, not once per pass.
+    with _autocast(model, dtype):
+        _, cache = model.run_with_cache(clean_tokens, names_filter=names)
+        clean = {name: cache[name] for name in names}
+        logits, cache = model.run_with_cache(corrupted_tokens, names_filter=names)
+        corrupted = {name: cache[name] for name in names}
+        corrupted_logits = (logits[:, -1:] if last_position_only else logits).float()
+        del cache, logits
+        for site in sites:
+            shape = grid_shape(model, site, n_pos)
+            cells = [(layer, index) for layer in range(shape[0]) for index in range(shape[1])]
+            # Per prompt group, the cells whose patch writes what is already there; their rows would be the
+            # corrupted run's own (in a causal model, every position before the first corrupted token).
+            active = [{cell for cell in cells if _changes(site, cell, clean, corrupted, group)} for group in groups]
+            to_run = [cell for cell in cells if any(cell in cells_of_group for cells_of_group in active)]
+            values = dict.fromkeys(cells, float(metric(corrupted_logits)))
+            with tqdm(total=len(cells), desc=f"patching {site}", disable=quiet) as bar:
+                bar.update(len(cells) - len(to_run))
+                for start in range(0, len(to_run), per_pass):
+                    chunk = to_run[start:start + per_pass]
+                    per_group = []
+                    for group, cells_of_group in zip(groups, active):
+                        per_group.append(_run_chunk(model, site, chunk, cells_of_group, clean, corrupted_tokens,
+                                                    corrupted_logits, group, readout))
+                    values.update((cell, float(metric(torch.cat(blocks)))) for cell, *blocks in
+                                  zip(chunk, *per_group))
+                    bar.update(len(chunk))
+            grids[site] = torch.tensor([values[cell] for cell in cells], dtype=torch.float32).reshape(shape)
     return grids
+
+
+def _changes(site: str, cell: tuple[int, int], clean: dict[str, Tensor], corrupted: dict[str, Tensor],
+             group: slice) -> bool:
+    """Whether patching `cell` of `site` changes the corrupted activation of the prompts in `group`."""
+    layer, index = cell
+    name = get_act_name(site, layer)
+    where = (group, slice(None), index) if site in HEAD_SITES else (group, index)
+    return not torch.equal(clean[name][where], corrupted[name][where])
+
+
+def _run_chunk(model: HookedModel, site: str, chunk: list[tuple[int, int]], changing: set,
+               clean: dict[str, Tensor], corrupted_tokens: Int[Tensor, "batch pos"],
+               corrupted_logits: Float[Tensor, "batch read vocab"], group: slice, readout: list
+               ) -> list[Float[Tensor, "prompt read vocab"]]:
+    """The logits of `group`'s prompts for each cell of `chunk`: one pass over the cells in `changing`, the
+    corrupted run's logits for the others (their patch is a no-op)."""
+    run = [cell for cell in chunk if cell in changing]
+    logits_of = {}
+    if run:
+        hooks = _chunk_hooks(site, run, {name: act[group] for name, act in clean.items()}, group.stop - group.start)
+        with model.hooks(fwd_hooks=hooks + readout):
+            logits = model(corrupted_tokens[group]).float()
+        logits_of = dict(zip(run, logits.split(group.stop - group.start)[1:]))
+    return [logits_of.get(cell, corrupted_logits[group]) for cell in chunk]
 
 
 def _prompt_groups(model: HookedModel, n_prompts: int) -> list[slice]:
@@ -257,7 +296,7 @@ def attribution_grids(model: HookedModel, clean_tokens: Int[Tensor, "batch pos"]
     corrupted forward + backward. Like `patch_grids`, a grid of metric values, so the two compare directly.
 
     Exact where the metric is linear in the patched activation; elsewhere a preview (see
-    `docs/patching.md` for its measured correlation with the exact grid).
+    `docs/guide/patching.md` for its measured correlation with the exact grid).
 
     Args:
         model: a TransformerLens model in eval mode.

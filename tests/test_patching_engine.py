@@ -114,6 +114,35 @@ def test_chunking_bfloat16_and_progress(tiny, capsys):
     assert (half - exact).abs().max() < 0.05 * exact.abs().max()
 
 
+@pytest.mark.parametrize(("name", "unchanged"), [("learned-causal", 5), ("learned-bidirectional", 0)])
+def test_cells_whose_patch_is_a_no_op_are_not_run(name, unchanged, tiny):
+    """Cells whose clean and corrupted activations are equal take the corrupted run's metric without a
+    pass: in block 0's `resid_pre` every position but the corrupted one; above it, in a causal model, the
+    positions before it (a bidirectional model's all differ). The grid is still TransformerLens's."""
+    model = ours(name, tiny)
+    clean, _ = pair(model)
+    corrupted = clean.clone()
+    corrupted[:, 5] = (clean[:, 5] + 1 - 4) % (model.cfg.d_vocab - 5) + 4
+    metric, last = metric_of(model.cfg.d_vocab), model.cfg.n_layers - 1
+    rows = []
+    handle = model.hook_dict[f"blocks.{last}.hook_resid_post"].register_forward_hook(
+        lambda module, inputs, output: rows.append(output.shape[0]))
+    try:
+        grids = patch_grids(model, clean, corrupted, metric, ["resid_pre", "z"])
+    finally:
+        handle.remove()
+    n_pos, n_prompts = clean.shape[1], clean.shape[0]
+    run = 1 + (model.cfg.n_layers - 1) * (n_pos - unchanged)  # resid_pre cells that change something
+    # the clean run, the corrupted run, then one pass per site: the corrupted rows and each run cell's rows
+    assert rows == [n_prompts, n_prompts, n_prompts * (1 + run), n_prompts * (1 + model.cfg.n_layers * model.cfg.n_heads)]
+    expected = reference_grids(model, clean, corrupted, metric, ["resid_pre", "z"])
+    for site, grid in grids.items():
+        torch.testing.assert_close(grid, expected[site].float(), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        baseline = float(metric(model(corrupted)))
+    assert (grids["resid_pre"][:, :unchanged] == baseline).all() and (grids["resid_pre"][0, 6:] == baseline).all()
+
+
 def test_bad_sites_and_shapes_are_refused(tiny, bridges, offline):
     model = ours("nope-causal", tiny)
     clean, corrupted = pair(model)
