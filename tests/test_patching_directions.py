@@ -10,6 +10,7 @@ from scipy import stats
 from poslens.analyses.measures.patching import patching_sample
 from poslens.analyses.measures.patching_directions import (
     GAP_FLOOR,
+    MIN_INTERVAL_PROMPTS,
     PATCHING_EFFECT_COLUMNS,
     guard_prompts,
     patching_effects,
@@ -103,9 +104,11 @@ def test_same_seed_same_table_and_the_interval_covers_the_mean(trained_table, tr
     again = patching_effects(trained, addition, n_sequences=N, n_resamples=300, seed=3)
     pd.testing.assert_frame_equal(trained_table, again)
     assert set(trained_table["corruption"]) == {"swap", "permute"}
-    defined = trained_table[trained_table["n_prompts"] >= 2]
+    defined = trained_table[trained_table["n_prompts"] >= MIN_INTERVAL_PROMPTS]
     assert len(defined) and (defined["ci_low"] <= defined["value"] + 1e-12).all()
     assert (defined["value"] <= defined["ci_high"] + 1e-12).all()
+    few = trained_table[trained_table["n_prompts"] < MIN_INTERVAL_PROMPTS]
+    assert len(few) and few["ci_low"].isna().all() and few["ci_high"].isna().all()  # the carry: most sums keep it
     free = defined[~defined["fixed_by_construction"]]
     assert (free["ci_high"] - free["ci_low"] > 0).any()
     fixed = trained_table[trained_table["fixed_by_construction"] & trained_table["value"].notna()]

@@ -40,6 +40,7 @@ from poslens.analyses.figures.probes import probe_accuracy_figure, probe_positio
 from poslens.analyses.figures.reproduce import (
     block_means_figure,
     convergence_figure,
+    patching_directions_figure,
     patching_mean_heatmap,
     score_by_site_figure,
     swap_figure,
@@ -50,6 +51,7 @@ from poslens.analyses.measures.geometry import position_geometry
 from poslens.analyses.measures.interventions import position_swap, residual_cut_effects, swap_readout
 from poslens.analyses.measures.invariance import permutation_test
 from poslens.analyses.measures.patching import activation_patching
+from poslens.analyses.measures.patching_directions import patching_effects, strongest_cells
 from poslens.analyses.measures.positions import position_interventions
 from poslens.analyses.measures.probe_sweep import sweep_probes
 from poslens.analyses.measures.shift import shift_probe
@@ -67,11 +69,12 @@ from poslens.tasks import Addition
 from poslens.variants import HookedTransformer, TrainResult, build, load, preset, train
 from poslens.variants.config import check_integer
 
-ANALYSIS_VERSION = 4
+ANALYSIS_VERSION = 5
 """Bumped whenever a per-run measure changes, so runs measured before are measured again."""
 RUN_TABLES = ("training", "curves", "invariance", "probe", "probe_by_position", "correlation", "geometry",
               "variance", "cosine", "residual_cuts", "activation_patching", "position_swap", "swap_readout",
-              "symmetry", "shift_probe", "position_task", "position_readout", "amnesic", "subspace_swap")
+              "symmetry", "shift_probe", "position_task", "position_readout", "amnesic", "subspace_swap",
+              "patching_effects")
 
 
 def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = DEFAULT_PRESET, seeds: int | None = None,
@@ -171,6 +174,7 @@ def measure_trained(result: TrainResult, label: str, seed: int, settings: Reprod
         "invariance": _invariance(model, result.out_dir, task, seed, labels),
         "residual_cuts": residual_cut_effects(model, task, n_sequences=settings.n_probe_sequences, seed=seed),
         "activation_patching": activation_patching(model, task, n_sequences=settings.n_patch_sequences, seed=seed),
+        "patching_effects": patching_effects(model, task, n_sequences=settings.n_patch_sequences, seed=seed),
         "position_swap": position_swap(model, task, n_sequences=settings.n_patch_sequences * 2, seed=seed),
         "swap_readout": swap_readout(model, task, n_sequences=settings.n_probe_sequences, seed=seed),
         **position_interventions(model, task, n_sequences=settings.n_probe_sequences, seed=seed),
@@ -241,6 +245,11 @@ HOWTO = {
                 "adjacency: cosine of neighbours minus cosine of distant positions; each above its "
                 "position-shuffled null.",
     "patching": "how much of the clean first answer digit a patch of one (layer, position) restores (1 = all).",
+    "patching directions": "denoise: the share of the clean-vs-corrupted logit difference of one answer digit that "
+                           "one clean residual vector restores in the corrupted run; noise: the share one corrupted "
+                           "vector destroys in the clean run (1 = all, 0 = none); each prompt normalised by its own "
+                           "gap, prompts with a gap under 0.1 × the median left out (n_excluded), BCa 95% interval "
+                           "over prompts; the strongest cell not fixed by construction per digit (s3 = the carry).",
     "swap": "after exchanging two positions' vectors: does the answer (or a position probe) follow the vectors or "
             "their places?",
     "positions told": "the tokens stay where they are, only the position ids the encoding reads change (shifted by "
@@ -285,6 +294,7 @@ def _figures(committed: Committed, labels: dict[str, str]) -> dict[str, go.Figur
         "adjacency": score_by_site_figure(tables["geometry"], "adjacency", "adjacency above its null", "excess"),
         "patching_nope": patching_mean_heatmap(tables["activation_patching"], "nope-causal"),
         "patching_learned": patching_mean_heatmap(tables["activation_patching"], "learned-causal"),
+        "patching_directions": patching_directions_figure(tables["patching_effects"], "nope-causal"),
         "position_swap": swap_figure(tables["position_swap"]),
         "swap_readout": swap_readout_figure(tables["swap_readout"], "nope-causal"),
         "position_edits": position_edit_figure(tables["position_task"]),
@@ -328,6 +338,12 @@ def _sections(committed: Committed, figures: dict[str, go.Figure]) -> list[Secti
         Section("Activation patching", howto=HOWTO["patching"],
                 figures=[figures["patching_nope"], figures["patching_learned"]],
                 details={"activation patching, every run": tables["activation_patching"]}),
+        Section("Patching in both directions, every answer digit", howto=HOWTO["patching directions"],
+                figures=[figures["patching_directions"]], table=strongest_cells(tables["patching_effects"]),
+                details={"mean ± sd over seeds, cells not fixed by construction": mean_sd_text(
+                    tables["patching_effects"][~tables["patching_effects"]["fixed_by_construction"]],
+                    ["variant", "direction", "corruption", "digit", "site", "layer", "position", "role"],
+                    ["value", "ci_low", "ci_high"])}),
         Section("Position swap", howto=HOWTO["swap"], figures=[figures["position_swap"], figures["swap_readout"]],
                 table=mean_sd_text(tables["position_swap"], ["variant", "site", "fixed_by_construction"],
                                    ["follows_swap", "keeps_original"]),

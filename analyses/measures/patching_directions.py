@@ -20,7 +20,7 @@ that digit unchanged has nothing to restore (`n_unchanged`); a prompt whose |g| 
 × the median |g| of the changed prompts is excluded (`n_excluded`): dividing by a near-zero gap is
 what let the ratio run to −0.72 and 1.70 on a run that never learned. `value` is the mean over
 the kept prompts, `ci_low`/`ci_high` its BCa bootstrap interval over prompts
-(`stats.bootstrap_mean_interval`). Cells whose value the architecture fixes (exactly 0 or 1,
+(`stats.bootstrap_mean_interval`; NaN below `MIN_INTERVAL_PROMPTS` kept prompts). Cells whose value the architecture fixes (exactly 0 or 1,
 `construction.patch_fixed` at the digit's readout) are marked `fixed_by_construction`.
 
 The sites are the residual stream (`resid_pre`, `resid_post`: where information sits between
@@ -54,6 +54,8 @@ GAP_FLOOR = 1e-4
 """An absolute floor under the guard, in logits: a gap this small is float rounding (a model that cannot tell
 the prompts apart, whose median gap is rounding too)."""
 N_RESAMPLES = 1000
+MIN_INTERVAL_PROMPTS = 5
+"""Fewer kept prompts than this get no interval (NaN): a bootstrap of 2-4 values has a handful of distinct means."""
 PATCHING_EFFECT_COLUMNS = ("direction", "corruption", "digit", "site", "layer", "position", "role", "value",
                            "ci_low", "ci_high", "n_prompts", "n_excluded", "n_unchanged", "fixed_by_construction")
 
@@ -156,7 +158,7 @@ def patching_effects(model: HookedTransformer, task: Addition, *, corruptions: S
     Returns:
         The tidy table, columns `PATCHING_EFFECT_COLUMNS`, one row per (direction, corruption,
         digit, site, layer, position). Where every prompt of a digit is unchanged or excluded,
-        `value` and the interval are NaN and `n_prompts` is 0.
+        `value` and the interval are NaN and `n_prompts` is 0; below `MIN_INTERVAL_PROMPTS` the interval is NaN.
     """
     for name, given, allowed in (("direction", directions, DIRECTIONS), ("corruption", corruptions, CORRUPTIONS)):
         for item in given:
@@ -251,11 +253,9 @@ def _summarise(effects: dict[tuple[str, str], Float[Tensor, "layer pos batch dig
     for k, digit in enumerate(digits):
         keep = kept[:, k]
         values = stacked[..., keep, k].reshape(n_groups * n_layers * n_pos, -1).double().numpy()  # [cells, kept]
-        if values.shape[1]:
-            means = values.mean(1)
-            low, high = bootstrap_mean_interval(values, n_resamples, seed=int(generator.integers(2**31)))
-        else:
-            means = low = high = np.full(len(values), np.nan)
+        means = values.mean(1) if values.shape[1] else np.full(len(values), np.nan)
+        low, high = bootstrap_mean_interval(values, n_resamples, seed=int(generator.integers(2**31))) if (
+            values.shape[1] >= MIN_INTERVAL_PROMPTS) else (np.full(len(values), np.nan),) * 2
         counts = {"n_prompts": int(keep.sum()), "n_excluded": int((changed[:, k] & ~keep).sum()),
                   "n_unchanged": int((~changed[:, k]).sum())}
         for cell, ((direction, site), layer, position) in enumerate(
@@ -265,3 +265,27 @@ def _summarise(effects: dict[tuple[str, str], Float[Tensor, "layer pos batch dig
                          "ci_low": float(low[cell]), "ci_high": float(high[cell]), **counts,
                          "fixed_by_construction": bool(fixed[site][layer, position, k])})
     return rows
+
+
+def strongest_cells(table: pd.DataFrame) -> pd.DataFrame:
+    """For reading: per variant, direction, corruption and answer digit, the cell (not fixed by
+    construction) with the largest mean value over seeds (its interval's ends averaged over seeds
+    beside it), and the mean kept, excluded and unchanged prompts per run.
+
+    Args:
+        table: a merged `patching_effects` table with `variant` and `seed` columns.
+
+    Returns:
+        One row per (variant, direction, corruption, digit): site, layer, position, role, value,
+        ci_low, ci_high (means over seeds), n_seeds, and the mean `n_prompts`, `n_excluded`, `n_unchanged`.
+    """
+    keys = ["variant", "direction", "corruption", "digit"]
+    counts = table.groupby(keys, sort=False)[["n_prompts", "n_excluded", "n_unchanged"]].mean()
+    free = table[~table["fixed_by_construction"] & table["value"].notna()]
+    means = free.groupby([*keys, "site", "layer", "position", "role"], sort=False).agg(
+        value=("value", "mean"), ci_low=("ci_low", "mean"), ci_high=("ci_high", "mean"),
+        n_seeds=("seed", "nunique")).reset_index()
+    best = means.loc[means.groupby(keys, sort=False)["value"].idxmax()] if len(means) else means
+    found = best.merge(counts.reset_index(), on=keys, how="right")  # a digit without free cells: NaN
+    return found.astype({"layer": "Int64", "position": "Int64", "n_seeds": "Int64"})
+
