@@ -89,10 +89,10 @@ def corrupted_pair(kind: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, li
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("readout", [N_POS - 1, 4])  # 4: a teacher-forced answer digit, read before the end
 @pytest.mark.parametrize("kind", ["swap", "replace"])
-def test_patch_cells_claimed_fixed_are_fixed_and_no_others(model, kind):
+def test_patch_cells_claimed_fixed_are_fixed_and_no_others(model, kind, readout):
     clean, corrupted, changed = corrupted_pair(kind, seed=2)
-    readout = N_POS - 1
     _, cache = model.run_with_cache(clean)
     clean_out, corrupted_out = model(clean)[:, readout], model(corrupted)[:, readout]
     for site_kind in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
@@ -107,7 +107,7 @@ def test_patch_cells_claimed_fixed_are_fixed_and_no_others(model, kind):
                     out = model(corrupted)[:, readout]
                 to_corrupted = float((out - corrupted_out).abs().max())
                 to_clean = float((out - clean_out).abs().max())
-                fixed = patch_fixed(model.cfg, site_kind, layer, position, N_POS, changed, kind == "swap")
+                fixed = patch_fixed(model.cfg, site_kind, layer, position, N_POS, changed, kind == "swap", readout)
                 cell = (site_kind, layer, position, to_corrupted, to_clean)
                 if fixed:
                     assert min(to_corrupted, to_clean) <= ROUNDING, cell

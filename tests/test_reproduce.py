@@ -10,6 +10,7 @@ from poslens.analyses.experiments.presets import REPRODUCE_VARIANTS, SHIFTED, SH
 from poslens.analyses.measures.correlation import BLOCK_SCORE_COLUMNS
 from poslens.analyses.measures.geometry import COSINE_COLUMNS, SCORE_COLUMNS, VARIANCE_COLUMNS
 from poslens.analyses.measures.patching import ACTIVATION_PATCHING_COLUMNS
+from poslens.analyses.measures.patching_directions import PATCHING_EFFECT_COLUMNS
 from poslens.analyses.measures.positions import READOUT_COLUMNS, TASK_COLUMNS
 from poslens.analyses.measures.probe_sweep import PROBE_POSITION_COLUMNS
 from poslens.analyses.measures.shift import SHIFT_COLUMNS
@@ -34,6 +35,7 @@ TABLES = {
     "residual_cuts": ["block", "sublayer", "exact_match", "answer_logprob", "probe_accuracy", "delta_exact_match",
                       "delta_answer_logprob", "delta_probe_accuracy", "variant", "seed"],
     "activation_patching": [*ACTIVATION_PATCHING_COLUMNS, "variant", "seed"],
+    "patching_effects": [*PATCHING_EFFECT_COLUMNS, "variant", "seed"],
     "position_swap": [*SWAP_COLUMNS, "variant", "seed"],
     "swap_readout": [*SWAP_READOUT_COLUMNS, "variant", "seed"],
     "symmetry": [*SYMMETRY_COLUMNS, "seed"],  # `variant` is the run the twins belong to
@@ -61,7 +63,7 @@ def test_reproduce_tiny_writes_everything_and_resumes(tmp_path):
     training = read_table(out / "tables" / "training.csv")
     assert list(training["variant"]) == VARIANTS
     for name in ("invariance", "residual_cuts", "activation_patching", "position_swap", "swap_readout",
-                 "position_task"):
+                 "position_task", "patching_effects"):
         assert list(pd.unique(read_table(out / "tables" / f"{name}.csv")["variant"])) == list(REPRODUCE_VARIANTS)
     probe = read_table(out / "tables" / "probe.csv")
     assert set(probe.loc[probe["probe"] == "role", "variant"]) == {f"{v}{SHIFTED}" for v in SHIFTED_VARIANTS}
@@ -79,6 +81,7 @@ def test_reproduce_tiny_writes_everything_and_resumes(tmp_path):
     assert not invariance["nope-causal", "trained"] and not invariance["learned-causal", "random"]
     figures = {path.name for path in (out / "figures").iterdir()}
     assert {"plotly.min.js", "probe_accuracy.html", "residual_cuts.html", "patching_nope.html", "block_means.html",
+            "patching_directions.html",
             "swap_readout.html"} <= figures
     report = (out / "report.html").read_text()
     # One offline plotly.js for the whole folder: the report and every figure page load figures/plotly.min.js.

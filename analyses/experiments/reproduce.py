@@ -8,7 +8,7 @@ their controls (per site and per position), block structure against its null, po
 geometry, residual cuts, activation patching and the position swap with its readout (cells
 the architecture fixes marked, not read as evidence). The merged tables go to `tables/`, the
 claims table (`analyses.claims`) first in `report.html` and `summary.md`. Each (variant,
-format, seed) is one unit of `analyses.sweep`; finished runs and their measures are reused.
+format, seed) is one unit of `analyses.executors`; finished runs and their measures are reused.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from poslens.analyses.figures.probes import probe_accuracy_figure, probe_positio
 from poslens.analyses.figures.reproduce import (
     block_means_figure,
     convergence_figure,
+    patching_directions_figure,
     patching_mean_heatmap,
     score_by_site_figure,
     swap_figure,
@@ -51,8 +52,9 @@ from poslens.analyses.measures.cut_effects import residual_cut_effects
 from poslens.analyses.measures.geometry import position_geometry
 from poslens.analyses.measures.invariance import permutation_test
 from poslens.analyses.measures.patching import activation_patching
+from poslens.analyses.measures.patching_directions import patching_effects, strongest_cells
 from poslens.analyses.measures.positions import position_interventions
-from poslens.analyses.measures.probe_sweep import run_probe_sweep as sweep_probes
+from poslens.analyses.measures.probe_sweep import run_probe_sweep
 from poslens.analyses.measures.shift import shift_probe
 from poslens.analyses.measures.swaps import position_swap, swap_readout
 from poslens.analyses.measures.symmetry import symmetry_twins
@@ -65,22 +67,22 @@ from poslens.analyses.study import Committed, Study, run_study
 from poslens.analyses.tables import mean_sd_text, seed_summary, side_by_side, site_layer
 from poslens.hooks import capture_residuals
 from poslens.tasks import Addition
-from poslens.variants import HookedTransformer, TrainResult, build, load, train
-from poslens.variants import variant_config as preset
+from poslens.variants import HookedTransformer, TrainResult, build, load, train, variant_config
 from poslens.variants.config import check_integer
 
-ANALYSIS_VERSION = 4
+ANALYSIS_VERSION = 5
 """Bumped whenever a per-run measure changes, so runs measured before are measured again."""
 RUN_TABLES = ("training", "curves", "invariance", "probe", "probe_by_position", "correlation", "geometry",
               "variance", "cosine", "residual_cuts", "activation_patching", "position_swap", "swap_readout",
-              "symmetry", "shift_probe", "position_task", "position_readout", "amnesic", "subspace_swap")
+              "symmetry", "shift_probe", "position_task", "position_readout", "amnesic", "subspace_swap",
+              "patching_effects")
 
 
 def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = DEFAULT_PRESET, seeds: int | None = None,
-              force: bool = False, device: str = "cpu", quiet: bool = False, **sweep: Any) -> dict[str, pd.DataFrame]:
+              force: bool = False, device: str = "cpu", quiet: bool = False, **executor_options: Any) -> dict[str, pd.DataFrame]:
     """Run (or resume) the whole experiment into `out_dir`; returns the merged tables and `claims`.
 
-    Every (variant, format, seed) is one unit of the study (`analyses.study.run_study`; `sweep`
+    Every (variant, format, seed) is one unit of the study (`analyses.study.run_study`; `executor_options`
     takes its executor settings): it trains into `out_dir/runs/<variant>-seed<k>/` and measures
     the run there (cached in `measures/`). The driver alone writes the merged `tables/`,
     `figures/`, `summary.md` and `report.html`, anew on every call (the study output rule).
@@ -93,7 +95,7 @@ def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = DEFA
         force: measure every run again (weights are never deleted).
         device: where units run (`cuda` when Ray hands out GPUs).
         quiet: no progress bar.
-        **sweep: `analyses.sweep.run_units` settings.
+        **executor_options: `analyses.executors.run_units` settings.
 
     Returns:
         Every committed table by name (`RUN_TABLES` and `claims`).
@@ -103,7 +105,7 @@ def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = DEFA
     seeds = PRESETS[preset_name].seeds if seeds is None else seeds
     check_integer("seeds", seeds, minimum=1)
     out_dir = Path(out_dir)
-    device = "cuda" if sweep.get("gpus_per_unit") else device
+    device = "cuda" if executor_options.get("gpus_per_unit") else device
     studied = [(variant, 0) for variant in REPRODUCE_VARIANTS] + [(variant, MAX_SHIFT) for variant in SHIFTED_VARIANTS]
     units = [Unit(f"{_label(variant, shift)}-seed{seed}", measure_run,
                   {"run_dir": str(out_dir / "runs" / f"{_label(variant, shift)}-seed{seed}"), "variant": variant,
@@ -116,7 +118,7 @@ def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = DEFA
                   figures=partial(_figures, labels=labels), sections=_sections,
                   alerts=lambda committed: missed_criterion(committed.tables["training"], LEARNED_CRITERION,
                                                             ("nope-bidirectional",)))
-    return run_study(out_dir, study, quiet=quiet, **sweep)
+    return run_study(out_dir, study, quiet=quiet, **executor_options)
 
 
 SHIFTED_COST = 1.4
@@ -143,7 +145,7 @@ def measure_run(run_dir: str, variant: str, seed: int, preset_name: str, shift: 
     into `run_dir`, then measure it (`RUN_TABLES`, each with `variant` and `seed`, and the
     block-means matrices `corr:<site>` the report draws). Cached in `run_dir/measures/`."""
     settings, task = PRESETS[preset_name], Addition(max_shift=shift)
-    cfg = preset(variant, task=task, seed=seed, device=device, **settings.model)
+    cfg = variant_config(variant, task=task, seed=seed, device=device, **settings.model)
     result = train(cfg, task, out_dir=run_dir, resume=True, quiet=True, seed=seed, **settings.training)
     stamp = {"preset": preset_name, "shift": shift, "version": ANALYSIS_VERSION}
     return cached_results(Path(run_dir) / "measures", stamp,
@@ -159,7 +161,7 @@ def measure_trained(result: TrainResult, label: str, seed: int, settings: Reprod
     history = pd.DataFrame(result.history)
     sample = task.sample_test(settings.n_probe_sequences, seed=seed)
     targets = ("position", "role") if task.max_shift else ("position",)
-    probes = sweep_probes({label: [model]}, task, n_sequences=settings.n_probe_sequences, seed=seed, targets=targets,
+    probes = run_probe_sweep({label: [model]}, task, n_sequences=settings.n_probe_sequences, seed=seed, targets=targets,
                           quiet=True)
     found = {"training": _training(history, labels), "probe": probes.table, "probe_by_position": probes.by_position,
              "curves": history[["step", "exact_match", "test_loss"]].assign(**labels),
@@ -173,6 +175,7 @@ def measure_trained(result: TrainResult, label: str, seed: int, settings: Reprod
         "invariance": _invariance(model, result.out_dir, task, seed, labels),
         "residual_cuts": residual_cut_effects(model, task, n_sequences=settings.n_probe_sequences, seed=seed),
         "activation_patching": activation_patching(model, task, n_sequences=settings.n_patch_sequences, seed=seed),
+        "patching_effects": patching_effects(model, task, n_sequences=settings.n_patch_sequences, seed=seed),
         "position_swap": position_swap(model, task, n_sequences=settings.n_patch_sequences * 2, seed=seed),
         "swap_readout": swap_readout(model, task, n_sequences=settings.n_probe_sequences, seed=seed),
         **position_interventions(model, task, n_sequences=settings.n_probe_sequences, seed=seed),
@@ -243,6 +246,11 @@ HOWTO = {
                 "adjacency: cosine of neighbours minus cosine of distant positions; each above its "
                 "position-shuffled null.",
     "patching": "how much of the clean first answer digit a patch of one (layer, position) restores (1 = all).",
+    "patching directions": "denoise: the share of the clean-vs-corrupted logit difference of one answer digit that "
+                           "one clean residual vector restores in the corrupted run; noise: the share one corrupted "
+                           "vector destroys in the clean run (1 = all, 0 = none); each prompt normalised by its own "
+                           "gap, prompts with a gap under 0.1 × the median left out (n_excluded), BCa 95% interval "
+                           "over prompts; the strongest cell not fixed by construction per digit (s3 = the carry).",
     "swap": "after exchanging two positions' vectors: does the answer (or a position probe) follow the vectors or "
             "their places?",
     "positions told": "the tokens stay where they are, only the position ids the encoding reads change (shifted by "
@@ -287,6 +295,7 @@ def _figures(committed: Committed, labels: dict[str, str]) -> dict[str, go.Figur
         "adjacency": score_by_site_figure(tables["geometry"], "adjacency", "adjacency above its null", "excess"),
         "patching_nope": patching_mean_heatmap(tables["activation_patching"], "nope-causal"),
         "patching_learned": patching_mean_heatmap(tables["activation_patching"], "learned-causal"),
+        "patching_directions": patching_directions_figure(tables["patching_effects"], "nope-causal"),
         "position_swap": swap_figure(tables["position_swap"]),
         "swap_readout": swap_readout_figure(tables["swap_readout"], "nope-causal"),
         "position_edits": position_edit_figure(tables["position_task"]),
@@ -330,6 +339,12 @@ def _sections(committed: Committed, figures: dict[str, go.Figure]) -> list[Secti
         Section("Activation patching", howto=HOWTO["patching"],
                 figures=[figures["patching_nope"], figures["patching_learned"]],
                 details={"activation patching, every run": tables["activation_patching"]}),
+        Section("Patching in both directions, every answer digit", howto=HOWTO["patching directions"],
+                figures=[figures["patching_directions"]], table=strongest_cells(tables["patching_effects"]),
+                details={"mean ± sd over seeds, cells not fixed by construction": mean_sd_text(
+                    tables["patching_effects"][~tables["patching_effects"]["fixed_by_construction"]],
+                    ["variant", "direction", "corruption", "digit", "site", "layer", "position", "role"],
+                    ["value", "ci_low", "ci_high"])}),
         Section("Position swap", howto=HOWTO["swap"], figures=[figures["position_swap"], figures["swap_readout"]],
                 table=mean_sd_text(tables["position_swap"], ["variant", "site", "fixed_by_construction"],
                                    ["follows_swap", "keeps_original"]),

@@ -91,6 +91,34 @@ def patching_mean_heatmap(table: pd.DataFrame, variant: str, site: str = "resid_
     return figure
 
 
+def patching_directions_figure(table: pd.DataFrame, variant: str, corruption: str = "swap", digit: str = "s0",
+                               site: str = "resid_pre") -> go.Figure:
+    """`patching_mean_heatmap` of a `patching_effects` table side by side for each direction
+    (denoise: share restored; noise: share destroyed), for one variant, corruption and answer digit.
+
+    Args:
+        table: the merged `patching_effects` table (columns of `PATCHING_EFFECT_COLUMNS`, `variant`, `seed`).
+        variant: the variant drawn.
+        corruption: `swap` or `permute`.
+        digit: the answer digit's role (`s0` .. `s3`; the carry is the last).
+        site: the residual site drawn.
+
+    Returns:
+        The plotly figure, one heatmap per direction.
+    """
+    chosen = table[(table["corruption"] == corruption) & (table["digit"] == digit)]
+    directions = list(pd.unique(chosen["direction"]))
+    figure = make_subplots(rows=1, cols=len(directions), subplot_titles=directions, shared_yaxes=True)
+    for column, direction in enumerate(directions, start=1):
+        heatmap = patching_mean_heatmap(chosen[chosen["direction"] == direction], variant, site).data[0]
+        figure.add_trace(heatmap.update(coloraxis="coloraxis"), row=1, col=column)
+    figure.update_layout(title=f"patching both ways ({site}, {corruption}, answer digit {digit}), {variant}: mean over "
+                               "seeds; blank = fixed by the architecture",
+                         coloraxis={"colorscale": "RdBu", "cmid": 0, "colorbar": {"title": "share"}},
+                         yaxis={"title": "layer", "autorange": "reversed"})
+    return figure
+
+
 def swap_figure(swaps: pd.DataFrame) -> go.Figure:
     """After exchanging two positions' vectors at each site: share of answers that follow the swap
     (solid) or keep the original (dashed), per variant, mean ± sd over seeds; sites where the

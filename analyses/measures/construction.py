@@ -131,22 +131,24 @@ def swap_readout_fixed(cfg: VariantConfig, swap_site: str, site: str) -> bool:
 
 
 def patch_fixed(cfg: VariantConfig, kind: str, layer: int, position: int, n_positions: int,
-                changed: Collection[int], permutation: bool) -> bool:
+                changed: Collection[int], permutation: bool, readout: int | None = None) -> bool:
     """Whether patching the clean activation at (`kind`, `layer`, `position`) into the corrupted
     run gives a restoration value fixed by the architecture (exactly 0 or 1) when the output is
-    read at the last of `n_positions` prompt positions. `changed`: the positions whose tokens
-    the corruption may change; `permutation`: whether the corrupted prompts only permute
-    tokens among those positions."""
+    read at position `readout` of `n_positions` (default the last; a teacher-forced answer digit
+    is read earlier). `changed`: the positions whose tokens the corruption may change;
+    `permutation`: whether the corrupted prompts only permute tokens among those positions.
+    Under a causal mask a position after the readout is never read."""
     after = _check(cfg, kind, layer)
     before = attention_layers_before(kind, layer)
-    readout = n_positions - 1
+    readout = n_positions - 1 if readout is None else readout
+    causal = cfg.attention_dir == "causal"
     changed = set(changed)
 
     def same(where: int, attention_layers: int = before) -> bool:
         return _same_in_both_runs(cfg, attention_layers, where, changed, permutation)
 
     def unread(where: int) -> bool:
-        return after == 0 and where != readout
+        return (after == 0 and where != readout) or (causal and where > readout)
 
     if unread(position) or same(position):
         return True  # the patch changes nothing the readout depends on: 0

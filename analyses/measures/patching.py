@@ -299,15 +299,19 @@ def patching_sample(task: Addition, *, kind: str = "swap", positions: tuple[int,
 
 
 def fixed_by_construction(cfg: VariantConfig, table: pd.DataFrame, clean: Int[Tensor, "batch seq"],
-                          corrupted: Int[Tensor, "batch seq"], prompt_len: int) -> list[bool]:
+                          corrupted: Int[Tensor, "batch seq"], prompt_len: int, readout: int | None = None
+                          ) -> list[bool]:
     """For each row (site, layer, position) of a patching table: whether its value is fixed by
-    the architecture (`construction.patch_fixed`), given which prompt positions the corruption
-    changes and whether it only permutes tokens among them."""
-    prompts = slice(0, prompt_len)
-    changed = (clean[:, prompts] != corrupted[:, prompts]).any(0).nonzero().flatten()
+    the architecture (`construction.patch_fixed`), given which of the first `prompt_len` positions
+    (the patched run's input) the corruption changes and whether it only permutes tokens among
+    them. `readout`: where the output is read (default the last input position); under a causal
+    mask only the positions up to it count as changed."""
+    readout = prompt_len - 1 if readout is None else readout
+    inputs = slice(0, readout + 1 if cfg.attention_dir == "causal" else prompt_len)
+    changed = (clean[:, inputs] != corrupted[:, inputs]).any(0).nonzero().flatten()
     permutation = torch.equal(clean[:, changed].sort(-1).values, corrupted[:, changed].sort(-1).values)
     changed = changed.tolist()
-    return [patch_fixed(cfg, row.site, row.layer, row.position, prompt_len, changed, permutation)
+    return [patch_fixed(cfg, row.site, row.layer, row.position, prompt_len, changed, permutation, readout)
             for row in table.itertuples()]
 
 
