@@ -198,7 +198,8 @@ def patch_grids(model: HookedModel, clean_tokens: Int[Tensor, "batch pos"],
         clean_tokens: the clean prompts, `[batch, pos]`.
         corrupted_tokens: the corrupted prompts, the same shape.
         metric: maps the logits of the corrupted prompts (`[batch, pos, vocab]`, or `[batch, 1, vocab]` with
-            `last_position_only`) to a scalar, as TransformerLens's patching metric does.
+            `last_position_only`) to a scalar, as TransformerLens's patching metric does, or to a tensor of
+            one fixed shape (e.g. one value per prompt, `[batch]`), which each grid cell then holds.
         sites: any of `PATCH_SITES` the model has (`patchable_sites`).
         last_position_only: the metric reads only the last position, so only it is unembedded (faster).
         memory_mb: the working-memory budget of one pass (`chunk_cells`).
@@ -207,7 +208,8 @@ def patch_grids(model: HookedModel, clean_tokens: Int[Tensor, "batch pos"],
         quiet: no progress bar.
 
     Returns:
-        Each site's grid, `[n_layers, n_pos]` (`[n_layers, n_heads]` for `z`), float32 on the CPU.
+        Each site's grid, `[n_layers, n_pos]` (`[n_layers, n_heads]` for `z`) followed by the metric's own
+        shape (none for a scalar metric), float32 on the CPU.
     """
     sites = check_sites(model, sites)
     if clean_tokens.shape != corrupted_tokens.shape or clean_tokens.ndim != 2:
@@ -237,7 +239,8 @@ def patch_grids(model: HookedModel, clean_tokens: Int[Tensor, "batch pos"],
             # corrupted run's own (in a causal model, every position before the first corrupted token).
             active = [{cell for cell in cells if _changes(site, cell, clean, corrupted, group)} for group in groups]
             to_run = [cell for cell in cells if any(cell in cells_of_group for cells_of_group in active)]
-            values = dict.fromkeys(cells, float(metric(corrupted_logits)))
+            unpatched = _value(metric(corrupted_logits))
+            values = dict.fromkeys(cells, unpatched)
             with tqdm(total=len(cells), desc=f"patching {site}", disable=quiet) as bar:
                 bar.update(len(cells) - len(to_run))
                 for start in range(0, len(to_run), per_pass):
@@ -246,11 +249,16 @@ def patch_grids(model: HookedModel, clean_tokens: Int[Tensor, "batch pos"],
                     for group, cells_of_group in zip(groups, active):
                         per_group.append(_run_chunk(model, site, chunk, cells_of_group, clean, corrupted_tokens,
                                                     corrupted_logits, group, readout))
-                    values.update((cell, float(metric(torch.cat(blocks)))) for cell, *blocks in
+                    values.update((cell, _value(metric(torch.cat(blocks)))) for cell, *blocks in
                                   zip(chunk, *per_group))
                     bar.update(len(chunk))
-            grids[site] = torch.tensor([values[cell] for cell in cells], dtype=torch.float32).reshape(shape)
+            grids[site] = torch.stack([values[cell] for cell in cells]).reshape(*shape, *unpatched.shape)
     return grids
+
+
+def _value(metric_value: Tensor | float) -> Tensor:
+    """A metric's value as a float32 tensor on the CPU (a scalar, or one value per prompt)."""
+    return torch.as_tensor(metric_value).detach().float().cpu()
 
 
 def _changes(site: str, cell: tuple[int, int], clean: dict[str, Tensor], corrupted: dict[str, Tensor],

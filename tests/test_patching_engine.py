@@ -97,6 +97,27 @@ def test_equals_transformer_lens_on_bridged_models(kind, bridges, offline):
     assert_equal_grids(model, n_prompts=1 if kind == "llama" else 2)
 
 
+@pytest.mark.parametrize("model_of", [lambda tiny, bridges: ours("nope-causal", tiny),
+                                      lambda tiny, bridges: bridges["gpt2"]], ids=["ours", "bridged-gpt2"])
+def test_a_per_prompt_metric_gives_each_prompt_its_own_grid(model_of, tiny, bridges, offline):
+    """A metric that returns one value per prompt: each cell holds the vector, and its mean is the grid of the
+    same metric averaged (the no-op cells included: they hold the unpatched run's vector)."""
+    model = model_of(tiny, bridges)
+    clean, corrupted = pair(model, n_prompts=3)
+    vocab = model.cfg.d_vocab
+
+    def per_prompt(logits):
+        return logits[:, -1, 3] - logits[:, -1, vocab - 1]
+
+    sites = ["resid_pre", "attn_out"]
+    vectors = patch_grids(model, clean, corrupted, per_prompt, sites)
+    means = patch_grids(model, clean, corrupted, lambda logits: per_prompt(logits).mean(), sites)
+    for site in sites:
+        assert vectors[site].shape == (*means[site].shape, 3)
+        torch.testing.assert_close(vectors[site].mean(-1), means[site], atol=1e-5, rtol=0)
+        assert (vectors[site].std(-1) > 1e-4).any(), site  # the prompts differ: a broadcast mean would fail here
+
+
 def test_chunking_bfloat16_and_progress(tiny, capsys):
     model = ours("learned-causal", tiny)
     clean, corrupted = pair(model, n_pos=10)

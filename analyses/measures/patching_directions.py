@@ -77,44 +77,6 @@ def answer_logit_diffs(logits: Float[Tensor, "batch pos vocab"], good: Int[Tenso
     return read.gather(-1, good[..., None])[..., 0] - read.gather(-1, bad[..., None])[..., 0]
 
 
-class PerPromptMetric:
-    """A `patch_grids` metric that keeps every prompt's answer logit differences.
-
-    `patch_grids` reduces its metric to one float per cell; a per-prompt interval needs the
-    vector. This metric records each call's `[batch, digit]` differences and returns their mean,
-    and `grids` re-reads the records in the engine's cell order, checking them against the grid it
-    returned (so a change of the engine's call order fails loudly instead of mislabelling cells).
-    """
-
-    def __init__(self, good: Int[Tensor, "batch digit"], bad: Int[Tensor, "batch digit"], reads: Sequence[int]):
-        self.good, self.bad, self.reads, self.calls = good, bad, list(reads), []
-
-    def __call__(self, logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
-        diffs = answer_logit_diffs(logits, self.good, self.bad, self.reads)
-        self.calls.append(diffs.cpu())
-        return diffs.mean()
-
-    def grids(self, model: HookedTransformer, source: Int[Tensor, "batch pos"], run: Int[Tensor, "batch pos"],
-              sites: Sequence[str], quiet: bool) -> dict[str, Float[Tensor, "layer pos batch digit"]]:
-        """Patch each cell of each site from `source` into `run` (`hooks.patching.patch_grids`).
-
-        Returns:
-            Per site, the patched run's logit differences `[layer, pos, batch, digit]`.
-        """
-        self.calls = []
-        grids = patch_grids(model, source, run, self, sites, quiet=quiet)
-        found, start = {}, 0
-        for site, grid in grids.items():
-            calls = self.calls[start:start + grid.numel()]
-            start += grid.numel()
-            if len(calls) != grid.numel() or not torch.allclose(torch.stack([c.mean() for c in calls]),
-                                                                grid.flatten(), atol=1e-5, rtol=1e-5):
-                raise RuntimeError("hooks.patching.patch_grids no longer calls its metric once per cell in order: "
-                                   "per-prompt patching values cannot be read back")
-            found[site] = torch.stack(calls).reshape(*grid.shape, *calls[0].shape)
-        return found
-
-
 def guard_prompts(gap: Float[Tensor, "batch digit"], changed: Tensor, guard: float = GUARD) -> Tensor:
     """The prompts a normalised patching value is defined for, per answer digit: the corruption
     changes the digit, and |gap| > `guard` × the median |gap| of the changed prompts (and > `GAP_FLOOR`).
@@ -212,13 +174,18 @@ def _patched(model: HookedTransformer, clean: Int[Tensor, "batch seq"], corrupte
     patched: dict[str, dict[str, list[Tensor]]] = {direction: {site: [] for site in sites} for direction in directions}
     for length, group in _inputs(model, n_pos, reads):
         runs = {"clean": clean[:, :length], "corrupted": corrupted[:, :length]}
-        recorder = PerPromptMetric(good[:, group], bad[:, group], [reads[k] for k in group])
+        group_reads = [reads[k] for k in group]
+
+        def metric(logits: Tensor, good=good[:, group], bad=bad[:, group], group_reads=group_reads) -> Tensor:
+            return answer_logit_diffs(logits, good, bad, group_reads)  # [batch, digit]: a value per prompt
+
         for name, tokens in runs.items():
-            baseline[name].append(answer_logit_diffs(model(tokens), recorder.good, recorder.bad, recorder.reads).cpu())
+            baseline[name].append(metric(model(tokens)).cpu())
         for direction in directions:
             source, run = ("clean", "corrupted") if direction == "denoise" else ("corrupted", "clean")
             unpatched = baseline[run][-1]
-            for site, values in recorder.grids(model, runs[source], runs[run], sites, quiet).items():
+            # `patch_grids` keeps the metric's per-prompt shape: `[layer, pos, batch, digit]` per site
+            for site, values in patch_grids(model, runs[source], runs[run], metric, sites, quiet=quiet).items():
                 absent = unpatched.expand(values.shape[0], n_pos - length, *unpatched.shape)
                 patched[direction][site].append(torch.cat([values, absent], dim=1))
     return (torch.cat(baseline["clean"], -1), torch.cat(baseline["corrupted"], -1),
