@@ -159,7 +159,8 @@ def _tokenizer(args: argparse.Namespace):
 def _add_model_load_options(p: argparse.ArgumentParser) -> None:
     """How a `--model` folder or hub id is loaded and placed (variants.load_any)."""
     p.add_argument("--device-map", help="with --model: how transformers places a large model's layers, e.g. auto, "
-                                        "balanced, cpu, or a JSON object such as '{\"\": \"cuda:0\"}' (replaces --device)")
+                                        "balanced, cpu, or a JSON object such as '{\"\": \"cuda:0\"}' "
+                                        "(replaces --device)")
     p.add_argument("--n-devices", type=int, help="with --model: split the model over this many CUDA devices "
                                                  "(replaces --device)")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -436,8 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_load_options(p)
     p.add_argument("--out", required=True, help="tidy table: .csv, .md, .tex or .json; OUT_STEM.by_position and "
                                                 "OUT_STEM.models tables are written beside it")
-    p.add_argument("--sites", nargs="+", help="residual sites as hook names, e.g. blocks.0.hook_resid_post (default: embed and "
-                                                "every resid_mid / resid_post)")
+    p.add_argument("--sites", nargs="+", help="residual sites as hook names, e.g. blocks.0.hook_resid_post "
+                                              "(default: embed and every resid_mid / resid_post)")
     p.add_argument("--layers", nargs="+", type=int, help="instead of --sites: embed and the sites of these blocks")
     p.add_argument("--targets", nargs="+", default=["position"], choices=list(TARGETS),
                    help="what to probe (role needs a task with role labels; default position)")
@@ -535,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("induction", help="train on n-gram Markov in-context learning; copier and classifier "
                                               "heads, head scores, loss against Bayes")
     p.add_argument("--variant", action="append", help=f"repeatable (default {MARKOV_VARIANT})")
-    p.add_argument("--steps", type=int, help="optimiser steps (default: MARKOV_TRAINING of analyses.experiments.presets)")
+    p.add_argument("--steps", type=int,
+                   help="optimiser steps (default: MARKOV_TRAINING of analyses.experiments.presets)")
     p.add_argument("--sequences", type=int, default=1000, help="fresh sequences analysed per model (default 1000)")
     _add_study_options(p)
     p.set_defaults(run=_induction)

@@ -9,8 +9,9 @@
   `summary.md` and `report.html` (`reproduce`, `dynamics`, `induction`), with their sizes in
   `presets`. Each declares its units, figures and report to `study`, the one skeleton that
   locks, runs, merges, commits and draws them. No experiment imports another.
-- Shared: `stats` (tests over seeds and the verdict rule, on scipy), `tables` (the tidy schemas and the one multi-format export), `figures` (plotly
-  figures drawn from tables, and the one way to write one), `runs` (reading trained runs back).
+- Shared: `stats` (tests over seeds and the verdict rule, on scipy), `tables` (the tidy schemas and the one
+  multi-format export), `figures` (plotly figures drawn from tables, and the one way to write one), `runs`
+  (reading trained runs back).
 
 The common names are importable from here, loaded on first use (so that importing one module does
 not import every experiment): `from poslens.analyses import probe_table, activation_patching,

@@ -313,7 +313,8 @@ def evaluate(plan: AnalysisPlan, jobs: list[tuple[PlannedClaim, Callable[[], Mea
     needed = minimal_seeds(plan, family)
     for claim, measure, label in jobs:
         result, row = _test(claim, measure, needed)
-        row |= {"section": claim.section, "key": claim.key, "claim": f"{label}: {claim.claim}" if label else claim.claim,
+        row |= {"section": claim.section, "key": claim.key,
+                "claim": f"{label}: {claim.claim}" if label else claim.claim,
                 "registered": claim.registered, "margin": claim.margin}
         results.append(result)
         rows.append(row)

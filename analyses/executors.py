@@ -211,8 +211,8 @@ def run_units(units: Sequence[Unit], *, executor: str = "local", workers: int | 
     runner = {"serial": _serial, "local": _local, "ray": _ray}[executor]
     results, failures = {}, {}
     progress = tqdm(total=len(units), desc=desc, disable=quiet)
-    outcomes = runner(sorted(units, key=lambda unit: -unit.cost), workers=workers, threads=threads, ray_address=ray_address,
-                      gpus_per_unit=gpus_per_unit)
+    outcomes = runner(sorted(units, key=lambda unit: -unit.cost), workers=workers, threads=threads,
+                      ray_address=ray_address, gpus_per_unit=gpus_per_unit)
     with progress, closing(outcomes):  # closing: a stop here stops the executor's workers at once
         for name, ok, value in outcomes:
             (results if ok else failures)[name] = value

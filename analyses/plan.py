@@ -202,11 +202,13 @@ REPRODUCE_PLAN = AnalysisPlan("reproduce", 3, (
            "over permutations, float64", "exact", +1, "logits", "NoPE-bidirectional trained and random, and 1- and "
            "2-layer random twins"),
     _claim("symmetry_causal", "symmetry", "A causal mask with two or more layers breaks that invariance",
-           "min |Δ last-position logit| over permutations", "exact", +1, "logits", "NoPE-causal trained and random, and 2-layer random twins"),
+           "min |Δ last-position logit| over permutations", "exact", +1, "logits",
+           "NoPE-causal trained and random, and 2-layer random twins"),
     _claim("symmetry_one_layer", "symmetry", "One causal NoPE layer is still invariant at the last position",
            "max |Δ last-position logit| over permutations", "exact", +1, "logits", "1-layer random NoPE-causal twins"),
     _claim("symmetry_pe", "symmetry", "A positional encoding breaks it, with either mask and one layer or two",
-           "min |Δ last-position logit| over permutations", "exact", +1, "logits", "learned, sinusoidal and rotary random twins (causal and bidirectional, "
+           "min |Δ last-position logit| over permutations", "exact", +1, "logits",
+           "learned, sinusoidal and rotary random twins (causal and bidirectional, "
            "1 and 2 layers), learned-causal trained and random"),
     _claim("learning", "learning", "NoPE-causal learns 3-digit addition and NoPE-bidirectional cannot",
            "final held-out exact match, NoPE-causal − NoPE-bidirectional", "t", +1, "greedy answers", _PAIRED,

@@ -49,7 +49,8 @@ def load_task(run_dir: str | Path):
         raise ValueError(f"{Path(run_dir) / 'run.json'} has a task record that is not a task: {error}") from None
 
 
-def load_models_by_variant(directories: Sequence[str | Path], *, device: str = "cpu") -> dict[str, list[HookedTransformer]]:
+def load_models_by_variant(directories: Sequence[str | Path], *,
+                           device: str = "cpu") -> dict[str, list[HookedTransformer]]:
     """Trained checkpoints grouped by their variant name, in the order given.
 
     Args:

@@ -90,7 +90,8 @@ class Study:
     alerts: Callable[[Committed], list[str]] = lambda committed: []
 
 
-def run_study(out_dir: str | Path, study: Study, *, quiet: bool = False, **executor_options: Any) -> dict[str, pd.DataFrame]:
+def run_study(out_dir: str | Path, study: Study, *, quiet: bool = False,
+              **executor_options: Any) -> dict[str, pd.DataFrame]:
     """Run (or resume) `study` into `out_dir` and write its merged outputs.
 
     Args:

@@ -218,10 +218,11 @@ def wide_table(
     return text.reindex(index=sites, columns=variants).fillna("")
 
 
-def side_by_side(df: pd.DataFrame, metric: str = "accuracy", probe: str = "position", *, digits: int = 3) -> pd.DataFrame:
-    """The headline table: per site, each variant's trained probe beside its untrained
-    (`random_init`) twin, then the task-level bars every variant must clear
-    (`token_identity`, `chance`; they depend only on the tokens, so one column each)."""
+def side_by_side(df: pd.DataFrame, metric: str = "accuracy", probe: str = "position", *,
+                 digits: int = 3) -> pd.DataFrame:
+    """The headline table: per site, each variant's trained probe beside its untrained (`random_init`) twin,
+    then the task-level bars every variant must clear (`token_identity`, `chance`; they depend only on the
+    tokens, so one column each)."""
     present = set(df.loc[(df["metric"] == metric) & (df["probe"] == probe), "baseline"])
     parts = [wide_table(df, metric, probe, "trained", digits=digits)]
     if "random_init" in present:
@@ -368,9 +369,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
     header = pd.read_csv(path, nrows=0).columns
     if sorted(header) != sorted(PROBE_COLUMNS):
         return pd.read_csv(path)
-    return pd.read_csv(
-        path, dtype=PROBE_DTYPES, keep_default_na=False, na_values={"value": [""]}, encoding="utf-8",
-    )
+    return pd.read_csv(path, dtype=PROBE_DTYPES, keep_default_na=False, na_values={"value": [""]}, encoding="utf-8")
 
 
 def _read_json(path: Path) -> pd.DataFrame:

@@ -33,7 +33,8 @@ def main() -> None:
     args = parser.parse_args()
 
     task = Addition(n_test=args.sequences)
-    model = build(variant_config(args.variant, task=task, n_layers=args.layers, d_model=args.d_model, device=args.device)).eval()
+    model = build(variant_config(args.variant, task=task, n_layers=args.layers, d_model=args.d_model,
+                                 device=args.device)).eval()
     tokens = task.test_set()
 
     def sync() -> None:

@@ -28,9 +28,10 @@ writes only the export, exactly as the uninterrupted job does after its last uni
 
 Children are forked from this process, so a job's imports are paid once; torch runs one
 thread, as in the test suite. Points are counted per process: a job that spreads its writes
-over worker processes is killed at the driver's points only (its export, with `--executor local`). `tests/test_crash_consistency.py`
-kills the training run at every point, every export point of dynamics and induction, and a stated
-selection of the reproduce points; `benchmarks/results/kill-points.md` records the full runs over every point.
+over worker processes is killed at the driver's points only (its export, with `--executor local`).
+`tests/test_crash_consistency.py` kills the training run at every point, every export point of dynamics
+and induction, and a stated selection of the reproduce points; `benchmarks/results/kill-points.md` records
+the full runs over every point.
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ def compare_runs(reference: Path, candidate: Path) -> list[str]:
     names = {p.relative_to(reference) for p in reference.rglob("*")}
     found = {p.relative_to(candidate) for p in candidate.rglob("*")}
     if names != found:
-        problems.append(f"files differ: missing {sorted(map(str, names - found))}, extra {sorted(map(str, found - names))}")
+        problems.append(f"files differ: missing {sorted(map(str, names - found))}, "
+                        f"extra {sorted(map(str, found - names))}")
     for path in sorted(names & found):
         if (reference / path).is_dir() or path.name in ("history.json", "train_state.safetensors"):
             continue
@@ -198,13 +200,15 @@ def compare_study(reference: Path, candidate: Path) -> list[str]:
         names, found = ({p.name for p in (root / folder).iterdir()} if (root / folder).is_dir() else set()
                         for root in (reference, candidate))
         if names != found:
-            problems.append(f"{folder}/ holds other files: missing {sorted(names - found)}, extra {sorted(found - names)}")
+            problems.append(f"{folder}/ holds other files: missing {sorted(names - found)}, "
+                            f"extra {sorted(found - names)}")
     for path in sorted((reference / "tables").iterdir()):
         name = f"tables/{path.name}"
         if not (candidate / name).is_file():
             problems.append(f"{name} is missing")
         elif path.suffix in TABLE_FORMATS and masked(path.read_text(), path.suffix) != masked(
-                (candidate / name).read_text(), path.suffix) or path.suffix not in TABLE_FORMATS and path.read_bytes() != (candidate / name).read_bytes():
+                (candidate / name).read_text(), path.suffix) or path.suffix not in TABLE_FORMATS and (
+                path.read_bytes() != (candidate / name).read_bytes()):
             problems.append(f"{name} differs")
     for path in sorted(reference.glob("runs/*/model.safetensors")):
         twin = candidate / path.relative_to(reference)

@@ -67,7 +67,8 @@ def main() -> None:
         for name in presets:
             per_step, measures = unit_cost(name, args.variant, args.steps, args.device, Path(folder))
             unit = per_step * PRESETS[name].steps + measures
-            print(f"{name:>5}: {per_step * 1e3:6.0f} ms/step x {PRESETS[name].steps} steps + measures {measures:5.0f} s "
+            print(f"{name:>5}: {per_step * 1e3:6.0f} ms/step x {PRESETS[name].steps} steps "
+                  f"+ measures {measures:5.0f} s "
                   f"= {unit / 60:5.1f} min per unit; one seed ({units} units) {units * unit / 3600:5.2f} h of one "
                   f"{'core' if args.device == 'cpu' else 'device'}")
     print(f"load average {os.getloadavg()[0]:.1f} at end")

@@ -112,7 +112,8 @@ def main() -> None:
     print(f"$ python {shlex.join(sys.argv)}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
           f"{os.cpu_count()} CPUs ({platform.machine()}); load average {os.getloadavg()[0]:.1f} at start")
-    cases = {"quick": lambda: quick_case(args.quick_sequences), "gpt2-small": lambda: gpt2_case(args.prompt_tokens, args.corrupted_position)}
+    cases = {"quick": lambda: quick_case(args.quick_sequences),
+             "gpt2-small": lambda: gpt2_case(args.prompt_tokens, args.corrupted_position)}
     print("\n| model | sites | grid (cells × prompts) | method | seconds | speed-up vs TL | max abs diff vs TL "
           "| corr. with exact | peak RSS GB |\n|---|---|---|---|---|---|---|---|---|")
     notes = []
@@ -140,7 +141,8 @@ def main() -> None:
                   f"{reference_seconds / seconds:.1f}x | {difference:.1e} | {correlation:.3f} | {peak:.2f} |")
     print("", *notes, sep="\n")
     if args.correlations:
-        print("\n| variant (quick size, random weights) | site | Pearson r, preview vs exact | max abs diff |\n|---|---|---|---|")
+        print("\n| variant (quick size, random weights) | site | Pearson r, preview vs exact | max abs diff |"
+              "\n|---|---|---|---|")
         for variant in CORRELATION_VARIANTS:
             _, model, clean, corrupted, metric, sites = quick_case(args.quick_sequences, variant)
             exact = patch_grids(model, clean, corrupted, metric, sites, last_position_only=True)

@@ -118,7 +118,8 @@ def main() -> None:
             warnings.simplefilter("ignore", RuntimeWarning)  # max_iter may be set low on purpose (a memory run)
             ours = PositionProbe(max_iter=args.max_iter).fit(X_train, y_train)
         print(f"PositionProbe, all sites: {time.perf_counter() - began:.1f} s, iterations {ours.n_iter_.tolist()}, "
-              f"test accuracy {[round(a, 4) for a in ours.score(X_test, y_test).tolist()]}; peak RSS {peak_gb():.2f} GB")
+              f"test accuracy {[round(a, 4) for a in ours.score(X_test, y_test).tolist()]}; "
+              f"peak RSS {peak_gb():.2f} GB")
     print(f"load average {os.getloadavg()[0]:.1f} at end")
 
 

@@ -99,7 +99,8 @@ def main() -> None:
             timings[name].append(time.perf_counter() - began)
     medians = {name: statistics.median(times) for name, times in timings.items()}
     for name, seconds in medians.items():
-        print(f"{name:>18}: {seconds:7.1f} s (median of {args.repeats}: {', '.join(f'{t:.1f}' for t in timings[name])})")
+        print(f"{name:>18}: {seconds:7.1f} s "
+              f"(median of {args.repeats}: {', '.join(f'{t:.1f}' for t in timings[name])})")
     print(f"capture / plain = {medians['capture all sites'] / medians['plain forward']:.2f}x; "
           f"peak RSS {peak_gb():.2f} GB\n")
 

@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per row first")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    parser.add_argument("--peak-size", type=int, default=None, help="matmul size for the peaks (default 2048 cpu, 8192 cuda)")
+    parser.add_argument("--peak-size", type=int, default=None,
+                        help="matmul size for the peaks (default 2048 cpu, 8192 cuda)")
     args = parser.parse_args(argv)
     device = args.device
     if args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.threads < 1:
@@ -279,8 +280,10 @@ def main(argv: list[str] | None = None) -> None:
 
     print("command:", shlex.join([sys.executable, *sys.argv]))
     print(f"torch {torch.__version__}, python {platform.python_version()}, device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else f" ({platform.processor() or platform.machine()})")
-          + f", intra-op threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+          + (f" ({torch.cuda.get_device_name(device)})" if device.startswith("cuda")
+             else f" ({platform.processor() or platform.machine()})")
+          + f", intra-op threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f}")
 
     torch.manual_seed(0)
     task = Addition()
@@ -330,7 +333,8 @@ def main(argv: list[str] | None = None) -> None:
             rates[name].append(args.steps * tokens_per_step / rows[name].run(batches[: args.steps]))
 
     peak_size = args.peak_size or (8192 if device.startswith("cuda") else 2048)
-    peaks = {dtype: matmul_peak(device, peak_size, repeats=10, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
+    peaks = {dtype: matmul_peak(device, peak_size, repeats=10, dtype=dtype)
+             for dtype in (torch.float32, torch.bfloat16)}
     flops = train_step_flops(cfg, args.batch_size, n_pos)
     median = {name: statistics.median(values) for name, values in rates.items()}
     base = median["before (eager float32)"]

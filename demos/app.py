@@ -146,7 +146,8 @@ def make_app(models: Mapping[str, str | Path] | ModelStore, *, device: str = "cp
     hooks are shared state), so concurrent requests never see each other's patches. The
     patching grid runs in the background (`demos.server.Jobs`) on a copy of the model made on its
     first grid, so it never holds the other panels up; its attribution preview (one backward
-    pass) is drawn at once, and the exact heatmap shows "computing" until it is there, and a grid whose page has gone is cancelled. Every callback value is checked
+    pass) is drawn at once, and the exact heatmap shows "computing" until it is there, and a grid
+    whose page has gone is cancelled. Every callback value is checked
     (`demos.server`) before the lock is taken, and a bad one becomes the inline message. The
     client-side `state` holds only the model name and the two prompts as typed (at most
     `MAX_PROMPT_CHARS` each); every callback parses them again, so a forged state is refused
@@ -173,7 +174,8 @@ def make_app(models: Mapping[str, str | Path] | ModelStore, *, device: str = "cp
         if not isinstance(state, dict) or sorted(state) != ["clean", "corrupted", "model"]:
             raise ValueError(f"state must be {{'model', 'clean', 'corrupted'}}, got {excerpt(state)}")
         demo = store[choice(state["model"], store.names, "model")]
-        clean, corrupted = (parse_prompt(demo, text(state[key], key, MAX_PROMPT_CHARS)) for key in ("clean", "corrupted"))
+        clean, corrupted = (parse_prompt(demo, text(state[key], key, MAX_PROMPT_CHARS))
+                            for key in ("clean", "corrupted"))
         if torch.equal(clean, corrupted):
             raise ValueError("state names the same clean and corrupted prompt: there is nothing to patch")
         return demo, clean, corrupted

@@ -72,7 +72,8 @@ def _table(frame: pd.DataFrame, id: str) -> html.Table:
     """A DataFrame as a plain HTML table (its cells are text, never markup)."""
     cell = {"border": "1px solid #ccc", "padding": "2px 8px", "textAlign": "left"}
     return html.Table([html.Tr([html.Th(column, style=cell) for column in frame.columns])]
-                      + [html.Tr([html.Td(str(value), style=cell) for value in row]) for row in frame.itertuples(False)],
+                      + [html.Tr([html.Td(str(value), style=cell) for value in row])
+                         for row in frame.itertuples(False)],
                       id=id, style={"borderCollapse": "collapse", "margin": "0.5em 0"})
 
 
@@ -91,8 +92,9 @@ def _layout(demo: LMDemoModel, prompt: str, corrupted: str) -> html.Div:
         _table(demo.info.drop(columns=["variant", "seed"]), "encodings"),
         html.Div([html.Label(["prompt ", dcc.Input(id="prompt", value=prompt, debounce=True, type="text",
                                                    style=wide)])], style=ROW),
-        html.Div([html.Label(["corrupted prompt ", dcc.Input(id="corrupted", value=corrupted, debounce=True, type="text",
-                                                             placeholder="same number of tokens", style=wide)])],
+        html.Div([html.Label(["corrupted prompt ", dcc.Input(id="corrupted", value=corrupted, debounce=True,
+                                                             type="text", placeholder="same number of tokens",
+                                                             style=wide)])],
                  style=ROW),
         html.Div(id="message", role="alert", style=ALERT),
         dcc.Store(id="state"),

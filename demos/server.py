@@ -53,7 +53,8 @@ POLL_MS = 400  # how often a page asks for a result that is being computed
 ABANDON_S = 5.0  # a job nobody asked about for this long is cancelled (a hidden tab polls at least once a second)
 KEEP_JOBS = 16  # finished results kept for clients that ask again
 FIRST_WAIT_S = 0.5  # a job that finishes this soon is answered at once, with no "computing" state
-_HOST_NAME = re.compile(r"\.?(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
+_HOST_NAME = re.compile(r"\.?(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+                        r"(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
 log = logging.getLogger(__name__)
 
 

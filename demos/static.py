@@ -83,7 +83,8 @@ def static_page(figures: dict[str, dict[str, dict[str, dict]]], skipped: Mapping
     """The HTML of the page: plotly.js inline, the figures as JSON, the selects and the script, and
     a line naming the runs left out (`skipped`: name → reason, see `demos.discovery.demo_models`)."""
     models = list(figures)
-    left_out = "".join(f"<li>{html.escape(name)}: it {html.escape(reason)}</li>" for name, reason in (skipped or {}).items())
+    left_out = "".join(f"<li>{html.escape(name)}: it {html.escape(reason)}</li>"
+                       for name, reason in (skipped or {}).items())
     left_out = f"<p>Not shown:</p><ul>{left_out}</ul>" if left_out else ""
     prompts = list(figures[models[0]])
     data = json.dumps(figures).replace("</", "<\\/")  # nothing in the JSON may close the <script>

@@ -81,7 +81,8 @@ class _StopForward(Exception):
 
 @torch.no_grad()
 def capture_residuals(model: HookedModel, tokens: Int[Tensor, "example pos"], sites: list[str] | None = None,
-                      batch_size: int | None = None, *, dtype: torch.dtype | None = None, quiet: bool = True) -> Capture:
+                      batch_size: int | None = None, *, dtype: torch.dtype | None = None,
+                      quiet: bool = True) -> Capture:
     """The residual stream at `sites` (default: all of `residual_sites`) for every example.
 
     Runs one forward pass per batch of `batch_size` examples (default: as many as make about

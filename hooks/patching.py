@@ -338,7 +338,8 @@ def attribution_grids(model: HookedModel, clean_tokens: Int[Tensor, "batch pos"]
             name = get_act_name(site, layer)
             gradient = _total(corrupted.gradients.get(name), corrupted.gradients.get(skips.get(name, "")))
             effect = (clean.activations[name] - corrupted.activations[name]) * gradient
-            rows.append(corrupted.metric + (effect.sum(dim=(0, 1, 3)) if site in HEAD_SITES else effect.sum(dim=(0, 2))))
+            rows.append(corrupted.metric
+                        + (effect.sum(dim=(0, 1, 3)) if site in HEAD_SITES else effect.sum(dim=(0, 2))))
         grids[site] = torch.stack(rows).float().cpu()
     return grids
 

@@ -110,7 +110,8 @@ class SiteProbe(BaseEstimator):
         return {name: getattr(self, name) for name in self._param_names()}
 
     def set_params(self, **params: Any) -> SiteProbe:
-        """Set constructor parameters (validated at the next `fit`); an unknown name is an error naming the allowed ones."""
+        """Set constructor parameters (validated at the next `fit`); an unknown name is an error naming the
+        allowed ones."""
         unknown = sorted(set(params) - set(self._param_names()))
         if unknown:
             raise ValueError(f"unknown parameters {unknown} for {type(self).__name__}; allowed: {self._param_names()}")

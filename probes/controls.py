@@ -60,7 +60,8 @@ def selectivity(task_accuracy: Tensor | float, control_accuracy: Tensor | float)
 
 
 def token_identity_baseline(token_ids: Int[ArrayLike, "sequence *position"],
-                            labels: Int[ArrayLike, "sequence *position"], train_idx: Int[ArrayLike, " n_train"], test_idx: Int[ArrayLike, " n_test"], *,
+                            labels: Int[ArrayLike, "sequence *position"], train_idx: Int[ArrayLike, " n_train"],
+                            test_idx: Int[ArrayLike, " n_test"], *,
                             C: float = 1.0) -> float:
     """Test accuracy of `token_identity_predictions`: the best a probe does from token identity
     alone, the bar a probe of the residual stream has to clear.
@@ -123,7 +124,8 @@ def token_identity_predictions(token_ids: Int[ArrayLike, "sequence *position"],
     return majority[type_ids[test_idx].flatten()]
 
 
-def bag_of_prefix_features(token_ids: Int[ArrayLike, "sequence position"]) -> Float[Tensor, "sequence position feature"]:
+def bag_of_prefix_features(
+        token_ids: Int[ArrayLike, "sequence position"]) -> Float[Tensor, "sequence position feature"]:
     """What one causal NoPE attention layer can know of a token from content alone: its own
     type (one-hot) and the share of each token type among the tokens up to and including it.
 
@@ -141,7 +143,8 @@ def bag_of_prefix_features(token_ids: Int[ArrayLike, "sequence position"]) -> Fl
     """
     token_ids = _integers(token_ids, "token_ids")
     if token_ids.ndim != 2 or token_ids.numel() == 0:
-        raise ValueError(f"token_ids must be a non-empty [sequence, position] array, got shape {tuple(token_ids.shape)}")
+        raise ValueError(f"token_ids must be a non-empty [sequence, position] array, "
+                         f"got shape {tuple(token_ids.shape)}")
     type_ids = torch.unique(token_ids, return_inverse=True)[1]
     one_hot = torch.nn.functional.one_hot(type_ids).float()
     seen = torch.arange(1, token_ids.shape[1] + 1, dtype=torch.float32)[None, :, None]

@@ -91,7 +91,8 @@ def check_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], expected:
     """
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
-        raise ValueError(f"{path} holds tensors {sorted(tensors)}; a probe with these settings needs {sorted(expected)}")
+        raise ValueError(f"{path} holds tensors {sorted(tensors)}; "
+                         f"a probe with these settings needs {sorted(expected)}")
     for name, (shape, dtype) in expected.items():
         if tuple(tensors[name].shape) != shape or tensors[name].dtype != dtype:
             raise ValueError(f"{path}: {name} is {list(tensors[name].shape)} {tensors[name].dtype} but the saved "
@@ -110,7 +111,8 @@ def check_expected(path: str | os.PathLike, settings: dict[str, Any], expected: 
     unknown = sorted(set(expected) - set(saved))
     if unknown:
         raise ValueError(f"cannot check {unknown}: a saved probe records {sorted(saved)}")
-    differ = [f"{name}={saved[name]!r} (expected {value!r})" for name, value in expected.items() if saved[name] != value]
+    differ = [f"{name}={saved[name]!r} (expected {value!r})"
+              for name, value in expected.items() if saved[name] != value]
     if differ:
         raise ValueError(f"{path} was saved with {', '.join(differ)}")
 

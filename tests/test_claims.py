@@ -34,7 +34,8 @@ def synthetic(seeds: int, *, effect: float = 1.0, noise: float = 0.01) -> dict[s
                                 "max_abs_delta": 1e-15 if variant == BIDIR or weights == "random, 1 layer" else 0.3,
                                 "invariant": variant == BIDIR or weights == "random, 1 layer"}
                                for variant in (NOPE, LEARNED, BIDIR) for seed in range(seeds)
-                               for weights in ("trained", "random", *(("random, 1 layer",) if variant == NOPE else ()))])
+                               for weights in ("trained", "random",
+                                               *(("random, 1 layer",) if variant == NOPE else ()))])
     symmetry = pd.DataFrame([{"encoding": encoding, "attention": attention, "weights": "random", "n_layers": depth,
                               "max_abs_delta": 1e-15 if invariant else 0.2, "invariant": invariant, "seed": seed}
                              for seed in range(seeds) for encoding in ("nope", "learned", "sinusoidal", "rotary")
@@ -141,7 +142,8 @@ def test_a_missing_table_is_said_in_words():
     del tables["shift_probe"]
     row = reproduce_claims(tables).set_index("key").loc["shift"]
     assert row["verdict"] == "inconclusive"
-    assert row["note"] == "not tested: these results have no shift_probe table (measured before analysis plan version 3?)"
+    assert row["note"] == ("not tested: these results have no shift_probe table "
+                           "(measured before analysis plan version 3?)")
 
 
 def test_late_layer_loss_is_not_found_in_flat_noise_and_the_peak_is_chosen_on_other_seeds():

@@ -31,7 +31,8 @@ def test_train_then_invariance_on_the_checkpoint(run_cli, tmp_path):
 
 
 def test_invariance_formats_and_errors(run_cli):
-    code, text, _ = run_cli("invariance", "--variant", "nope-bidirectional", "--layers", "1", "--perms", "2", "--format", "csv")
+    code, text, _ = run_cli("invariance", "--variant", "nope-bidirectional", "--layers", "1", "--perms", "2",
+                            "--format", "csv")
     table = pd.read_csv(io.StringIO(text))
     assert code == 0 and table["variant"].tolist() == ["nope-bidirectional"] and table["invariant"].tolist() == [True]
     code, text, _ = run_cli("invariance", "--variant", "nope-causal", "--layers", "2", "--perms", "2", "--format", "md")
@@ -154,6 +155,7 @@ def test_a_run_record_with_an_unexpected_field_is_named(run_cli, tmp_path, train
 
 def test_os_errors_become_one_line_naming_the_path():
     assert error_line(PermissionError(13, "Permission denied", "/data/run")) == "/data/run: Permission denied"
-    assert error_line(OSError(30, "Read-only file system", "/ro/x", None, "/ro/y")) == "/ro/x -> /ro/y: Read-only file system"
+    assert (error_line(OSError(30, "Read-only file system", "/ro/x", None, "/ro/y"))
+            == "/ro/x -> /ro/y: Read-only file system")
     assert error_line(NotADirectoryError("runs/x is a file; a directory is expected here")) == (
         "runs/x is a file; a directory is expected here")

@@ -16,8 +16,8 @@ from poslens.variants import build
 
 ROUNDING, VISIBLE = 1e-10, 1e-7  # float64: a fixed cell moves by rounding only; a free one by far more
 N_POS = 8
-VARIANTS = [("nope-causal", 1), ("nope-causal", 2), ("nope-causal", 3), ("nope-bidirectional", 2), ("learned-causal", 2),
-            ("sinusoidal-bidirectional", 2), ("rotary-causal", 2), ("rotary-bidirectional", 1),
+VARIANTS = [("nope-causal", 1), ("nope-causal", 2), ("nope-causal", 3), ("nope-bidirectional", 2),
+            ("learned-causal", 2), ("sinusoidal-bidirectional", 2), ("rotary-causal", 2), ("rotary-bidirectional", 1),
             ("nope-causal+cut0", 3), ("nope-causal+cut1:mlp", 2)]
 
 

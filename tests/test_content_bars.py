@@ -19,7 +19,8 @@ def test_bag_of_prefix_features_are_the_token_and_its_prefix_shares():
     assert torch.equal(features[0, :, :2], torch.tensor([[1.0, 0], [0, 1], [1, 0], [1, 0]]))
     assert features[0, 3, 2:].tolist() == pytest.approx([0.75, 0.25])
     assert torch.allclose(features[..., 2:].sum(-1), torch.ones(2, 4))  # shares, not counts: no position in their sum
-    with pytest.raises(ValueError, match=r"token_ids must be a non-empty \[sequence, position\] array, got shape \(4,\)"):
+    with pytest.raises(ValueError,
+                       match=r"token_ids must be a non-empty \[sequence, position\] array, got shape \(4,\)"):
         bag_of_prefix_features(torch.tensor([1, 2, 3, 4]))
 
 

@@ -101,7 +101,8 @@ def test_block_diagonality_ignores_the_diagonal():
 def test_shape_errors_name_the_shape():
     for bad in (torch.zeros(5, 4), torch.zeros(1, 3, 4), torch.zeros(2, 3, 4, 1)):
         for function in (full_correlation, position_correlation):
-            with pytest.raises(ValueError, match=rf"got shape {tuple(bad.shape)}".replace("(", r"\(").replace(")", r"\)")):
+            with pytest.raises(ValueError,
+                               match=rf"got shape {tuple(bad.shape)}".replace("(", r"\(").replace(")", r"\)")):
                 function(bad)
     with pytest.raises(ValueError, match=r"d_model=4, got shape \(12, 10\)"):
         block_diagonality(torch.zeros(12, 10), 4)
@@ -133,7 +134,7 @@ def test_correlation_heatmap():
     assert figure.layout.yaxis.autorange == "reversed"
 
 
-# block scores against their null ---------------------------------------------------------------------------------------
+# block scores against their null --------------------------------------------------------------------------------------
 
 def planted(n_examples, rho=0.2, n_pos=6, d_model=8, seed=0):
     """A block-diagonal truth: each position's dims share a latent with correlation `rho`, positions independent."""

@@ -47,8 +47,8 @@ def test_training_killed_at_every_write_point_resumes_bitwise_identical(warm, tm
     kinds = {label.split()[0] for label in labels}
     assert len(labels) >= 40 and kinds == {"write", "rename"}
     assert sum(label.endswith("/train_state.safetensors") for label in labels) == 2 * 3  # 3 commits
-    result = kill_points.kill_each_point(job, out, reference, range(1, len(labels) + 1), kill_points.compare_runs, labels,
-                               quiet=True)
+    result = kill_points.kill_each_point(job, out, reference, range(1, len(labels) + 1), kill_points.compare_runs,
+                                         labels, quiet=True)
     assert result.points == len(labels) and result.failures == {}
 
 
@@ -76,8 +76,8 @@ def test_a_study_killed_at_every_export_write_point_resumes_identical(warm, tmp_
     assert {"tables/claims.json" if study == "dynamics" else "tables/roles.json", "report.html",
             "summary.md"} <= written and not any(name.startswith("runs/") for name in written)
     assert labels[-1].endswith("summary.md")
-    result = kill_points.kill_each_point(job, out, reference, range(1, len(labels) + 1), kill_points.compare_study, labels,
-                               quiet=True, start=start)
+    result = kill_points.kill_each_point(job, out, reference, range(1, len(labels) + 1), kill_points.compare_study,
+                                         labels, quiet=True, start=start)
     assert result.points == len(labels) and result.failures == {}
     # complete but unmarked outputs (the uninterrupted run's own folder): a rerun neither refuses nor re-measures
     measured = {path: path.stat().st_mtime_ns for path in reference.glob("runs/*/measures/*")}

@@ -139,7 +139,8 @@ def test_default_model_trains_once_then_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(discovery, "DEFAULT_STEPS", 2)
     out = discovery.default_model(tmp_path / "default", quiet=True)
     assert read_json(out / "run.json")["step"] == 2 and read_json(out / "run.json")["finished"]
-    assert read_json(out / "config.json")["config"] == variant_config(discovery.DEFAULT_VARIANT, task=Addition()).to_json()
+    assert (read_json(out / "config.json")["config"]
+            == variant_config(discovery.DEFAULT_VARIANT, task=Addition()).to_json())
     weights = out / "model.safetensors"
     stamp, payload = weights.stat().st_mtime_ns, weights.read_bytes()
     assert discovery.default_model(tmp_path / "default", quiet=True) == out  # finished: loaded, not retrained
@@ -285,7 +286,8 @@ def test_patching_refuses_what_it_cannot_measure(store, nope, swap_pair):
     bidirectional = store["bidirectional"]
     clean = parse_prompt(bidirectional, "123+456=")
     with pytest.raises(ValueError, match=r"'123\+456=' → '456\+123=': the model gives the same first-digit logits "
-                                         r"on the clean and the corrupted prompts \(fraction of KL restored undefined\)"):
+                                         r"on the clean and the corrupted prompts "
+                                         r"\(fraction of KL restored undefined\)"):
         patch_effects(bidirectional, clean, corrupt_prompt(bidirectional, clean, "operands"))
     with pytest.raises(ValueError, match=r"unknown patching site 'attn'; allowed: \['resid_pre', 'resid_mid', "
                                          r"'resid_post', 'attn_out', 'mlp_out'\]"):
@@ -393,7 +395,8 @@ def test_static_page(store, tmp_path):
     assert "patching has nothing to restore" in json.dumps(figures["bidirectional"]["123+456="]["resid_pre"])
     with pytest.raises(FileExistsError, match=r"demo.html already exists; pass overwrite=True"):
         write_static_page(store, out, prompts=prompts, quiet=True)
-    with pytest.raises(ValueError, match=r"must end in one of \['.html', '.htm'\]: poslens writes interactive HTML pages"):
+    with pytest.raises(ValueError,
+                       match=r"must end in one of \['.html', '.htm'\]: poslens writes interactive HTML pages"):
         write_static_page(store, tmp_path / "demo.png", quiet=True)
     assert static_figures(ModelStore({"nope": store.paths["nope"]}), ["123+456="], quiet=True)["nope"].keys() == {
         "123+456="}

@@ -31,7 +31,8 @@ def test_the_split_interventions_module_still_serves_its_names():
     with pytest.warns(DeprecationWarning, match="measures.swaps and poslens.analyses.measures.cut_effects"):
         old = importlib.import_module("poslens.analyses.measures.interventions")
     assert old.residual_cut_effects is cut_effects.residual_cut_effects
-    assert (old.position_swap, old.swap_readout, old.exchange) == (swaps.position_swap, swaps.swap_readout, swaps.exchange)
+    assert ((old.position_swap, old.swap_readout, old.exchange)
+            == (swaps.position_swap, swaps.swap_readout, swaps.exchange))
 
 
 @pytest.mark.parametrize(("namespace", "old", "new"), [
@@ -64,4 +65,5 @@ def test_the_warning_points_at_the_users_line_so_python_shows_it():
     result = subprocess.run([sys.executable, "-P", "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "<string>:1: DeprecationWarning: poslens.variants.preset is renamed" in result.stderr
-    assert "<string>:2: DeprecationWarning: poslens.analyses.sweep is renamed poslens.analyses.executors" in result.stderr
+    assert ("<string>:2: DeprecationWarning: poslens.analyses.sweep is renamed poslens.analyses.executors"
+            in result.stderr)

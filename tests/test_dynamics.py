@@ -99,7 +99,8 @@ def test_entropy_of_loss_bearing_queries_is_kept_apart_from_the_rest(addition):
     everything = attention_entropy(pattern, causal=True)
     reference = uniform_entropy_reference(n, causal=True, queries=loss_queries(addition))
     assert reference == pytest.approx(sum(math.log(q + 1) for q in range(7, 11)) / 4)
-    assert loss.nats.item() == pytest.approx(reference, abs=1e-6) and loss.normalised.item() == pytest.approx(1, abs=1e-6)
+    assert (loss.nats.item() == pytest.approx(reference, abs=1e-6)
+            and loss.normalised.item() == pytest.approx(1, abs=1e-6))
     assert other.nats.item() == pytest.approx(0, abs=1e-6) and other.normalised.item() == pytest.approx(0, abs=1e-6)
     assert everything.nats.item() == pytest.approx(reference * 4 / n, abs=1e-6)  # JoMA's mean dilutes it 4 / 11
     assert math.isnan(attention_entropy(pattern, causal=True, queries=[]).nats.item())
@@ -187,7 +188,8 @@ def test_training_dynamics_walks_every_snapshot(snapshot_run):
     assert list(result.entropy.columns) == [*ENTROPY_COLUMNS, *ENTROPY_SPLIT_COLUMNS]
     # the loss-bearing queries (predicting the 4 answer digits) and the rest partition every query
     split = result.entropy
-    assert (split["entropy_nats"] - (4 * split["entropy_nats_loss"] + 7 * split["entropy_nats_rest"]) / 11).abs().max() < 1e-9
+    assert (split["entropy_nats"]
+            - (4 * split["entropy_nats_loss"] + 7 * split["entropy_nats_rest"]) / 11).abs().max() < 1e-9
     assert len(result.entropy) == len(steps) * 2 * 4  # steps × layers × heads
     assert (result.entropy["entropy_nats"] <= result.entropy["uniform_nats"] + 1e-6).all()
     assert result.entropy["uniform_nats"].unique().tolist() == pytest.approx([uniform_entropy_reference(11, True)])
@@ -285,8 +287,9 @@ def test_cli_rejects_bad_schedules(run_cli, tmp_path):
 @pytest.mark.slow
 def test_cli_on_markov_adds_the_induction_analysis(run_cli, tmp_path):
     out = tmp_path / "markov"
-    code, _, err = run_cli("dynamics", "--variant", "nope-causal", "--task", "markov", "--layers", "1", "--d-model", "16",
-                       "--steps", "2", "--checkpoints", "1", "--sequences", "8", "--out", str(out), "--quiet")
+    code, _, err = run_cli("dynamics", "--variant", "nope-causal", "--task", "markov", "--layers", "1",
+                           "--d-model", "16", "--steps", "2", "--checkpoints", "1", "--sequences", "8",
+                           "--out", str(out), "--quiet")
     assert code == 0, err
     run_config = json.loads((out / "runs" / "nope-causal-seed0" / "run.json").read_text())
     assert run_config["task"]["name"] == "markov" and run_config["snapshots"] == [0, 2]

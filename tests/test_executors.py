@@ -124,14 +124,16 @@ def test_a_killed_study_trains_only_what_is_missing(serial_study, tmp_path):
     assert not (out / "tables").exists()  # killed before the merge
     kept = {path: path.stat().st_mtime_ns for path in first.rglob("*") if path.is_file()}
     reproduce(out, preset_name="tiny", executor="serial", quiet=True)
-    assert {path: path.stat().st_mtime_ns for path in kept} == kept  # the finished unit was neither retrained nor re-measured
+    # the finished unit was neither retrained nor re-measured
+    assert {path: path.stat().st_mtime_ns for path in kept} == kept
     assert_same_study(serial_study, out)
 
 
 def test_parallel_settings_are_checked():
     cores = usable_cores()
     assert check_parallelism("local", None, 1) == cores and check_parallelism("serial", None, 1) == 1
-    with pytest.raises(ValueError, match=rf"{cores + 1} workers × 1 threads would oversubscribe the {cores} usable cores"):
+    with pytest.raises(ValueError,
+                       match=rf"{cores + 1} workers × 1 threads would oversubscribe the {cores} usable cores"):
         check_parallelism("local", cores + 1, 1)
     with pytest.raises(ValueError, match=r"unknown executor 'slurm'; allowed: \['serial', 'local', 'ray'\]"):
         check_parallelism("slurm", None, 1)

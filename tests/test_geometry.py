@@ -96,7 +96,8 @@ def test_position_geometry_tables_and_figures(tiny, addition):
     assert list(figure.data[0].x) == list(range(1, 9))
     figure = cosine_figure(tables.cosine)
     assert len(figure.data) == len(sites) and list(figure.data[0].x) == list(range(1, 8))
-    with pytest.raises(ValueError, match=r"need activations \[example >= 1, pos >= 3, d_model\], got shape \(4, 2, 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"need activations \[example >= 1, pos >= 3, d_model\], got shape \(4, 2, 3\)"):
         variance_by_position(torch.zeros(4, 2, 3))
     with pytest.raises(ValueError, match="n_shuffles must be an integer >= 2"):
         geometry_scores(randn(4, 5, 3), n_shuffles=1)

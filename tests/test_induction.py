@@ -42,7 +42,7 @@ def induction_targets(half_len: int) -> list[int]:
     return list(range(half_len)) + [q - half_len + 1 for q in range(half_len, 2 * half_len)]
 
 
-# pure scores on hand-built patterns ------------------------------------------------------------------------------------
+# pure scores on hand-built patterns -----------------------------------------------------------------------------------
 
 def test_a_previous_token_head_scores_one_and_an_induction_head_scores_one_on_the_second_half():
     assert torch.equal(previous_token_score(one_hot_pattern(previous_token_targets(10), n_heads=2, batch=3)),
@@ -105,7 +105,7 @@ def test_bad_patterns_are_named():
         induction_score_second_half(uniform_pattern(10), 6)
 
 
-# Bayes references ------------------------------------------------------------------------------------------------------
+# Bayes references -----------------------------------------------------------------------------------------------------
 
 def test_bayes_loss_on_a_deterministic_table_is_zero():
     task = MarkovICL(vocab=3, length=60, n_parents=2, alpha=0.1)
@@ -135,11 +135,12 @@ def test_bayes_posterior_beats_the_weaker_references_on_average():
     bayes = bayes_optimal_loss(tokens, tables, task.alpha)
     unigram, bigram = (context_count_loss(tokens, k, task.alpha, task.vocab).mean() for k in (0, 1))
     assert bayes["true_table"].mean() < bayes["bayes_posterior"].mean() < bigram < unigram < math.log(3)
-    with pytest.raises(ValueError, match=r"tables must be \[batch=2000, vocab\*\*n_parents, vocab\], got \(2000, 8, 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"tables must be \[batch=2000, vocab\*\*n_parents, vocab\], got \(2000, 8, 3\)"):
         bayes_optimal_loss(tokens, tables[:, :8], task.alpha)
 
 
-# TransformerLens's detect_head on hand-set heads -----------------------------------------------------------------------
+# TransformerLens's detect_head on hand-set heads ----------------------------------------------------------------------
 
 def test_detect_head_scores_hand_set_heads_as_notes_say(tiny_sizes):
     """With every head's pattern replaced by a perfect one, ours score 1; TransformerLens's "mul"
@@ -159,7 +160,7 @@ def test_detect_head_scores_hand_set_heads_as_notes_say(tiny_sizes):
         assert torch.allclose(tl_scores, torch.full_like(tl_scores, tl_expected))
 
 
-# the analysis on a tiny untrained model --------------------------------------------------------------------------------
+# the analysis on a tiny untrained model -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def small_task() -> MarkovICL:
@@ -167,7 +168,8 @@ def small_task() -> MarkovICL:
 
 
 def test_induction_analysis_returns_documented_tables(tiny_sizes, small_task):
-    model = build(variant_config("rotary-causal", alphabet=small_task.alphabet, n_ctx=30, n_layers=2, **tiny_sizes)).train()
+    model = build(variant_config("rotary-causal", alphabet=small_task.alphabet, n_ctx=30, n_layers=2,
+                                 **tiny_sizes)).train()
     report = induction_analysis(model, small_task, n_sequences=40, n_tl_sequences=5, chunk_size=16, max_offset=4)
     assert model.training  # left as it was found
     figures = induction_figures(report.tables)
@@ -193,7 +195,8 @@ def test_induction_analysis_returns_documented_tables(tiny_sizes, small_task):
     assert loss.loc["model", "gap_to_bayes"] > 3 * loss.loc["model", "gap_sem"]
     summary = report.summary
     assert summary["gap_to_bayes"] == loss.loc["model", "gap_to_bayes"]
-    assert summary["parent_match_winner"]["layer"] == 1 and 0 <= summary["parent_match_winner"]["head"] < model.cfg.n_heads
+    assert (summary["parent_match_winner"]["layer"] == 1
+            and 0 <= summary["parent_match_winner"]["head"] < model.cfg.n_heads)
     # same seed, same numbers (up to float32 rounding when the chunks differ); a different seed, different sequences
     again = induction_analysis(model, small_task, n_sequences=40, n_tl_sequences=5, chunk_size=16, max_offset=4)
     rechunked = induction_analysis(model, small_task, n_sequences=40, n_tl_sequences=5, chunk_size=40, max_offset=4)

@@ -123,7 +123,8 @@ def test_the_measures_cache_belongs_to_the_weights_beside_it_and_is_never_read_e
     assert not recomputed(second)  # ... now it is theirs
     table = first / "measures" / "sums.json"
     assert recomputed(first, lambda _: edit(table, lambda record: record["data"][1].update(sum=123.0)))
-    assert recomputed(first, lambda folder: (folder / TENSORS).write_bytes((second / "measures" / TENSORS).read_bytes()))
+    assert recomputed(first,
+                      lambda folder: (folder / TENSORS).write_bytes((second / "measures" / TENSORS).read_bytes()))
     assert recomputed(first, lambda folder: edit(folder / STAMP, lambda record: record["stamp"].update(preset="x")))
     assert recomputed(first, lambda folder: edit(folder / STAMP, lambda record: record.pop("files")))
     assert recomputed(first, lambda folder: (folder / STAMP).write_text("{broken"))

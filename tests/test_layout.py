@@ -64,7 +64,8 @@ def test_variants_import_nothing_from_tasks():
 
 def test_bare_package_names_do_not_import_outside_the_repository(tmp_path):
     """Run from elsewhere with the working directory off sys.path: only the poslens namespace exists."""
-    script = "import poslens.probes, poslens.cli\nfor name in ('hooks', 'probes', 'variants', 'tasks', 'analyses', 'demos'):\n" \
+    script = "import poslens.probes, poslens.cli\n" \
+             "for name in ('hooks', 'probes', 'variants', 'tasks', 'analyses', 'demos'):\n" \
              "    try:\n        __import__(name)\n    except ModuleNotFoundError:\n        continue\n" \
              "    raise SystemExit(f'bare {name} imported')\n"
     result = subprocess.run([sys.executable, "-P", "-c", script], cwd=tmp_path, capture_output=True, text=True)
@@ -72,7 +73,8 @@ def test_bare_package_names_do_not_import_outside_the_repository(tmp_path):
 
 
 def test_the_wheel_installs_poslens_and_nothing_else(tmp_path):
-    source = tmp_path / "source"  # a build writes build/ and *.egg-info beside the sources: keep them out of the checkout
+    # a build writes build/ and *.egg-info beside the sources: keep them out of the checkout
+    source = tmp_path / "source"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "runs", "build", "dist", "*.egg-info",
                                                                 "__pycache__", ".pytest_cache", ".hypothesis"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",

@@ -177,14 +177,16 @@ def test_good_requests_work(server):
     assert response["probe"]["figure"]["data"][0]["type"] == "heatmap"
     status, body, _ = settled(server, HEATMAP, {"state.data": STATE, "site.value": "resid_post", **POLL}, "site.value")
     figure = figure_of(body, "heatmap")
-    assert status == 200 and figure["data"][0]["type"] == "heatmap" and "resid_post: " in figure["layout"]["title"]["text"]
+    assert (status == 200 and figure["data"][0]["type"] == "heatmap"
+            and "resid_post: " in figure["layout"]["title"]["text"])
     assert json.loads(body)["response"]["patch-message"]["children"] == ""
     inputs = {"state.data": STATE, "attn-layer.value": 1, "attn-head.value": 2}
     status, body, _ = post(server, callback("attention.figure", inputs, "state.data"))
     assert status == 200 and "layer 1 head 2" in json.dumps(figure_of(body, "attention")["layout"]["title"])
     status, body, _ = post(server, callback(HEATMAP, {"state.data": {**STATE, "corrupted": ""}, "site.value":
                                                       "resid_pre", **POLL}, "state.data"))
-    assert "type a corrupted prompt of 7 tokens to patch" in figure_of(body, "heatmap")["layout"]["annotations"][0]["text"]
+    assert ("type a corrupted prompt of 7 tokens to patch"
+            in figure_of(body, "heatmap")["layout"]["annotations"][0]["text"])
     status, body, _ = post(server, callback(UPDATE, {**GOOD, "prompt.value": "w1 <b>w2"}, "prompt.value"))
     title = figure_of(body, "next-tokens")["layout"]["title"]["text"]
     assert status == 200 and "'w1 &lt;b&gt;w2'" in title  # typed text is shown, not read as plotly markup
@@ -221,7 +223,8 @@ def hostile_requests() -> list[tuple[str, str, dict, str]]:
          "prompt must be text, got list [[1, 1, 1"),
         ("state with a long prompt", "attention.figure", {**attention, "state.data": {**STATE, "prompt": HUGE}},
          "is too long"),
-        ("layer null", "attention.figure", {**attention, "attn-layer.value": None}, "layer must be an integer, got None"),
+        ("layer null", "attention.figure", {**attention, "attn-layer.value": None},
+         "layer must be an integer, got None"),
         ("head as text", "attention.figure", {**attention, "attn-head.value": "0"}, "head must be an integer, got '0'"),
         ("layer out of range", "attention.figure", {**attention, "attn-layer.value": 7},
          "attention layer 7, head 0 is outside layers 0..1"),

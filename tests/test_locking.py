@@ -1,4 +1,5 @@
-"""One writer per output directory: a second process is refused naming the holder, a dead holder's lock is taken over."""
+"""One writer per output directory: a second process is refused naming the holder, a dead holder's lock is
+taken over."""
 
 from __future__ import annotations
 

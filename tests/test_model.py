@@ -16,7 +16,8 @@ def test_every_variant_has_transformer_lens_hook_names(tiny, name):
     model = build(tiny(name))
     logits, cache = model.run_with_cache("123+456=")
     assert isinstance(cache, ActivationCache) and logits.shape == (1, 8, 12)
-    expected = {"hook_embed", "ln_final.hook_normalized"} | {f"blocks.{l}.{h}" for l in range(2) for h in BLOCK_HOOKS}
+    expected = ({"hook_embed", "ln_final.hook_normalized"}
+                | {f"blocks.{layer}.{h}" for layer in range(2) for h in BLOCK_HOOKS})
     assert expected <= set(cache.keys())
     assert ("hook_pos_embed" in cache.keys()) == name.startswith(("learned", "sinusoidal"))  # noqa: SIM118 (an ActivationCache, not a dict)
     if "hook_pos_embed" in cache.keys():  # noqa: SIM118
@@ -94,7 +95,8 @@ def test_transformer_lens_head_detector_matches_its_definition(tiny):
 
 
 def test_same_seed_same_weights_and_float64(tiny):
-    a, b, c = build(tiny("learned-causal", seed=3)), build(tiny("learned-causal", seed=3)), build(tiny("learned-causal", seed=4))
+    a, b, c = (build(tiny("learned-causal", seed=3)), build(tiny("learned-causal", seed=3)),
+               build(tiny("learned-causal", seed=4)))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.embed.W_E, c.embed.W_E)
     double = build(tiny("rotary-causal", dtype=torch.float64))
@@ -117,12 +119,14 @@ def test_config_takes_its_data_from_the_caller_or_a_task():
 @pytest.mark.parametrize("make, message", [
     (lambda: variant_config("alibi-causal", **DATA), r"unknown variant 'alibi-causal'; allowed: \['nope-causal'"),
     (lambda: variant_config("nope-causal+cut4", **DATA), r"residual cut block 4 is out of range; allowed: 0..3"),
-    (lambda: variant_config("nope-causal+cut0:ffn", **DATA), r"unknown residual cut sublayer 'ffn'; allowed: \['attn', 'mlp', 'both'\]"),
+    (lambda: variant_config("nope-causal+cut0:ffn", **DATA),
+     r"unknown residual cut sublayer 'ffn'; allowed: \['attn', 'mlp', 'both'\]"),
     (lambda: variant_config("nope-causal+cutx", **DATA), r"bad residual cut 'x'"),
     (lambda: variant_config("nope-causal", **DATA, attention_dir="causal"), "set by the variant name"),
     (lambda: VariantConfig(**DATA, d_model=60, d_head=16), r"d_model \(60\) must be divisible by d_head \(16\)"),
     (lambda: VariantConfig(**DATA, n_heads=3), r"must equal n_heads \(3\) × d_head"),
-    (lambda: VariantConfig(**DATA, attention_dir="left"), r"unknown attention_dir 'left'; allowed: \['causal', 'bidirectional'\]"),
+    (lambda: VariantConfig(**DATA, attention_dir="left"),
+     r"unknown attention_dir 'left'; allowed: \['causal', 'bidirectional'\]"),
     (lambda: VariantConfig(**DATA, positional_embedding_type="alibi"), "unknown positional_embedding_type 'alibi'"),
     (lambda: VariantConfig(**DATA, act_fn="tanh"), r"unknown act_fn 'tanh'; allowed: \['relu', 'gelu', 'silu'\]"),
     (lambda: VariantConfig(**DATA, dtype=torch.float16), r"unknown dtype 'float16'; allowed: \['float32', 'float64'\]"),

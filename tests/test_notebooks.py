@@ -18,9 +18,9 @@ import pytest
 
 for _module in ("nbformat", "nbclient", "ipykernel"):
     pytest.importorskip(_module, reason=f"the notebook tests need {_module}: pip install -e '.[test]'")
-import nbformat
-from ipykernel.kernelspec import write_kernel_spec
-from nbclient import NotebookClient
+import nbformat  # noqa: E402 -- imported after the importorskip above names what is missing
+from ipykernel.kernelspec import write_kernel_spec  # noqa: E402 -- likewise
+from nbclient import NotebookClient  # noqa: E402 -- likewise
 
 pytestmark = [pytest.mark.notebook, pytest.mark.slow]
 
@@ -165,7 +165,8 @@ def test_patching_notebook(tmp_path, monkeypatch, jupyter_path):
 
     roles, patch = result["roles"], result["patch"]
     n_layers = 1 + max(row["layer"] for row in patch)
-    assert n_layers == 2 and {row["site"] for row in patch} == {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"}
+    assert n_layers == 2 and {row["site"] for row in patch} == {"resid_pre", "resid_mid", "resid_post", "attn_out",
+                                                                "mlp_out"}
     x1, x0 = result["swap"]
     assert (roles[x1], roles[x0]) == ("x1", "x0")
 

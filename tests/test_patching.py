@@ -41,7 +41,7 @@ def parse(text: str) -> tuple[str, str, int]:
     return a, b, int(answer[::-1])
 
 
-# corrupt ---------------------------------------------------------------------------------------------------------------
+# corrupt --------------------------------------------------------------------------------------------------------------
 
 def test_swap_exchanges_two_digits_and_recomputes_the_answer(addition):
     tokens = addition.test_set()[:50]
@@ -76,7 +76,8 @@ def test_permute_keeps_the_operand_digits_and_recomputes_the_sum(addition):
     operand = [0, 1, 2, 4, 5, 6]
     corrupted = corrupt(addition, tokens, "permute", seed=3)
     assert torch.equal(corrupt(addition, tokens, "permute", seed=3), corrupted)  # a pure function of the seed
-    assert not torch.equal(corrupted, tokens) and not torch.equal(corrupt(addition, tokens, "permute", seed=4), corrupted)
+    assert not torch.equal(corrupted, tokens)
+    assert not torch.equal(corrupt(addition, tokens, "permute", seed=4), corrupted)
     # one permutation for the whole batch: the same slot mapping in every row
     moved = corrupted[:, operand]
     sources = [[k for k in range(6) if torch.equal(moved[:, j], tokens[:, operand][:, k])] for j in range(6)]
@@ -98,7 +99,7 @@ def test_corrupt_rejects_bad_arguments(addition):
             corrupt(addition, tokens, "swap", positions=positions)
 
 
-# activation patching ---------------------------------------------------------------------------------------------------
+# activation patching --------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def patched(model, addition):
@@ -112,7 +113,8 @@ def test_activation_patching_table(patched, model, addition):
     for site in SITES:
         rows = patched[patched["site"] == site]
         assert len(rows) == n_layers * n_pos
-        assert sorted(zip(rows["layer"], rows["position"])) == [(l, p) for l in range(n_layers) for p in range(n_pos)]
+        assert (sorted(zip(rows["layer"], rows["position"]))
+                == [(layer, p) for layer in range(n_layers) for p in range(n_pos)])
     assert all(patched["role"] == [addition.roles[p] for p in patched["position"]])
     assert patched["value"].notna().all()
 
@@ -217,7 +219,7 @@ def test_activation_patching_rejects_a_corruption_that_keeps_the_answer(model, a
         activation_patching(model, addition, positions=(1, 5), n_sequences=4)
 
 
-# position swap ---------------------------------------------------------------------------------------------------------
+# position swap --------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def swapped(model, addition):
@@ -266,7 +268,7 @@ def test_swap_readout(model, addition):
         swap_readout(model, addition, positions=(0, 8))
 
 
-# residual cuts ---------------------------------------------------------------------------------------------------------
+# residual cuts --------------------------------------------------------------------------------------------------------
 
 N_CUT = 40
 
@@ -303,7 +305,8 @@ def expected_row(model, task, tokens):
     acts = capture_residuals(model, tokens, sites=[residual_sites(model)[-1]]).activations.float()
     probe = PositionProbe(C=1.0).fit(*flatten_tokens(acts, train_seq))
     n_answer = task.seq_len - task.prompt_len
-    return scores["exact_match"], -scores["test_loss"] * n_answer, float(probe.score(*flatten_tokens(acts, test_seq))[0])
+    return (scores["exact_match"], -scores["test_loss"] * n_answer,
+            float(probe.score(*flatten_tokens(acts, test_seq))[0]))
 
 
 def test_residual_cut_rows_equal_models_built_with_the_cut(cut_table, model, addition):

@@ -188,7 +188,7 @@ def test_bad_arguments_are_one_line_errors(trained, addition):
         patching_effects(trained, addition, sites=["z"])
 
 
-# the BCa interval ------------------------------------------------------------------------------------------------------
+# the BCa interval -----------------------------------------------------------------------------------------------------
 
 def test_bca_interval_agrees_with_scipy():
     sample = np.random.default_rng(1).exponential(size=32)

@@ -155,7 +155,8 @@ def test_cells_whose_patch_is_a_no_op_are_not_run(name, unchanged, tiny):
     n_pos, n_prompts = clean.shape[1], clean.shape[0]
     run = 1 + (model.cfg.n_layers - 1) * (n_pos - unchanged)  # resid_pre cells that change something
     # the clean run, the corrupted run, then one pass per site: the corrupted rows and each run cell's rows
-    assert rows == [n_prompts, n_prompts, n_prompts * (1 + run), n_prompts * (1 + model.cfg.n_layers * model.cfg.n_heads)]
+    assert rows == [n_prompts, n_prompts, n_prompts * (1 + run),
+                    n_prompts * (1 + model.cfg.n_layers * model.cfg.n_heads)]
     expected = reference_grids(model, clean, corrupted, metric, ["resid_pre", "z"])
     for site, grid in grids.items():
         torch.testing.assert_close(grid, expected[site].float(), atol=1e-5, rtol=0)

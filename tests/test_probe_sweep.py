@@ -109,7 +109,8 @@ def test_side_by_side_puts_each_variant_beside_its_untrained_twin(sweep):
                                    "nope-causal (random init)", "learned-causal", "learned-causal (random init)",
                                    "token identity", "chance"]
     assert table.loc["embed", "chance"] == "0.083"
-    assert float(table.loc["embed", "learned-causal"]) == pytest.approx(value(sweep, "learned-causal", "embed"), abs=5e-4)
+    assert (float(table.loc["embed", "learned-causal"])
+            == pytest.approx(value(sweep, "learned-causal", "embed"), abs=5e-4))
 
 
 # ---------------------------------------------------------------- by position, roles, metadata

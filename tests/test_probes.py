@@ -177,7 +177,8 @@ def test_scikit_learn_clone_and_params(three_sites):
     probe.fit(X_train, y_train)
     assert not hasattr(clone(probe), "weight_")  # a clone is unfitted
     ridge = clone(RidgePositionProbe(alpha=3.0)).set_params(alpha=4.0)
-    assert ridge.alpha == 4.0 and repr(ridge) == "RidgePositionProbe(alpha=4.0, dtype=torch.float64, memory_limit=2147483648)"
+    assert ridge.alpha == 4.0
+    assert repr(ridge) == "RidgePositionProbe(alpha=4.0, dtype=torch.float64, memory_limit=2147483648)"
     with pytest.raises(ValueError, match=r"unknown parameters \['gamma'\] for PositionProbe; allowed: \['C', "):
         probe.set_params(gamma=1)
     with pytest.raises(ValueError, match=r"C must be a finite number > 0, got -1"):

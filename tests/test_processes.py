@@ -44,8 +44,8 @@ def test_workers_die_with_a_driver_killed_by_sigkill(tmp_path):
         from poslens.analyses import executors
         from naps import nap
         executors.usable_cores = lambda: 2  # two workers even on one core: this is about their lives, not speed
-        executors.run_units([executors.Unit(f"u{{i}}", nap, {{"log": {str(log)!r}}}) for i in range(2)], executor="local",
-                            workers=2, quiet=True)
+        executors.run_units([executors.Unit(f"u{{i}}", nap, {{"log": {str(log)!r}}}) for i in range(2)],
+                            executor="local", workers=2, quiet=True)
     """)
     process = subprocess.Popen([sys.executable, "-P", "-c", driver], start_new_session=True)
     try:

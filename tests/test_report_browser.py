@@ -19,9 +19,9 @@ from poslens.analyses.plan import REPRODUCE_PLAN
 
 pytestmark = pytest.mark.browser
 
-SECTIONS = ["Claims and verdicts", f"Analysis plan, version {REPRODUCE_PLAN.version}", "Symmetry", "Learning the task", "Residual connections",
-            "Vertical slices: block structure", "Position probes", "Geometry of positions", "Activation patching",
-            "Position swap", "Positions told"]
+SECTIONS = ["Claims and verdicts", f"Analysis plan, version {REPRODUCE_PLAN.version}", "Symmetry", "Learning the task",
+            "Residual connections", "Vertical slices: block structure", "Position probes", "Geometry of positions",
+            "Activation patching", "Position swap", "Positions told"]
 RENDERED = ("return [...document.querySelectorAll('div.figure')].map(div => "
             "div.querySelector('.js-plotly-plot .main-svg') !== null)")
 
@@ -54,7 +54,8 @@ def test_every_section_and_figure_renders_offline(report):
         for page in ("probe_accuracy.html", "patching_nope.html"):  # figure pages share the same copy
             driver.get((report.parent / "figures" / page).as_uri())
             WebDriverWait(driver, 60).until(lambda d: d.execute_script(
-                "return document.querySelector('.js-plotly-plot .main-svg') !== null"), message=f"{page} did not render")
+                "return document.querySelector('.js-plotly-plot .main-svg') !== null"),
+                message=f"{page} did not render")
     finally:
         driver.quit()
 

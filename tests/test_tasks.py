@@ -83,7 +83,7 @@ def test_a_run_recorded_before_a_task_field_existed_loads_with_its_old_behaviour
         from_record({"n_digits": 3})
 
 
-# position apart from role -----------------------------------------------------------------------------------------------
+# position apart from role ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bos", [False, True])
 def test_shifted_format_moves_the_operands_and_keeps_the_answer_in_place(bos):

@@ -63,7 +63,8 @@ def test_resume_after_a_kill_ends_bitwise_identical(tiny, tmp_path, addition, pr
 def test_training_is_deterministic_and_learns(tiny, tmp_path, addition, precision):
     settings = {**SHORT, "steps": 40, "precision": precision}
     runs = [train(tiny("learned-causal"), addition, out_dir=tmp_path / str(i), **settings) for i in range(2)]
-    assert all(torch.equal(a, b) for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values()))
+    assert all(torch.equal(a, b)
+               for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values()))
     losses = [row["test_loss"] for row in runs[0].history]
     assert losses[-1] < losses[0] - 0.2
     assert all(tensor.dtype == torch.float32 for tensor in runs[0].model.state_dict().values())  # master weights

@@ -29,8 +29,9 @@ def test_amnesic_table_schema_and_intact_rows(tiny, addition):
 @torch.no_grad()
 def test_removing_a_used_position_subspace_beats_its_placebo(tiny, addition):
     """Planted use: a learned positional embedding confined to 12 dimensions that
-    the unembedding reads strongly (the block writes nothing); removing the probe's span at the embedding changes the answer
-    distribution more (by 20%) than a random subspace of the same rank (also with INLP's second round)."""
+    the unembedding reads strongly (the block writes nothing); removing the probe's span at the embedding
+    changes the answer distribution more (by 20%) than a random subspace of the same rank (also with INLP's
+    second round)."""
     from poslens.variants import build
     model = build(tiny("learned-causal", n_layers=1)).eval()
     model.pos_embed.W_pos.mul_(5)[:, 12:] = 0  # position in 12 dimensions, tokens beside it

@@ -152,7 +152,8 @@ def _read_config(directory: Path) -> dict:
     record = read_json(path)
     if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION or "config" not in record:
         found = (f"a JSON {_json_type(record)}" if not isinstance(record, dict) else
-                 f"format {json.dumps(record.get('format'))}" if record.get("format") != FORMAT_VERSION else "no config")
+                 f"format {json.dumps(record.get('format'))}" if record.get("format") != FORMAT_VERSION else
+                 "no config")
         raise ValueError(f"{path} is not a poslens checkpoint config: expected a JSON object with format "
                          f"{FORMAT_VERSION} and a config, found {found}")
     if not isinstance(record["config"], dict):

@@ -65,7 +65,8 @@ class VariantConfig(TransformerLensConfig):
     def __post_init__(self) -> None:
         if not self.alphabet or not self.n_ctx:
             raise ValueError("a VariantConfig needs its data's alphabet and n_ctx: pass alphabet=... and n_ctx=..., "
-                             f"or variant_config(name, task=task); got alphabet={self.alphabet!r}, n_ctx={self.n_ctx!r}")
+                             f"or variant_config(name, task=task); "
+                             f"got alphabet={self.alphabet!r}, n_ctx={self.n_ctx!r}")
         for name in ("d_model", "d_head", "n_layers", "n_ctx"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -95,7 +96,8 @@ class VariantConfig(TransformerLensConfig):
                 raise ValueError(f"{flag}=True is not supported by poslens models; allowed: False")
         for option in ("n_key_value_heads", "num_experts", "experts_per_token"):
             if getattr(self, option) is not None:
-                raise ValueError(f"{option}={getattr(self, option)!r} is not supported by poslens models; allowed: None")
+                raise ValueError(f"{option}={getattr(self, option)!r} is not supported by poslens models; "
+                                 "allowed: None")
         if self.positional_embedding_type == "rotary" and self.d_head % 2:
             raise ValueError(f"rotary embeddings need an even d_head, got {self.d_head}")
         if len(set(self.alphabet)) != len(self.alphabet) or not self.alphabet:

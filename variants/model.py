@@ -409,7 +409,8 @@ class HookedTransformer(HookedRootModule):
 
     @property
     def OV(self) -> FactoredMatrix:
-        """Each head's map from the residual stream it reads to what it writes, `W_V W_O`, `[layer, head, d_model, d_model]`."""
+        """Each head's map from the residual stream it reads to what it writes, `W_V W_O`,
+        `[layer, head, d_model, d_model]`."""
         return FactoredMatrix(self.W_V, self.W_O)
 
     @property

@@ -143,7 +143,8 @@ class TrainResult:
     out_dir: Path
 
 
-def answer_loss(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch seq"], prompt_len: int) -> Tensor:
+def answer_loss(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch seq"],
+                prompt_len: int) -> Tensor:
     """Mean cross-entropy of the answer tokens (`tokens[:, prompt_len:]`), teacher-forced."""
     predictions = logits[:, prompt_len - 1 : tokens.shape[1] - 1]
     return F.cross_entropy(predictions.flatten(0, 1), tokens[:, prompt_len:].flatten())
@@ -514,7 +515,8 @@ def train(
     settings_obj = TrainSettings(**settings)
     schedule = snapshot_schedule(snapshots, settings_obj.steps)
     if cfg.d_vocab != len(task.alphabet) or cfg.alphabet != task.alphabet:
-        raise ValueError(f"config alphabet {cfg.alphabet!r} does not match task {task.name!r} alphabet {task.alphabet!r}")
+        raise ValueError(f"config alphabet {cfg.alphabet!r} does not match task {task.name!r} "
+                         f"alphabet {task.alphabet!r}")
     if cfg.n_ctx < task.seq_len:
         raise ValueError(f"n_ctx = {cfg.n_ctx} is shorter than the task's sequences ({task.seq_len} tokens)")
     check_memory(cfg, settings_obj.batch_size)
@@ -583,7 +585,8 @@ def _train(cfg: VariantConfig, task: Task, out_dir: Path, record: dict, settings
                    **evaluate(model, task, test_tokens), "elapsed_s": time.perf_counter() - started}
             if not all(math.isfinite(value) for value in row.values()):
                 raise FloatingPointError(f"training diverged: the evaluation at step {done} is not finite ({row}); "
-                                         f"{out_dir} keeps its last checkpoint (step {progress.step}); try a smaller lr")
+                                         f"{out_dir} keeps its last checkpoint (step {progress.step}); "
+                                         "try a smaller lr")
             progress.history.append(row)
             progress.loss_sum, progress.loss_count = 0.0, 0
             write_json(out_dir / "history.json", progress.history)  # a view, for whoever watches the run

@@ -79,7 +79,8 @@ RUN_TABLES = ("training", "curves", "invariance", "probe", "probe_by_position", 
 
 
 def reproduce(out_dir: str | Path = "runs/reproduce", *, preset_name: str = DEFAULT_PRESET, seeds: int | None = None,
-              force: bool = False, device: str = "cpu", quiet: bool = False, **executor_options: Any) -> dict[str, pd.DataFrame]:
+              force: bool = False, device: str = "cpu", quiet: bool = False,
+              **executor_options: Any) -> dict[str, pd.DataFrame]:
     """Run (or resume) the whole experiment into `out_dir`; returns the merged tables and `claims`.
 
     Every (variant, format, seed) is one unit of the study (`analyses.study.run_study`; `executor_options`
@@ -134,7 +135,8 @@ def _label(variant: str, shift: int) -> str:
 def _meta(preset_name: str, seeds: int) -> str:
     settings = PRESETS[preset_name]
     return (f"{settings.n_layers} blocks, d_model {settings.d_model}, heads of {settings.d_head}; {settings.steps} "
-            f"steps of batch {settings.batch_size} in {settings.precision}; seeds 0..{seeds - 1}; every run measured on its own seeded "
+            f"steps of batch {settings.batch_size} in {settings.precision}; seeds 0..{seeds - 1}; "
+            "every run measured on its own seeded "
             f"sample of {settings.n_probe_sequences} held-out sums (patching: {settings.n_patch_sequences}). "
             f"Shifted format: up to {MAX_SHIFT} filler tokens before the operands.")
 
@@ -149,8 +151,8 @@ def measure_run(run_dir: str, variant: str, seed: int, preset_name: str, shift: 
     result = train(cfg, task, out_dir=run_dir, resume=True, quiet=True, seed=seed, **settings.training)
     stamp = {"preset": preset_name, "shift": shift, "version": ANALYSIS_VERSION}
     return cached_results(Path(run_dir) / "measures", stamp,
-                          lambda: measure_trained(result, _label(variant, shift), seed, settings, task), weights=run_dir,
-                          force=force)
+                          lambda: measure_trained(result, _label(variant, shift), seed, settings, task),
+                          weights=run_dir, force=force)
 
 
 def measure_trained(result: TrainResult, label: str, seed: int, settings: ReproducePreset,

@@ -13,7 +13,8 @@ def _head_label(layer: int, head: int) -> str:
 def offset_profile_figure(table: pd.DataFrame) -> go.Figure:
     """Heatmap of attention mass by head (rows) and relative offset (columns)."""
     table = table.sort_values(["layer", "head", "offset"])
-    labels = [_head_label(layer, head) for layer, head in table[["layer", "head"]].drop_duplicates().itertuples(index=False)]
+    labels = [_head_label(layer, head)
+              for layer, head in table[["layer", "head"]].drop_duplicates().itertuples(index=False)]
     mass = table["mass"].to_numpy().reshape(len(labels), -1)
     figure = go.Figure(go.Heatmap(z=mass, x=sorted(table["offset"].unique()), y=labels, zmin=0, zmax=1,
                                   colorscale="Viridis", colorbar={"title": "mass"}))
@@ -51,7 +52,8 @@ def head_scores_figure(table: pd.DataFrame) -> go.Figure:
 def icl_loss_figure(table: pd.DataFrame) -> go.Figure:
     """Last-token loss of the model beside the reference predictors."""
     figure = go.Figure(go.Bar(x=table["predictor"], y=table["loss"], error_y={"type": "data", "array": table["sem"]}))
-    figure.update_layout(title="In-context loss of the last token", xaxis_title="predictor", yaxis_title="cross-entropy (nats)")
+    figure.update_layout(title="In-context loss of the last token", xaxis_title="predictor",
+                         yaxis_title="cross-entropy (nats)")
     return figure
 
 

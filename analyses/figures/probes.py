@@ -106,7 +106,8 @@ def probe_position_figure(by_position: pd.DataFrame, variant: str, metric: str =
                        & (by_position["probe"] == probe)]
     if rows.empty:
         available = by_position[["variant", "probe", "metric"]].drop_duplicates().to_dict("records")
-        raise ValueError(f"no rows with variant={variant!r}, probe={probe!r}, metric={metric!r}; available: {available}")
+        raise ValueError(f"no rows with variant={variant!r}, probe={probe!r}, metric={metric!r}; "
+                         f"available: {available}")
     mean = rows.groupby(["baseline", "layer", "site", "position"], sort=True)["value"].mean().reset_index()
     sites = mean[["layer", "site"]].drop_duplicates().sort_values(["layer", "site"])["site"].tolist()
     colours = sample_colorscale("Viridis", [0.85 * (1 - i / max(len(sites) - 1, 1)) for i in range(len(sites))])

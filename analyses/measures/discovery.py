@@ -78,7 +78,8 @@ def positional_encodings(model: TransformerLensModel) -> pd.DataFrame:
     finally:
         model.train(was_training)
     rotary = any(name.endswith(ROTARY_HOOKS) for name in model.hook_dict)
-    absolute = ("sinusoidal" if model.cfg.positional_embedding_type == "sinusoidal" else "learned") if additive else None
+    absolute = (("sinusoidal" if model.cfg.positional_embedding_type == "sinusoidal" else "learned")
+                if additive else None)
     rows = []
     for block in range(model.cfg.n_layers):
         spread = spreads.get(block, float("nan"))

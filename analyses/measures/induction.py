@@ -94,7 +94,8 @@ def _check_pattern(pattern: Tensor, min_pos: int = 2) -> None:
                          f"got shape {tuple(pattern.shape)}")
 
 
-def offset_profile(pattern: Float[Tensor, "batch head query key"], max_offset: int) -> Float[Tensor, "batch head offset"]:
+def offset_profile(pattern: Float[Tensor, "batch head query key"],
+                   max_offset: int) -> Float[Tensor, "batch head offset"]:
     """Attention mass at key = query − d for d = 0..max_offset, mean over queries q ≥ max_offset."""
     _check_pattern(pattern)
     if not isinstance(max_offset, int) or not 0 <= max_offset < pattern.shape[-1]:
@@ -109,7 +110,8 @@ def previous_token_score(pattern: Float[Tensor, "batch head query key"]) -> Floa
     return pattern.diagonal(offset=-1, dim1=-2, dim2=-1).mean(-1)
 
 
-def induction_score_second_half(pattern: Float[Tensor, "batch head query key"], half_len: int) -> Float[Tensor, "batch head"]:
+def induction_score_second_half(pattern: Float[Tensor, "batch head query key"],
+                                half_len: int) -> Float[Tensor, "batch head"]:
     """Mean over the last `half_len` queries q of A[q, q − half_len + 1] (inputs `[BOS] + r + r`
     or `r + r`, |r| = half_len): the key right after the query token's first occurrence."""
     _check_pattern(pattern)
@@ -163,7 +165,8 @@ def context_count_loss(tokens: Int[Tensor, "batch length"], n_parents: int, alph
         raise ValueError(f"alpha must be > 0, got {alpha!r}")
     ids = _context_ids(tokens, n_parents, vocab)
     seen = (ids[:, :-1] == ids[:, -1:]) & (ids[:, :-1] >= 0)
-    counts = einops.einsum(F.one_hot(tokens[:, :-1], vocab).double(), seen.double(), "batch pos vocab, batch pos -> batch vocab")
+    counts = einops.einsum(F.one_hot(tokens[:, :-1], vocab).double(), seen.double(),
+                           "batch pos vocab, batch pos -> batch vocab")
     predictive = (counts + alpha) / (counts.sum(-1, keepdim=True) + vocab * alpha)
     return -predictive.gather(1, tokens[:, -1:]).squeeze(1).log()
 
@@ -174,11 +177,13 @@ def bayes_optimal_loss(tokens: Int[Tensor, "batch length"], tables: Float[Tensor
     `bayes_posterior` (the prior alpha known, the table inferred from the context's counts;
     the best any model can do on average) and `true_table` (the sampled table itself)."""
     if tables.ndim != 3 or tables.shape[0] != tokens.shape[0]:
-        raise ValueError(f"tables must be [batch={tokens.shape[0]}, vocab**n_parents, vocab], got {tuple(tables.shape)}")
+        raise ValueError(f"tables must be [batch={tokens.shape[0]}, vocab**n_parents, vocab], "
+                         f"got {tuple(tables.shape)}")
     vocab = tables.shape[-1]
     n_parents = round(math.log(tables.shape[1], vocab))
     if vocab**n_parents != tables.shape[1]:
-        raise ValueError(f"tables must be [batch={tokens.shape[0]}, vocab**n_parents, vocab], got {tuple(tables.shape)}")
+        raise ValueError(f"tables must be [batch={tokens.shape[0]}, vocab**n_parents, vocab], "
+                         f"got {tuple(tables.shape)}")
     last_context = _context_ids(tokens, n_parents, vocab)[:, -1]
     true_p = tables[torch.arange(len(tokens)), last_context, tokens[:, -1]].double()
     return {"bayes_posterior": context_count_loss(tokens, n_parents, alpha, vocab), "true_table": -true_p.log()}
@@ -201,8 +206,10 @@ def _rows(values: Float[Tensor, "layer batch head *rest"], chance: Tensor, **lab
     sem = (var / count).sqrt()
     rows = []
     for index in torch.cartesian_prod(*(torch.arange(n) for n in mean.shape)).reshape(-1, mean.ndim).tolist():
-        row = {"layer": index[0], "head": index[1], **{name: label[index[2 + i]] for i, (name, label) in enumerate(labels.items())}}
-        row.update(value=float(mean[tuple(index)]), sem=float(sem[tuple(index)]), chance=float(chance[tuple(index[2:])]))
+        row = {"layer": index[0], "head": index[1],
+               **{name: label[index[2 + i]] for i, (name, label) in enumerate(labels.items())}}
+        row.update(value=float(mean[tuple(index)]), sem=float(sem[tuple(index)]),
+                   chance=float(chance[tuple(index[2:])]))
         rows.append(row)
     return rows
 
@@ -291,7 +298,8 @@ def _analyse(model: HookedTransformer, task: MarkovICL, *, n_sequences: int, max
     match_rows = _rows(torch.cat(matches, 1).cpu(), chance_match, n_parents=parents)
     uniform_rep = uniform_pattern(2 * half_len, causal)
     head_rows = _rows(torch.stack([torch.cat(prev, 1), torch.cat(induction, 1)], dim=-1).cpu(),
-                      torch.cat([previous_token_score(uniform_rep)[0], induction_score_second_half(uniform_rep, half_len)[0]]),
+                      torch.cat([previous_token_score(uniform_rep)[0],
+                                 induction_score_second_half(uniform_rep, half_len)[0]]),
                       score_name=list(HEAD_SCORES[:2]))
     for name, (scores, chance) in _tl_scores(model, repeated[:n_tl_sequences].to(model.cfg.device)).items():
         head_rows += [{"layer": layer, "head": head, "score_name": name, "value": float(scores[layer, head]),

@@ -46,8 +46,8 @@ class NothingToRestore(ValueError):
     """The model answers the clean and the corrupted prompts alike: a restoration metric is undefined."""
 
 
-def corrupt(task: Addition, tokens: Int[Tensor, "batch seq"], kind: str = "swap", *, positions: tuple[int, int] = (0, 2),
-            seed: int = 0) -> Int[Tensor, "batch seq"]:
+def corrupt(task: Addition, tokens: Int[Tensor, "batch seq"], kind: str = "swap", *,
+            positions: tuple[int, int] = (0, 2), seed: int = 0) -> Int[Tensor, "batch seq"]:
     """Corrupted copies of addition `tokens`: `swap` exchanges the operand digits at prompt
     `positions` (default: the first operand's hundreds and units); `permute` shuffles all
     operand digit positions (one random permutation for the batch); the answer is recomputed.
@@ -66,7 +66,8 @@ def corrupt(task: Addition, tokens: Int[Tensor, "batch seq"], kind: str = "swap"
     order = list(range(task.seq_len))
     if kind == "swap":
         if not set(positions) <= set(operand_slots) or len(set(positions)) != 2:
-            raise ValueError(f"swap positions must be two distinct operand-digit positions {operand_slots}, got {positions}")
+            raise ValueError(f"swap positions must be two distinct operand-digit positions {operand_slots}, "
+                             f"got {positions}")
         order[positions[0]], order[positions[1]] = positions[1], positions[0]
     elif kind == "permute":
         generator = torch.Generator().manual_seed(seed)
@@ -231,8 +232,9 @@ def model_sites(model: TransformerLensModel) -> list[str]:
 
 
 @torch.no_grad()
-def prompt_patch_table(model: TransformerLensModel, clean: Int[Tensor, "batch pos"], corrupted: Int[Tensor, "batch pos"],
-                       sites: Sequence[str] = RESIDUAL_SITES, *, labels: Sequence[str] | None = None,
+def prompt_patch_table(model: TransformerLensModel, clean: Int[Tensor, "batch pos"],
+                       corrupted: Int[Tensor, "batch pos"], sites: Sequence[str] = RESIDUAL_SITES, *,
+                       labels: Sequence[str] | None = None,
                        method: str = "exact", dtype: torch.dtype | None = None,
                        quiet: bool = True) -> tuple[pd.DataFrame, str]:
     """`patch_table` for any prompts of equal token length (free text on a language model).

@@ -20,8 +20,9 @@ that digit unchanged has nothing to restore (`n_unchanged`); a prompt whose |g| 
 × the median |g| of the changed prompts is excluded (`n_excluded`): dividing by a near-zero gap is
 what let the ratio run to −0.72 and 1.70 on a run that never learned. `value` is the mean over
 the kept prompts, `ci_low`/`ci_high` its BCa bootstrap interval over prompts
-(`stats.bootstrap_mean_interval`; NaN below `MIN_INTERVAL_PROMPTS` kept prompts). Cells whose value the architecture fixes (exactly 0 or 1,
-`construction.patch_fixed` at the digit's readout) are marked `fixed_by_construction`.
+(`stats.bootstrap_mean_interval`; NaN below `MIN_INTERVAL_PROMPTS` kept prompts). Cells whose value
+the architecture fixes (exactly 0 or 1, `construction.patch_fixed` at the digit's readout) are marked
+`fixed_by_construction`.
 
 The sites are the residual stream (`resid_pre`, `resid_post`: where information sits between
 blocks; the sublayer outputs stay with `activation_patching`), every position of the
@@ -145,7 +146,8 @@ def patching_effects(model: HookedTransformer, task: Addition, *, corruptions: S
         kept = guard_prompts(gap, changed, guard)
         fixed = _fixed_cells(model, clean.cpu(), corrupted.cpu(), sites, reads)
         effects = {(direction, site): (values - corrupted_ld) / gap if direction == "denoise" else
-                   (clean_ld - values) / gap for direction, by_site in patched.items() for site, values in by_site.items()}
+                   (clean_ld - values) / gap
+                   for direction, by_site in patched.items() for site, values in by_site.items()}
         rows += _summarise(effects, kept, changed, fixed, generator, n_resamples, corruption, digits, task.roles)
     order = {name: index for index, name in enumerate([*directions, *corruptions, *digits, *sites])}
     rows.sort(key=lambda row: (order[row["direction"]], order[row["corruption"]], order[row["digit"]],
@@ -226,7 +228,8 @@ def _summarise(effects: dict[tuple[str, str], Float[Tensor, "layer pos batch dig
         counts = {"n_prompts": int(keep.sum()), "n_excluded": int((changed[:, k] & ~keep).sum()),
                   "n_unchanged": int((~changed[:, k]).sum())}
         for cell, ((direction, site), layer, position) in enumerate(
-                (group, layer, position) for group in effects for layer in range(n_layers) for position in range(n_pos)):
+                (group, layer, position)
+                for group in effects for layer in range(n_layers) for position in range(n_pos)):
             rows.append({"direction": direction, "corruption": corruption, "digit": digit, "site": site, "layer": layer,
                          "position": position, "role": roles[position], "value": float(means[cell]),
                          "ci_low": float(low[cell]), "ci_high": float(high[cell]), **counts,

@@ -72,7 +72,8 @@ def position_swap(model: HookedTransformer, task: Addition, *, positions: tuple[
     original = model.generate(prompts.to(model.cfg.device), n_answer).cpu()
     swapped = model.generate(swapped_prompts.to(model.cfg.device), n_answer).cpu()
     differs = (original != swapped).any(-1)
-    prompts, original, swapped = prompts[differs][:n_sequences], original[differs][:n_sequences], swapped[differs][:n_sequences]
+    prompts, original, swapped = (prompts[differs][:n_sequences], original[differs][:n_sequences],
+                                  swapped[differs][:n_sequences])
     readouts = range(task.prompt_len - 1, task.seq_len - 1)
     rows = []
     for site in residual_sites(model):

@@ -222,7 +222,8 @@ def subspace_swap(model: HookedTransformer, task: Addition, *, positions: tuple[
         prompts, original, swapped = (x[differs][:n_sequences] for x in (prompts, original, swapped))
         for index, (site, basis) in enumerate(zip(capture.sites, bases)):
             position = SubspaceInterchange(basis)
-            placebo = NormMatchedPlacebo(position, random_basis(basis.shape[0], basis.shape[1], seed=seed * 1000 + index))
+            placebo = NormMatchedPlacebo(position,
+                                         random_basis(basis.shape[0], basis.shape[1], seed=seed * 1000 + index))
             for condition, intervention in (("position", position), ("placebo", placebo)):
                 with candidate.hooks(fwd_hooks=[(hook_name(site), exchange_within(intervention, positions))]):
                     answer = candidate.generate(prompts.to(device), n_answer).cpu()
@@ -231,7 +232,8 @@ def subspace_swap(model: HookedTransformer, task: Addition, *, positions: tuple[
                              "follows_swap": float((answer == swapped).all(-1).double().mean()),
                              "keeps_original": float((answer == original).all(-1).double().mean()),
                              "n_sequences": len(prompts),
-                             "fixed_by_construction": min(attention_layers_after(candidate.cfg, site), len(readouts)) == 0})
+                             "fixed_by_construction":
+                                 min(attention_layers_after(candidate.cfg, site), len(readouts)) == 0})
     return pd.DataFrame(rows, columns=list(SUBSPACE_SWAP_COLUMNS))
 
 
