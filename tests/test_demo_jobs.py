@@ -71,10 +71,14 @@ def test_a_cheap_callback_answers_while_a_patching_grid_runs_and_an_abandoned_gr
         while jobs.cancelled == 0:
             assert time.monotonic() < deadline, "the abandoned grid was never cancelled"
             time.sleep(0.05)
-        assert sum(rows) < grid_rows, (sum(rows), grid_rows)
+        abandoned_rows = sum(rows)
         # Asked again, it is computed afresh, and the model's hooks were left clean by the cancelled one.
+        rows.clear()
         status, body, _ = settled(server, HEATMAP, {**grid, "site.value": "resid_post"}, "site.value")
         assert "resid_post: " in json.loads(body)["response"]["heatmap"]["figure"]["layout"]["title"]["text"]
+        # the cancelled grid stopped early: fewer rows than the same grid run to the end (cells whose patch is
+        # a no-op are skipped, so grids of different sites run different numbers of rows)
+        assert abandoned_rows < sum(rows), (abandoned_rows, sum(rows), grid_rows)
     jobs.close()
 
 
