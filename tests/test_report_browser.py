@@ -21,7 +21,8 @@ pytestmark = pytest.mark.browser
 
 SECTIONS = ["Claims and verdicts", f"Analysis plan, version {REPRODUCE_PLAN.version}", "Symmetry", "Learning the task",
             "Residual connections", "Vertical slices: block structure", "Position probes", "Geometry of positions",
-            "Activation patching", "Position swap", "Positions told"]
+            "Activation patching", "Patching in both directions, every answer digit", "Position swap", "Positions told",
+            "Evidence of use: removing and swapping the position subspace"]
 RENDERED = ("return [...document.querySelectorAll('div.figure')].map(div => "
             "div.querySelector('.js-plotly-plot .main-svg') !== null)")
 
