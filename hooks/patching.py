@@ -232,6 +232,7 @@ def patch_grids(model: HookedModel, clean_tokens: Int[Tensor, "batch pos"],
         corrupted = {name: cache[name] for name in names}
         corrupted_logits = (logits[:, -1:] if last_position_only else logits).float()
         del cache, logits
+        unpatched = _value(metric(corrupted_logits))  # every no-op cell's value, whatever the site
         for site in sites:
             shape = grid_shape(model, site, n_pos)
             cells = [(layer, index) for layer in range(shape[0]) for index in range(shape[1])]
@@ -239,7 +240,6 @@ def patch_grids(model: HookedModel, clean_tokens: Int[Tensor, "batch pos"],
             # corrupted run's own (in a causal model, every position before the first corrupted token).
             active = [{cell for cell in cells if _changes(site, cell, clean, corrupted, group)} for group in groups]
             to_run = [cell for cell in cells if any(cell in cells_of_group for cells_of_group in active)]
-            unpatched = _value(metric(corrupted_logits))
             values = dict.fromkeys(cells, unpatched)
             with tqdm(total=len(cells), desc=f"patching {site}", disable=quiet) as bar:
                 bar.update(len(cells) - len(to_run))

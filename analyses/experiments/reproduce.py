@@ -52,7 +52,7 @@ from poslens.analyses.measures.cut_effects import residual_cut_effects
 from poslens.analyses.measures.geometry import position_geometry
 from poslens.analyses.measures.invariance import permutation_test
 from poslens.analyses.measures.patching import activation_patching
-from poslens.analyses.measures.patching_directions import patching_effects, strongest_cells
+from poslens.analyses.measures.patching_directions import GUARD, patching_effects, strongest_cells
 from poslens.analyses.measures.positions import position_interventions
 from poslens.analyses.measures.probe_sweep import run_probe_sweep
 from poslens.analyses.measures.shift import shift_probe
@@ -251,8 +251,9 @@ HOWTO = {
     "patching directions": "denoise: the share of the clean-vs-corrupted logit difference of one answer digit that "
                            "one clean residual vector restores in the corrupted run; noise: the share one corrupted "
                            "vector destroys in the clean run (1 = all, 0 = none); each prompt normalised by its own "
-                           "gap, prompts with a gap under 0.1 × the median left out (n_excluded), BCa 95% interval "
-                           "over prompts; the strongest cell not fixed by construction per digit (s3 = the carry).",
+                           f"gap, prompts with a gap under {GUARD:g} × the median left out (n_excluded), BCa 95% "
+                           "interval over prompts; the strongest cell not fixed by construction per digit "
+                           "(s3 = the carry).",
     "swap": "after exchanging two positions' vectors: does the answer (or a position probe) follow the vectors or "
             "their places?",
     "positions told": "the tokens stay where they are, only the position ids the encoding reads change (shifted by "

@@ -24,10 +24,12 @@ the kept prompts, `ci_low`/`ci_high` its BCa bootstrap interval over prompts
 the architecture fixes (exactly 0 or 1, `construction.patch_fixed` at the digit's readout) are marked
 `fixed_by_construction`.
 
-The sites are the residual stream (`resid_pre`, `resid_post`: where information sits between
-blocks; the sublayer outputs stay with `activation_patching`), every position of the
-teacher-forced sequence (the answer digits written so far included), in `hooks.patching`'s
-batched engine: one pass set per (corruption, direction) serves every answer digit.
+The site is the residual stream entering each block (`resid_pre`, `EFFECT_SITES`: where
+information sits between blocks; block l's `resid_post` is block l+1's `resid_pre`, and the last
+block's output is fixed by construction; the sublayer outputs stay with `activation_patching`),
+at every position of the teacher-forced sequence (the answer digits written so far included), in
+`hooks.patching`'s batched engine: under a causal mask one pass set per (corruption, direction)
+serves every answer digit.
 """
 
 from __future__ import annotations
